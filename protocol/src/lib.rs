@@ -1,0 +1,23 @@
+//! The host<->agent protocol, shared by the runtime and the guest agent.
+//!
+//! Everything on the channel is a frame: a fixed 12-byte header followed by a
+//! payload of at most [`MAX_PAYLOAD`] bytes. The header carries a magic, the
+//! protocol version and the frame kind, so either side can reject a peer that
+//! speaks something else before it reads a single payload byte.
+
+mod frame;
+
+pub use frame::{decode_header, encode_frame, read_frame, FrameError, FrameHeader, FrameKind};
+
+/// Version of the wire format; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest payload either side accepts; a larger length is a protocol error,
+/// never an allocation.
+pub const MAX_PAYLOAD: u32 = 1 << 20;
+
+/// Size of the fixed frame header in bytes.
+pub const HEADER_LEN: usize = 12;
+
+/// First four bytes of every frame: `RVM1` in ASCII.
+pub const MAGIC: [u8; 4] = *b"RVM1";

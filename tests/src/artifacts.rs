@@ -1,0 +1,70 @@
+//! What guests need: the guest kernel, the static agent, an initramfs.
+//!
+//! Each is built once per test process by the project's own scripts (which
+//! cache across runs), or taken from the environment when CI built it already.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use vmm::initramfs::Initramfs;
+
+/// The checkout this crate was built from.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+fn from_env_or_script(var: &str, script: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
+        return PathBuf::from(p);
+    }
+    let out = Command::new(repo_root().join(script))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
+}
+
+/// Directory with the guest `vmlinux` and `bzImage` (`RUNVM_GUEST_KERNEL_DIR`,
+/// or `kernel-config/build.sh`).
+pub fn guest_kernel_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| from_env_or_script("RUNVM_GUEST_KERNEL_DIR", "kernel-config/build.sh"))
+}
+
+/// The static agent binary (`RUNVM_AGENT_BIN`, or `guest-agent/build-static.sh`).
+pub fn agent_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| from_env_or_script("RUNVM_AGENT_BIN", "guest-agent/build-static.sh"))
+}
+
+/// Variables that hand the artifacts built here to a child test process.
+pub fn env_for_children() -> Vec<(String, PathBuf)> {
+    vec![
+        (
+            "RUNVM_GUEST_KERNEL_DIR".into(),
+            guest_kernel_dir().to_owned(),
+        ),
+        ("RUNVM_AGENT_BIN".into(), agent_binary().to_owned()),
+    ]
+}
+
+/// Writes an initramfs whose /init is the agent to `dest`.
+pub fn write_agent_initramfs(dest: &Path) {
+    let agent = std::fs::read(agent_binary()).expect("read the agent binary");
+    let mut ar = Initramfs::new();
+    ar.dir("dev", 0o755)
+        .and_then(|a| a.char_dev("dev/console", 0o600, 5, 1))
+        .and_then(|a| a.dir("proc", 0o555))
+        .and_then(|a| a.dir("sys", 0o555))
+        .and_then(|a| a.file("init", 0o755, agent))
+        .expect("initramfs entries");
+    std::fs::write(dest, ar.to_bytes().expect("initramfs bytes")).expect("write initramfs");
+}

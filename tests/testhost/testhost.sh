@@ -1,0 +1,279 @@
+#!/usr/bin/env bash
+# The KVM test host: runs a command where KVM can boot a standard Linux guest.
+#
+# On a machine with real VT-x/AMD-V the command runs directly. Elsewhere (no
+# /dev/kvm, or a PVM /dev/kvm that only boots PVM-patched kernels) it runs
+# inside a throwaway QEMU TCG VM with emulated AMD SVM, where kvm-amd works:
+# this machine's / is shared read-only over 9p and chrooted into, so the
+# checkout, cargo's target dir and Debian's binaries are all visible at the
+# same paths. /tmp, /run and /var/tmp are fresh tmpfs; a per-run scratch
+# directory (given to the command as $RUNVM_SCRATCH) is shared read-write.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cache_root="${RUNVM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runvm}/testhost"
+# Loaded in this order after their dependencies (resolved from modules.dep).
+modules=(virtio_pci 9p 9pnet_virtio kvm_amd tun vhost_net vhost_vsock vsock_loopback overlay fuse)
+
+die() { echo "testhost: error: $*" >&2; exit 1; }
+log() { echo "testhost: $*" >&2; }
+
+usage() {
+    cat <<EOF
+usage: $(basename "$0") COMMAND
+
+  mode                      print how KVM tests run here: 'native' or 'testhost'
+  setup                     install QEMU and build the test host (kernel + initramfs)
+  run [OPTIONS] [--] CMD..  run CMD where KVM works; exits with CMD's status
+      --timeout SECONDS     kill the test host after this long (default 1800)
+      --mem MIB             test host memory (default 6144)
+      --smp N               test host CPUs (default: this machine's, at most 2)
+
+Environment: RUNVM_TESTHOST=auto|always|never (default auto) forces or forbids
+the test host; RUNVM_CACHE_DIR moves the cache (default ~/.cache/runvm).
+Variables named RUNVM_*, RUST_*, CARGO_* and NEXTEST_* reach the command.
+EOF
+}
+
+# Real hardware virtualization, not PVM: only then can /dev/kvm boot Linux.
+native_kvm() {
+    [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ] || return 1
+    [ -d /sys/module/kvm_pvm ] && return 1
+    grep -qwE 'vmx|svm' /proc/cpuinfo
+}
+
+mode() {
+    case "${RUNVM_TESTHOST:-auto}" in
+        always) echo testhost ;;
+        never) echo native ;;
+        auto) if native_kvm; then echo native; else echo testhost; fi ;;
+        *) die "RUNVM_TESTHOST must be auto, always or never, not '${RUNVM_TESTHOST}'" ;;
+    esac
+}
+
+apt_install() {
+    [ "$(id -u)" = 0 ] || die "missing $*; install them as root: apt-get install $*"
+    command -v apt-get >/dev/null || die "missing $* and no apt-get to install them"
+    log "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 ||
+        { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2; } ||
+        die "could not install $*"
+}
+
+host_kernel_package() {
+    local dep
+    dep=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9.]*-[0-9]*-amd64\)$/\1/p' | head -n1)
+    if [ -z "$dep" ]; then
+        apt-get update -qq >&2 || true
+        dep=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9.]*-[0-9]*-amd64\)$/\1/p' | head -n1)
+    fi
+    [ -n "$dep" ] || die "cannot find Debian's linux-image-amd64 in apt (is this Debian 12 with apt sources?)"
+    echo "$dep-unsigned"
+}
+
+# Prints the directory holding vmlinuz and initrd.gz, building it if needed.
+setup() {
+    local need=()
+    command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+    [ -x /bin/busybox ] && ! readelf -l /bin/busybox 2>/dev/null | grep -q interpreter || need+=(busybox-static)
+    command -v cpio >/dev/null || need+=(cpio)
+    command -v xz >/dev/null || need+=(xz-utils)
+    command -v zstd >/dev/null || need+=(zstd)
+    command -v depmod >/dev/null || need+=(kmod)
+    command -v apt-cache >/dev/null || die "the test host is built from Debian packages and needs apt"
+    [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
+
+    local pkg debdir deb key dir
+    pkg=$(host_kernel_package)
+    debdir="$cache_root/debs"
+    mkdir -p "$debdir"
+    deb=$(find "$debdir" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -n1)
+    if [ -z "$deb" ]; then
+        log "downloading $pkg"
+        (cd "$debdir" && apt-get download -qq -o APT::Sandbox::User=root "$pkg" >&2) || die "apt-get download $pkg failed"
+        deb=$(find "$debdir" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -n1)
+        [ -n "$deb" ] || die "apt-get download $pkg left no .deb in $debdir"
+    fi
+    key=$( { basename "$deb"; sha256sum /bin/busybox; cat "$0"; } | sha256sum | cut -c1-16)
+    dir="$cache_root/$key"
+    if [ -f "$dir/vmlinuz" ] && [ -f "$dir/initrd.gz" ]; then
+        echo "$dir"
+        return
+    fi
+
+    log "building the test host initramfs from $(basename "$deb")"
+    local work
+    work=$(mktemp -d "$cache_root/.build.XXXXXX")
+    # shellcheck disable=SC2064
+    trap "rm -rf '$work'" EXIT
+    dpkg-deb -x "$deb" "$work/pkg"
+    local kver moddir
+    kver=$(ls "$work/pkg/lib/modules" | head -n1)
+    moddir="$work/pkg/lib/modules/$kver"
+    # The package leaves modules.dep to depmod at install time.
+    depmod -b "$work/pkg" "$kver" || die "depmod failed for $kver"
+    [ -f "$moddir/modules.dep" ] || die "depmod wrote no modules.dep for $kver"
+
+    # Depth-first over modules.dep so each module follows its dependencies.
+    local -A seen=()
+    local order=()
+    visit() {
+        local name=$1 line path deps d
+        line=$(grep -E "(^|/)${name//_/[_-]}\.ko(\.xz|\.zst|\.gz)?:" "$moddir/modules.dep" | head -n1) ||
+            die "module $name not found in $kver"
+        path=${line%%:*}
+        [ -n "${seen[$path]:-}" ] && return
+        seen[$path]=1
+        deps=${line#*:}
+        for d in $deps; do
+            d=$(basename "$d"); d=${d%%.ko*}
+            visit "$d"
+        done
+        order+=("$path")
+    }
+    local m
+    for m in "${modules[@]}"; do visit "$m"; done
+
+    local root="$work/root"
+    mkdir -p "$root"/{bin,dev,proc,sys,host,modules}
+    cp /bin/busybox "$root/bin/busybox"
+    local i=0 src dst
+    : >"$root/modules/order"
+    for m in "${order[@]}"; do
+        src="$moddir/$m"
+        dst=$(printf '%02d-%s' "$i" "$(basename "${m%%.ko*}").ko")
+        case "$m" in
+            *.xz) xz -dc "$src" >"$root/modules/$dst" ;;
+            *.zst) zstd -qdc "$src" >"$root/modules/$dst" ;;
+            *.gz) gzip -dc "$src" >"$root/modules/$dst" ;;
+            *) cp "$src" "$root/modules/$dst" ;;
+        esac
+        echo "$dst" >>"$root/modules/order"
+        i=$((i + 1))
+    done
+    cp "$here/init" "$root/init"
+    chmod 755 "$root/init"
+    mkdir -p "$work/out"
+    (cd "$root" && find . | sort | cpio -o -H newc --quiet | gzip -1 >"$work/out/initrd.gz")
+    cp "$work/pkg/boot/vmlinuz-$kver" "$work/out/vmlinuz"
+    echo "$kver" >"$work/out/kernel-version"
+    rm -rf "$dir"
+    mv "$work/out" "$dir"
+    rm -rf "$work"
+    trap - EXIT
+    log "test host ready: $dir (kernel $kver)"
+    echo "$dir"
+}
+
+run_direct() {
+    local timeout=$1; shift
+    export RUNVM_SCRATCH
+    RUNVM_SCRATCH=$(mktemp -d /tmp/runvm-scratch.XXXXXX)
+    local rc=0
+    timeout -k 10 "$timeout" "$@" || rc=$?
+    rm -rf "$RUNVM_SCRATCH"
+    [ "$rc" = 124 ] && log "timed out after $timeout s"
+    return "$rc"
+}
+
+run_testhost() {
+    local timeout=$1 mem=$2 smp=$3; shift 3
+    command -v qemu-system-x86_64 >/dev/null ||
+        die "no usable KVM here (no vmx/svm, or PVM) and qemu-system-x86_64 is not installed; run '$0 setup' as root"
+    local dir
+    dir=$(setup)
+
+    scratch=$(mktemp -d /tmp/runvm-testhost.XXXXXX)
+    qpid=""
+    tails=()
+    cleanup() {
+        [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
+        for t in "${tails[@]}"; do kill "$t" 2>/dev/null || true; done
+        [ -n "${RUNVM_TESTHOST_KEEP:-}" ] && log "kept $scratch" || rm -rf "$scratch"
+    }
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+
+    {
+        printf 'cd %q || exit 125\n' "$PWD"
+        local var
+        while IFS= read -r var; do
+            printf 'export %s=%q\n' "$var" "${!var}"
+        done < <(compgen -e | grep -E '^(RUNVM_|RUST_|CARGO_|NEXTEST_)' | grep -vx 'RUNVM_SCRATCH' || true)
+        printf 'export PATH=%q HOME=%q RUNVM_IN_TESTHOST=1 RUNVM_SCRATCH=%q\n' "$PATH" "$HOME" "$scratch/work"
+        printf 'exec'
+        printf ' %q' "$@"
+        printf '\n'
+    } >"$scratch/cmd.sh"
+    mkdir "$scratch/work"
+    : >"$scratch/stdout"
+    : >"$scratch/stderr"
+
+    timeout -k 5 "$timeout" qemu-system-x86_64 \
+        -accel tcg -cpu max -smp "$smp" -m "$mem" -nodefaults -no-reboot \
+        -display none -monitor none -serial "file:$scratch/console.log" \
+        -kernel "$dir/vmlinuz" -initrd "$dir/initrd.gz" \
+        -append "console=ttyS0 rdinit=/init quiet loglevel=3 panic=-1 runvm_scratch=$scratch" \
+        -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
+        -virtfs "local,path=$scratch,mount_tag=scratch,security_model=none,multidevs=remap" \
+        </dev/null &
+    qpid=$!
+    tail -f -n +1 --pid="$qpid" "$scratch/stdout" &
+    tails+=($!)
+    tail -f -n +1 --pid="$qpid" "$scratch/stderr" >&2 &
+    tails+=($!)
+
+    local qrc=0
+    wait "$qpid" || qrc=$?
+    qpid=""
+    for t in "${tails[@]}"; do wait "$t" 2>/dev/null || true; done
+    tails=()
+
+    if [ -f "$scratch/rc" ]; then
+        return "$(cat "$scratch/rc")"
+    fi
+    if [ "$qrc" = 124 ]; then
+        log "timed out after $timeout s; last console lines:"
+    else
+        log "the test host ended without a result (qemu exit $qrc); last console lines:"
+    fi
+    tail -n 30 "$scratch/console.log" >&2 2>/dev/null || true
+    return 125
+}
+
+cmd_run() {
+    local timeout=1800 mem=6144 smp
+    smp=$(nproc); [ "$smp" -gt 2 ] && smp=2
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --timeout) [ $# -ge 2 ] || die "--timeout needs seconds"; timeout=$2; shift 2 ;;
+            --mem) [ $# -ge 2 ] || die "--mem needs MiB"; mem=$2; shift 2 ;;
+            --smp) [ $# -ge 2 ] || die "--smp needs a count"; smp=$2; shift 2 ;;
+            --) shift; break ;;
+            -*) usage >&2; die "unknown option '$1'" ;;
+            *) break ;;
+        esac
+    done
+    [ $# -gt 0 ] || die "run needs a command"
+    local n
+    for n in "$timeout" "$mem" "$smp"; do
+        [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "'$n' is not a positive number"
+    done
+    local rc=0
+    if [ "$(mode)" = native ]; then
+        native_kvm || [ "${RUNVM_TESTHOST:-auto}" = never ] || die "no usable /dev/kvm"
+        run_direct "$timeout" "$@" || rc=$?
+    else
+        run_testhost "$timeout" "$mem" "$smp" "$@" || rc=$?
+    fi
+    exit "$rc"
+}
+
+[ $# -gt 0 ] || { usage >&2; exit 2; }
+case "$1" in
+    mode) mode ;;
+    setup) shift; [ $# -eq 0 ] || die "setup takes no arguments"; setup >/dev/null; log "ready ($(mode) mode here)" ;;
+    run) shift; cmd_run "$@" ;;
+    -h|--help|help) usage ;;
+    *) usage >&2; die "unknown command '$1'" ;;
+esac

@@ -1,0 +1,23 @@
+//! What a caller asks for, before any validation.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A micro-VM as requested by the runtime or a config file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Guest kernel: an ELF vmlinux with a PVH note, or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs (cpio, optionally compressed).
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel command line, appended after the VMM's own arguments.
+    #[serde(default)]
+    pub cmdline: String,
+}

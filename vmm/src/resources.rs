@@ -1,0 +1,288 @@
+//! Validated VM resources: everything the builder needs, already checked.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::config::VmConfig;
+
+/// Smallest guest that can boot the runvm kernel with an initramfs.
+pub const MIN_MEM_MIB: u64 = 32;
+/// The x86 boot protocol's command-line limit for the kernels runvm builds
+/// (COMMAND_LINE_SIZE), including the terminating NUL.
+pub const MAX_CMDLINE_LEN: usize = 2048;
+
+/// Why a [`VmConfig`] cannot be turned into a VM.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// `vcpus` is 0.
+    #[error("a VM needs at least one vCPU")]
+    NoVcpus,
+    /// More vCPUs than the limit the caller passed (KVM's, at build time).
+    #[error("{requested} vCPUs requested, but at most {max} are supported")]
+    TooManyVcpus {
+        /// What was asked for.
+        requested: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// Memory below [`MIN_MEM_MIB`].
+    #[error("guest memory of {0} MiB is too small (at least {MIN_MEM_MIB} MiB)")]
+    MemTooSmall(u64),
+    /// Memory above the host limit passed in.
+    #[error("guest memory of {requested} MiB exceeds the host limit of {max} MiB")]
+    MemTooLarge {
+        /// What was asked for.
+        requested: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The kernel (or initramfs) could not be opened or read.
+    #[error("cannot read {what} {path}")]
+    Unreadable {
+        /// "kernel" or "initramfs".
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel file is neither format the loader takes.
+    #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
+    UnknownKernelFormat(PathBuf),
+    /// The command line does not fit the boot protocol.
+    #[error("kernel command line of {len} bytes exceeds the limit of {max}")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit, without the NUL.
+        max: usize,
+    },
+    /// The command line holds a NUL byte.
+    #[error("kernel command line contains a NUL byte")]
+    CmdlineNul,
+}
+
+/// How the guest kernel is laid out on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// An ELF vmlinux, entered through its PVH note.
+    Elf,
+    /// A bzImage, entered through the Linux 64-bit boot protocol.
+    BzImage,
+}
+
+/// Host limits that validation checks against.
+#[derive(Debug, Clone, Copy)]
+pub struct HostLimits {
+    /// Most vCPUs per VM (KVM_CAP_MAX_VCPUS).
+    pub max_vcpus: u32,
+    /// Most guest memory in MiB.
+    pub max_mem_mib: u64,
+}
+
+/// A configuration that passed validation.
+#[derive(Debug, Clone)]
+pub struct VmResources {
+    /// Number of vCPUs, at least 1.
+    pub vcpus: u32,
+    /// Guest memory in bytes.
+    pub mem_bytes: u64,
+    /// Guest kernel path.
+    pub kernel: PathBuf,
+    /// Detected kernel format.
+    pub kernel_format: KernelFormat,
+    /// Initramfs path.
+    pub initramfs: Option<PathBuf>,
+    /// Caller's part of the command line.
+    pub cmdline: String,
+}
+
+impl VmResources {
+    /// Checks everything that can be checked before touching KVM.
+    pub fn validate(config: &VmConfig, limits: HostLimits) -> Result<Self, ConfigError> {
+        if config.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if config.vcpus > limits.max_vcpus {
+            return Err(ConfigError::TooManyVcpus {
+                requested: config.vcpus,
+                max: limits.max_vcpus,
+            });
+        }
+        if config.mem_mib < MIN_MEM_MIB {
+            return Err(ConfigError::MemTooSmall(config.mem_mib));
+        }
+        if config.mem_mib > limits.max_mem_mib {
+            return Err(ConfigError::MemTooLarge {
+                requested: config.mem_mib,
+                max: limits.max_mem_mib,
+            });
+        }
+        if config.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        if config.cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong {
+                len: config.cmdline.len(),
+                max: MAX_CMDLINE_LEN - 1,
+            });
+        }
+        let kernel_format = detect_kernel_format(&config.kernel)?;
+        if let Some(initramfs) = &config.initramfs {
+            File::open(initramfs).map_err(|source| ConfigError::Unreadable {
+                what: "initramfs",
+                path: initramfs.clone(),
+                source,
+            })?;
+        }
+        Ok(VmResources {
+            vcpus: config.vcpus,
+            mem_bytes: config.mem_mib << 20,
+            kernel: config.kernel.clone(),
+            kernel_format,
+            initramfs: config.initramfs.clone(),
+            cmdline: config.cmdline.clone(),
+        })
+    }
+}
+
+/// ELF magic at offset 0; bzImage: "HdrS" at 0x202 of the setup header.
+fn detect_kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
+    let unreadable = |source| ConfigError::Unreadable {
+        what: "kernel",
+        path: path.to_owned(),
+        source,
+    };
+    let mut head = Vec::with_capacity(0x206);
+    File::open(path)
+        .and_then(|f| f.take(0x206).read_to_end(&mut head))
+        .map_err(unreadable)?;
+    if head.starts_with(b"\x7fELF") {
+        Ok(KernelFormat::Elf)
+    } else if head.len() >= 0x206 && &head[0x202..0x206] == b"HdrS" {
+        Ok(KernelFormat::BzImage)
+    } else {
+        Err(ConfigError::UnknownKernelFormat(path.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const LIMITS: HostLimits = HostLimits {
+        max_vcpus: 8,
+        max_mem_mib: 4096,
+    };
+
+    fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    fn elf() -> tempfile::NamedTempFile {
+        file_with(b"\x7fELF\x02\x01\x01")
+    }
+
+    fn config(kernel: &Path) -> VmConfig {
+        VmConfig {
+            vcpus: 1,
+            mem_mib: 128,
+            kernel: kernel.to_owned(),
+            initramfs: None,
+            cmdline: "quiet".into(),
+        }
+    }
+
+    #[test]
+    fn a_sane_config_validates() {
+        let k = elf();
+        let r = VmResources::validate(&config(k.path()), LIMITS).unwrap();
+        assert_eq!(r.mem_bytes, 128 << 20);
+        assert_eq!(r.kernel_format, KernelFormat::Elf);
+    }
+
+    #[test]
+    fn bzimage_is_detected_by_its_setup_header() {
+        let mut img = vec![0u8; 0x300];
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        let k = file_with(&img);
+        let r = VmResources::validate(&config(k.path()), LIMITS).unwrap();
+        assert_eq!(r.kernel_format, KernelFormat::BzImage);
+    }
+
+    #[test]
+    fn vcpu_and_memory_bounds_are_enforced() {
+        let k = elf();
+        let mut c = config(k.path());
+        c.vcpus = 0;
+        assert!(matches!(
+            VmResources::validate(&c, LIMITS),
+            Err(ConfigError::NoVcpus)
+        ));
+        c.vcpus = 9;
+        assert!(matches!(
+            VmResources::validate(&c, LIMITS),
+            Err(ConfigError::TooManyVcpus {
+                requested: 9,
+                max: 8
+            })
+        ));
+        c.vcpus = 8;
+        c.mem_mib = 0;
+        assert!(matches!(
+            VmResources::validate(&c, LIMITS),
+            Err(ConfigError::MemTooSmall(0))
+        ));
+        c.mem_mib = 4097;
+        assert!(matches!(
+            VmResources::validate(&c, LIMITS),
+            Err(ConfigError::MemTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_kernels_are_reported_with_their_path() {
+        let missing = config(Path::new("/nonexistent/vmlinux"));
+        let err = VmResources::validate(&missing, LIMITS).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
+        let text = file_with(b"#!/bin/sh\necho not a kernel\n");
+        assert!(matches!(
+            VmResources::validate(&config(text.path()), LIMITS),
+            Err(ConfigError::UnknownKernelFormat(_))
+        ));
+    }
+
+    #[test]
+    fn command_line_limits() {
+        let k = elf();
+        let mut c = config(k.path());
+        c.cmdline = "x".repeat(MAX_CMDLINE_LEN - 1);
+        assert!(VmResources::validate(&c, LIMITS).is_ok());
+        c.cmdline.push('x');
+        assert!(matches!(
+            VmResources::validate(&c, LIMITS),
+            Err(ConfigError::CmdlineTooLong { .. })
+        ));
+        c.cmdline = "a\0b".into();
+        assert!(matches!(
+            VmResources::validate(&c, LIMITS),
+            Err(ConfigError::CmdlineNul)
+        ));
+    }
+
+    #[test]
+    fn missing_initramfs_is_rejected() {
+        let k = elf();
+        let mut c = config(k.path());
+        c.initramfs = Some("/nonexistent/initrd".into());
+        let err = VmResources::validate(&c, LIMITS).unwrap_err();
+        assert!(err.to_string().contains("initramfs"), "{err}");
+    }
+}
