@@ -32,7 +32,10 @@ kvm_test!(
             .marker_after
             .unwrap_or_else(|| panic!("the agent never reported ready:\n{}", run.output));
         let line = run.output.lines().find(|l| l.contains(READY)).unwrap();
-        println!("qemu-microvm spawn to agent ready: {after:?} ({line})");
+        println!(
+            "qemu-microvm spawn to agent ready: {after:?} ({line}); qemu exit: {:?}",
+            run.status
+        );
         assert!(
             !run.output.contains("Kernel panic"),
             "guest panicked:\n{}",

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One command from a fresh Debian 12 machine (as root) to a micro-VM: installs
+# the packages runvm needs, builds the guest kernel, the static agent, the Rust
+# workspace and (where /dev/kvm cannot boot Linux) the QEMU TCG test host, then
+# runs the main job. `--no-run` stops after the setup.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+run_job=1
+case "${1:-}" in
+    "") ;;
+    --no-run) run_job=0 ;;
+    -h|--help) echo "usage: $0 [--no-run]"; exit 0 ;;
+    *) echo "setup.sh: error: unknown option '$1' (usage: $0 [--no-run])" >&2; exit 1 ;;
+esac
+
+log() { echo "==> $*" >&2; }
+die() { echo "setup.sh: error: $*" >&2; exit 1; }
+
+command -v cargo >/dev/null ||
+    die "cargo is not installed; runvm needs a Rust toolchain >= 1.85 (rustup, https://rustup.rs)"
+
+packages=(build-essential bc flex bison libelf-dev libssl-dev xz-utils zstd kmod cpio
+    busybox-static qemu-system-x86 linux-source-6.12)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || die "missing Debian packages: ${missing[*]} (run as root, or apt-get install them)"
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+log "guest kernel (kernel-config/build.sh; cached after the first build, ~9 min on 2 cores)"
+RUNVM_GUEST_KERNEL_DIR=$(kernel-config/build.sh)
+export RUNVM_GUEST_KERNEL_DIR
+log "guest agent, static (guest-agent/build-static.sh)"
+RUNVM_AGENT_BIN=$(guest-agent/build-static.sh)
+export RUNVM_AGENT_BIN
+log "workspace (cargo build)"
+cargo build --quiet --workspace --all-targets
+if [ "$(tests/testhost/testhost.sh mode)" = testhost ]; then
+    log "KVM test host (no VT-x/AMD-V here: KVM runs nested under QEMU TCG)"
+    tests/testhost/testhost.sh setup
+fi
+
+[ "$run_job" = 1 ] || exit 0
+log "main job: boot the runvm guest kernel to the runvm agent in a KVM micro-VM"
+# The test routes itself into the test host when this machine needs one.
+cargo test --quiet -p runvm-tests --test smoke -- --nocapture 2>&1 |
+    grep -E 'RUNVM_AGENT_READY|test result' | tail -n 2
