@@ -64,10 +64,26 @@ fn uptime() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// Online CPUs and total memory as the guest kernel reports them.
+fn shape() -> String {
+    let cpus = fs::read_to_string("/sys/devices/system/cpu/online")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into());
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .map(|v| v.trim().trim_end_matches(" kB").to_owned())
+        })
+        .unwrap_or_else(|| "?".into());
+    format!("cpus_online={cpus} mem_total_kib={mem}")
+}
+
 pub fn run() -> ExitCode {
     let status = match mount_basics() {
         Ok(()) => {
-            println!("{READY_MARKER} uptime={}", uptime());
+            println!("{READY_MARKER} uptime={} {}", uptime(), shape());
             0
         }
         Err(e) => {

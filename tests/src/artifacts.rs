@@ -56,15 +56,53 @@ pub fn env_for_children() -> Vec<(String, PathBuf)> {
     ]
 }
 
-/// Writes an initramfs whose /init is the agent to `dest`.
-pub fn write_agent_initramfs(dest: &Path) {
-    let agent = std::fs::read(agent_binary()).expect("read the agent binary");
+fn base_initramfs() -> Initramfs {
     let mut ar = Initramfs::new();
     ar.dir("dev", 0o755)
         .and_then(|a| a.char_dev("dev/console", 0o600, 5, 1))
         .and_then(|a| a.dir("proc", 0o555))
         .and_then(|a| a.dir("sys", 0o555))
-        .and_then(|a| a.file("init", 0o755, agent))
+        .expect("initramfs entries");
+    ar
+}
+
+/// Writes an initramfs whose /init is the agent to `dest`.
+pub fn write_agent_initramfs(dest: &Path) {
+    let agent = std::fs::read(agent_binary()).expect("read the agent binary");
+    let mut ar = base_initramfs();
+    ar.file("init", 0o755, agent).expect("initramfs entries");
+    std::fs::write(dest, ar.to_bytes().expect("initramfs bytes")).expect("write initramfs");
+}
+
+/// Writes an initramfs whose /init is `script`, run by Debian's static
+/// busybox (package busybox-static), for guests that must misbehave on purpose.
+pub fn write_busybox_initramfs(dest: &Path, script: &str) {
+    let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox (busybox-static)");
+    let mut ar = base_initramfs();
+    ar.dir("bin", 0o755)
+        .and_then(|a| a.file("bin/busybox", 0o755, busybox))
+        .and_then(|a| a.symlink("bin/sh", "busybox"))
+        .and_then(|a| {
+            a.file(
+                "init",
+                0o755,
+                format!("#!/bin/busybox sh\n{script}\n").into_bytes(),
+            )
+        })
         .expect("initramfs entries");
     std::fs::write(dest, ar.to_bytes().expect("initramfs bytes")).expect("write initramfs");
+}
+
+/// The `runvm-vmm` binary cargo built next to this test.
+pub fn vmm_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> -> target/<profile>/runvm-vmm
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("runvm-vmm");
+    assert!(
+        bin.exists(),
+        "{} missing: build the workspace first (cargo build --workspace)",
+        bin.display()
+    );
+    bin
 }

@@ -1,44 +1,42 @@
 //! The chain every later test stands on: the project's guest kernel boots
-//! under KVM to the project's agent as init.
+//! under KVM, in runvm's own VMM, to the project's agent as init.
 
 use std::process::Command;
 use std::time::Duration;
 
-use runvm_tests::{artifacts, guest, kvm_test};
-
-const READY: &str = "RUNVM_AGENT_READY";
-const CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd \
-                       8250.nr_uarts=1 quiet";
+use runvm_tests::artifacts::{guest_kernel_dir, vmm_binary, write_agent_initramfs};
+use runvm_tests::guest::GuestProcess;
+use runvm_tests::kvm_test;
 
 kvm_test!(
-    /// QEMU's microvm is the VMM here until runvm's own vmm boots Linux.
-    fn guest_kernel_boots_to_the_agent_under_qemu_microvm() {
+    fn guest_kernel_boots_to_the_agent_in_runvm_vmm() {
         let dir = tempfile::tempdir().unwrap();
         let initrd = dir.path().join("initramfs.cpio");
-        artifacts::write_agent_initramfs(&initrd);
-        let kernel = artifacts::guest_kernel_dir().join("vmlinux");
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "microvm,x-option-roms=off,rtc=off", "-accel", "kvm"])
-            .args(["-cpu", "host", "-m", "256", "-smp", "1", "-nodefaults"])
-            .args(["-no-user-config", "-no-reboot", "-display", "none"])
-            .args(["-serial", "stdio", "-kernel"])
-            .arg(&kernel)
-            .arg("-initrd")
+        write_agent_initramfs(&initrd);
+        let mut cmd = Command::new(vmm_binary());
+        cmd.arg("--kernel")
+            .arg(guest_kernel_dir().join("vmlinux"))
+            .arg("--initramfs")
             .arg(&initrd)
-            .args(["-append", CMDLINE]);
-        let run =
-            guest::run_until_marker(cmd, READY, Duration::from_secs(180), Duration::from_secs(3));
-        let after = run
-            .marker_after
-            .unwrap_or_else(|| panic!("the agent never reported ready:\n{}", run.output));
-        let line = run.output.lines().find(|l| l.contains(READY)).unwrap();
+            .args(["--boot-timeout", "150", "--cmdline", "quiet"]);
+        let mut guest = GuestProcess::spawn(cmd);
+        let ready = guest.wait_for("RUNVM_AGENT_READY", Duration::from_secs(180));
+        let run = guest.finish(Duration::from_secs(30));
+        let after =
+            ready.unwrap_or_else(|| panic!("the agent never reported ready:\n{}", run.output));
+        let line = run
+            .output
+            .lines()
+            .find(|l| l.contains("RUNVM_AGENT_READY"))
+            .unwrap();
         println!(
-            "qemu-microvm spawn to agent ready: {after:?} ({line}); qemu exit: {:?}",
-            run.status
+            "runvm-vmm spawn to agent ready: {after:?} ({line}); exit after {:?}",
+            run.elapsed
         );
+        assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{}", run.output);
         assert!(
-            !run.output.contains("Kernel panic"),
-            "guest panicked:\n{}",
+            run.output.contains("runvm-vmm: guest reset (i8042)"),
+            "{}",
             run.output
         );
     }

@@ -1,10 +1,17 @@
 //! runvm's virtual machine monitor.
 //!
 //! Configuration flows in three layers, as in Firecracker: plain serde
-//! [`config`] structs, validated into [`resources::VmResources`], which the
-//! builder turns into a running VM without reading files or the environment
-//! again.
+//! [`config`] structs, validated into [`resources::VmResources`], which
+//! [`vm::run`] turns into a running VM without reading configuration again.
 
+pub mod boot;
 pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod exit;
 pub mod initramfs;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
 pub mod resources;
+pub mod vm;

@@ -1,0 +1,147 @@
+//! Boot benchmark: runvm-vmm against QEMU `-M microvm -accel kvm`, booting the
+//! same kernel and initramfs in the same KVM host, runs interleaved.
+//!
+//! Prints, per VMM, the median wall time from spawning the VMM to the agent's
+//! ready line and the median peak VMM overhead RSS (anonymous + file-backed
+//! resident memory; guest RAM is a memfd for both, so it is excluded), then
+//! the ratios. `RUNVM_BENCH_RUNS` sets the number of runs (default 10).
+//! Run it with `tests/bench.sh boot`.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use runvm_tests::artifacts::{guest_kernel_dir, vmm_binary, write_agent_initramfs};
+use runvm_tests::guest::GuestProcess;
+use runvm_tests::kvm::{self, KvmPlace};
+
+const READY: &str = "RUNVM_AGENT_READY";
+
+struct Sample {
+    boot_ms: f64,
+    overhead_kib: u64,
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Samples RssAnon + RssFile until the process is gone; returns the peak.
+fn watch_rss(pid: u32, done: Arc<AtomicBool>) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        let mut peak = 0;
+        while !done.load(Ordering::Acquire) {
+            match (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:")) {
+                (Some(a), Some(f)) => peak = peak.max(a + f),
+                _ => break,
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        peak
+    })
+}
+
+fn measure(cmd: Command) -> Sample {
+    let mut guest = GuestProcess::spawn(cmd);
+    let done = Arc::new(AtomicBool::new(false));
+    let rss = watch_rss(guest.pid(), done.clone());
+    let ready = guest.wait_for(READY, Duration::from_secs(120));
+    let run = guest.finish(Duration::from_secs(15));
+    done.store(true, Ordering::Release);
+    let overhead_kib = rss.join().unwrap_or(0);
+    let Some(ready) = ready else {
+        panic!("no ready line:\n{}", run.output)
+    };
+    Sample {
+        boot_ms: ready.as_secs_f64() * 1000.0,
+        overhead_kib,
+    }
+}
+
+fn runvm(kernel: &Path, initrd: &Path, mem_mib: u64) -> Command {
+    let mut c = Command::new(vmm_binary());
+    c.arg("--kernel").arg(kernel).arg("--initramfs").arg(initrd);
+    c.args(["--mem-mib", &mem_mib.to_string(), "--cmdline", "quiet"]);
+    c.args(["--boot-timeout", "120"]);
+    c
+}
+
+fn qemu(kernel: &Path, initrd: &Path, mem_mib: u64) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-M", "microvm,x-option-roms=off,rtc=off,memory-backend=mem"]);
+    c.args(["-object", &format!("memory-backend-memfd,id=mem,size={mem_mib}M")]);
+    c.args(["-accel", "kvm", "-cpu", "host", "-m", &format!("{mem_mib}M"), "-smp", "1"]);
+    c.args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]);
+    c.args(["-serial", "stdio", "-kernel"]).arg(kernel).arg("-initrd").arg(initrd);
+    c.args([
+        "-append",
+        "console=ttyS0 reboot=t panic=-1 pci=off nomodule 8250.nr_uarts=1 quiet",
+    ]);
+    c
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn report(name: &str, samples: &[Sample]) -> (f64, f64) {
+    let boot = median(samples.iter().map(|s| s.boot_ms).collect());
+    let rss = median(samples.iter().map(|s| s.overhead_kib as f64).collect()) / 1024.0;
+    let all: Vec<String> = samples.iter().map(|s| format!("{:.0}", s.boot_ms)).collect();
+    println!(
+        "{name:<22} boot-to-agent median {boot:>7.0} ms   overhead RSS median {rss:>6.2} MiB   runs(ms): {}",
+        all.join(" ")
+    );
+    (boot, rss)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else is accepted.
+    if std::env::args().skip(1).any(|a| a != "--bench") {
+        eprintln!("usage: boot [--bench]   (RUNVM_BENCH_RUNS=N sets the run count)");
+        std::process::exit(2);
+    }
+    if kvm::place() == KvmPlace::TestHost {
+        let exe = std::env::current_exe().expect("bench executable");
+        let status = Command::new(kvm::testhost_script())
+            .args(["run", "--timeout", "3000", "--"])
+            .arg(exe)
+            .envs(runvm_tests::artifacts::env_for_children())
+            .status()
+            .expect("run the test host");
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let runs: usize = std::env::var("RUNVM_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let initrd = dir.path().join("initramfs.cpio");
+    write_agent_initramfs(&initrd);
+    let kernel = guest_kernel_dir().join("vmlinux");
+    println!("boot benchmark: {runs} runs each, interleaved, kernel {}", kernel.display());
+    let (mut small, mut qemu_small, mut large) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        small.push(measure(runvm(&kernel, &initrd, 128)));
+        qemu_small.push(measure(qemu(&kernel, &initrd, 128)));
+        large.push(measure(runvm(&kernel, &initrd, 2048)));
+    }
+    let (b_small, r_small) = report("runvm-vmm 128 MiB", &small);
+    let (b_qemu, r_qemu) = report("qemu microvm 128 MiB", &qemu_small);
+    let (b_large, _) = report("runvm-vmm 2 GiB", &large);
+    println!("ratio boot runvm/qemu:            {:.2}", b_small / b_qemu);
+    println!("ratio overhead RSS runvm/qemu:    {:.2}", r_small / r_qemu);
+    println!("ratio boot runvm 2 GiB / 128 MiB: {:.2}", b_large / b_small);
+}

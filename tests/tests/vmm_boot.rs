@@ -1,0 +1,216 @@
+//! runvm-vmm booting real guests: vCPU and memory sizes, both kernel formats,
+//! and guests that panic, hang or read the serial console.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use runvm_tests::artifacts::{
+    guest_kernel_dir, vmm_binary, write_agent_initramfs, write_busybox_initramfs,
+};
+use runvm_tests::guest::{GuestProcess, GuestRun};
+use runvm_tests::kvm_test;
+
+const READY: &str = "RUNVM_AGENT_READY";
+const BOOT: Duration = Duration::from_secs(180);
+
+fn vmm(kernel: &str, initrd: &Path, vcpus: u32, mem_mib: u64) -> Command {
+    let mut cmd = Command::new(vmm_binary());
+    cmd.arg("--kernel")
+        .arg(guest_kernel_dir().join(kernel))
+        .arg("--initramfs")
+        .arg(initrd)
+        .args([
+            "--vcpus",
+            &vcpus.to_string(),
+            "--mem-mib",
+            &mem_mib.to_string(),
+        ])
+        .args(["--cmdline", "quiet"]);
+    cmd
+}
+
+fn code(run: &GuestRun) -> Option<i32> {
+    run.status.and_then(|s| s.code())
+}
+
+/// Boots the agent and returns its ready line.
+fn boot_agent(kernel: &str, vcpus: u32, mem_mib: u64) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initramfs.cpio");
+    write_agent_initramfs(&initrd);
+    let mut cmd = vmm(kernel, &initrd, vcpus, mem_mib);
+    cmd.args(["--boot-timeout", "150"]);
+    let mut guest = GuestProcess::spawn(cmd);
+    let ready = guest.wait_for(READY, BOOT);
+    let run = guest.finish(Duration::from_secs(30));
+    assert!(ready.is_some(), "no ready line:\n{}", run.output);
+    assert_eq!(code(&run), Some(0), "{}", run.output);
+    assert!(run.output.contains("guest reset (i8042)"), "{}", run.output);
+    let line = run
+        .output
+        .lines()
+        .find(|l| l.contains(READY))
+        .unwrap()
+        .to_owned();
+    println!("{kernel} {vcpus} vCPU {mem_mib} MiB: {line}");
+    line
+}
+
+fn mem_total_kib(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("mem_total_kib="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no mem_total_kib in {line}"))
+}
+
+kvm_test!(
+    fn vmlinux_with_one_vcpu_and_128_mib() {
+        let line = boot_agent("vmlinux", 1, 128);
+        assert!(line.contains("cpus_online=0 "), "{line}");
+        let kib = mem_total_kib(&line);
+        assert!((100_000..=131_072).contains(&kib), "{line}");
+    }
+);
+
+kvm_test!(
+    fn vmlinux_with_two_vcpus_and_1_gib() {
+        let line = boot_agent("vmlinux", 2, 1024);
+        assert!(
+            line.contains("cpus_online=0-1 "),
+            "both vCPUs online: {line}"
+        );
+        let kib = mem_total_kib(&line);
+        assert!((1_000_000..=1_048_576).contains(&kib), "{line}");
+    }
+);
+
+kvm_test!(
+    fn bzimage_boots_through_the_64_bit_boot_protocol() {
+        let line = boot_agent("bzImage", 1, 256);
+        assert!(line.contains("cpus_online=0 "), "{line}");
+    }
+);
+
+kvm_test!(
+    fn a_guest_that_panics_is_reported_as_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let initrd = dir.path().join("initramfs.cpio");
+        // init exiting makes the kernel panic; panic=-1 resets at once.
+        write_busybox_initramfs(&initrd, "echo init-exits-now\nexit 1");
+        let mut cmd = vmm("vmlinux", &initrd, 1, 128);
+        cmd.args(["--boot-timeout", "150"]);
+        let run = GuestProcess::spawn(cmd).finish(BOOT);
+        assert!(run.output.contains("init-exits-now"), "{}", run.output);
+        assert!(run.output.contains("Kernel panic"), "{}", run.output);
+        assert_eq!(code(&run), Some(4), "{}", run.output);
+        assert!(
+            run.output.contains("runvm-vmm: guest kernel panicked"),
+            "{}",
+            run.output
+        );
+    }
+);
+
+kvm_test!(
+    fn a_guest_that_never_finishes_hits_the_boot_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let initrd = dir.path().join("initramfs.cpio");
+        write_busybox_initramfs(
+            &initrd,
+            "echo hanging-forever\nwhile true; do sleep 1; done",
+        );
+        let mut cmd = vmm("vmlinux", &initrd, 2, 128);
+        cmd.args(["--boot-timeout", "25"]);
+        let mut guest = GuestProcess::spawn(cmd);
+        let hung = guest.wait_for("hanging-forever", BOOT);
+        let run = guest.finish(Duration::from_secs(60));
+        assert!(hung.is_some(), "{}", run.output);
+        assert_eq!(code(&run), Some(124), "{}", run.output);
+        assert!(
+            run.output.contains("runvm-vmm: boot timeout elapsed"),
+            "{}",
+            run.output
+        );
+    }
+);
+
+kvm_test!(
+    fn serial_input_reaches_the_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let initrd = dir.path().join("initramfs.cpio");
+        write_busybox_initramfs(
+            &initrd,
+            "echo WAITING-FOR-INPUT\nread line\necho \"GOT[$line]\"\n/bin/busybox reboot -f",
+        );
+        let mut cmd = vmm("vmlinux", &initrd, 1, 128);
+        cmd.args(["--boot-timeout", "150", "--console-input"]);
+        let mut guest = GuestProcess::spawn(cmd);
+        assert!(guest.wait_for("WAITING-FOR-INPUT", BOOT).is_some());
+        guest.send(b"hello-from-host\n");
+        let got = guest.wait_for("GOT[hello-from-host]", Duration::from_secs(60));
+        let run = guest.finish(Duration::from_secs(60));
+        assert!(got.is_some(), "{}", run.output);
+        assert_eq!(code(&run), Some(0), "{}", run.output);
+    }
+);
+
+kvm_test!(
+    fn bad_configuration_is_a_clear_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "not a kernel").unwrap();
+        let vmlinux = guest_kernel_dir().join("vmlinux");
+        let vmlinux = vmlinux.to_str().unwrap();
+        let huge_initrd = dir.path().join("huge.cpio");
+        std::fs::File::create(&huge_initrd)
+            .unwrap()
+            .set_len(200 << 20)
+            .unwrap();
+        let long_cmdline = "x".repeat(4096);
+        let cases: Vec<(Vec<&str>, &str)> = vec![
+            (
+                vec!["--kernel", "/nonexistent/vmlinux"],
+                "cannot read kernel /nonexistent/vmlinux",
+            ),
+            (
+                vec!["--kernel", text.to_str().unwrap()],
+                "neither an ELF vmlinux nor a bzImage",
+            ),
+            (vec!["--kernel", vmlinux, "--mem-mib", "0"], "too small"),
+            (
+                vec!["--kernel", vmlinux, "--mem-mib", "100000000"],
+                "exceeds the host limit",
+            ),
+            (
+                vec!["--kernel", vmlinux, "--vcpus", "0"],
+                "at least one vCPU",
+            ),
+            (vec!["--kernel", vmlinux, "--vcpus", "100000"], "at most"),
+            (
+                vec!["--kernel", vmlinux, "--cmdline", &long_cmdline],
+                "command line",
+            ),
+            (
+                vec![
+                    "--kernel",
+                    vmlinux,
+                    "--initramfs",
+                    huge_initrd.to_str().unwrap(),
+                ],
+                "does not fit",
+            ),
+            (
+                vec!["--kernel", vmlinux, "--console", "tcp:1"],
+                "--console must be",
+            ),
+        ];
+        for (args, expect) in cases {
+            let out = Command::new(vmm_binary()).args(&args).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+            assert!(err.contains(expect), "{args:?}: {err}");
+            assert!(!err.contains("panicked"), "{args:?}: {err}");
+        }
+    }
+);

@@ -1,0 +1,3 @@
+//! Devices the guest reaches through port I/O (and, later, MMIO).
+
+pub mod legacy;

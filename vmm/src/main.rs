@@ -1,0 +1,91 @@
+//! `runvm-vmm`: one micro-VM per process. The runtime spawns it; it can also
+//! be run by hand to boot a kernel.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use vmm::config::VmConfig;
+use vmm::resources::VmResources;
+use vmm::vm::{self, RunOptions};
+
+/// Boot a Linux guest in a KVM micro-VM and exit when it resets.
+#[derive(Debug, Parser)]
+#[command(name = "runvm-vmm", version)]
+struct Args {
+    /// Guest kernel: ELF vmlinux (PVH) or bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (newc cpio, optionally compressed).
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Extra kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// End the VM after this many seconds (exit status 124).
+    #[arg(long)]
+    boot_timeout: Option<u64>,
+    /// Serial console: "stdout", "none" or "file:PATH".
+    #[arg(long, default_value = "stdout")]
+    console: String,
+    /// Forward this process's stdin to the guest's serial input.
+    #[arg(long)]
+    console_input: bool,
+}
+
+fn console(spec: &str) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
+    Ok(match spec {
+        "stdout" => Some(Box::new(std::io::stdout())),
+        "none" => None,
+        s => match s.strip_prefix("file:") {
+            Some(path) => {
+                Some(Box::new(File::create(path).with_context(|| {
+                    format!("cannot create console file {path}")
+                })?))
+            }
+            None => anyhow::bail!("--console must be stdout, none or file:PATH, not {s:?}"),
+        },
+    })
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = VmConfig {
+        vcpus: args.vcpus,
+        mem_mib: args.mem_mib,
+        kernel: args.kernel,
+        initramfs: args.initramfs,
+        cmdline: args.cmdline,
+    };
+    let limits = vm::host_limits()?;
+    let resources = VmResources::validate(&config, limits)?;
+    let opts = RunOptions {
+        console: console(&args.console)?,
+        console_input: args
+            .console_input
+            .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+        timeout: args.boot_timeout.map(Duration::from_secs),
+    };
+    let reason = vm::run(&resources, opts)?;
+    eprintln!("runvm-vmm: {reason}");
+    Ok(ExitCode::from(reason.exit_code()))
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("runvm-vmm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Builds a VM from validated resources and runs it until the guest resets,
+//! shuts down, fails, or the boot timeout elapses.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use thiserror::Error;
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::{self, BootError};
+use crate::cpu::{self, CpuError};
+use crate::devices::legacy::{
+    lock, ConsoleSink, EventFdTrigger, PioBus, ResetTrigger, SerialDevice, SERIAL_IRQ,
+};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::memory::{self, MemoryError};
+use crate::mptable::{self, MptableError};
+use crate::resources::{HostLimits, VmResources};
+
+/// Where KVM keeps its TSS and identity map on Intel: three pages just below
+/// the BIOS area, inside the MMIO gap so they never overlap RAM.
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+/// vCPU threads are kicked out of KVM_RUN with this real-time signal.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Why a VM could not be built or run.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available and accessible?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("{0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the kernel, initramfs or command line.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// vCPU configuration.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// The MP table.
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    /// Host-side plumbing (eventfds, threads, poll).
+    #[error("{0}")]
+    Io(&'static str, #[source] io::Error),
+}
+
+/// Host-side wiring of a run.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Where the serial console goes; `None` discards it (console=none).
+    pub console: Option<Box<dyn Write + Send>>,
+    /// Bytes fed to the guest's serial input.
+    pub console_input: Option<Box<dyn Read + Send>>,
+    /// Ends the VM if it runs longer.
+    pub timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("console", &self.console.is_some())
+            .field("console_input", &self.console_input.is_some())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Limits of this host for [`VmResources::validate`].
+pub fn host_limits() -> Result<HostLimits, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let max_vcpus = (kvm.get_max_vcpus() as u32).min(mptable::MAX_CPUS);
+    let max_mem_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(u64::MAX);
+    Ok(HostLimits {
+        max_vcpus,
+        max_mem_mib,
+    })
+}
+
+/// Boots `res` and blocks until the VM ends.
+pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(|e| VmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+
+    let mem = memory::create(res.mem_bytes)?;
+    memory::register(&vm, &mem)?;
+    let cmdline = boot::build_cmdline(&res.cmdline, opts.console.is_some())?;
+    let entry = boot::load(&mem, res, &cmdline)?;
+    mptable::write(&mem, res.vcpus)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("eventfd", e))?);
+    let panicked = Arc::new(AtomicBool::new(false));
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+    let sink = ConsoleSink::new(opts.console, panicked.clone());
+    let serial: Arc<Mutex<SerialDevice>> =
+        Arc::new(Mutex::new(Serial::new(EventFdTrigger(serial_irq), sink)));
+    let bus = Arc::new(PioBus::new(serial.clone(), ResetTrigger(exit.clone())));
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    let mut vcpus = Vec::with_capacity(res.vcpus as usize);
+    for index in 0..res.vcpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
+        cpu::configure(&vcpu, &supported, &mem, entry, index, res.vcpus)?;
+        vcpus.push(vcpu);
+    }
+
+    install_kick_handler()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for (index, vcpu) in vcpus.into_iter().enumerate() {
+        let (bus, exit, stop) = (bus.clone(), exit.clone(), stop.clone());
+        let t = thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || vcpu_loop(vcpu, &bus, &exit, &stop))
+            .map_err(|e| VmError::Io("spawning a vCPU thread", e))?;
+        threads.push(t);
+    }
+    if let Some(input) = opts.console_input {
+        spawn_console_input(input, serial)?;
+    }
+
+    let signalled = wait_readable(exit.eventfd().as_raw_fd(), opts.timeout)
+        .map_err(|e| VmError::Io("waiting for the VM to exit", e))?;
+    stop_vcpus(&stop, threads);
+    // `vm` and `mem` outlive the vCPU threads: they are dropped after this.
+    let reason = match exit.reason() {
+        _ if !signalled => ExitReason::Timeout,
+        Some(ExitReason::Reset) if panicked.load(Ordering::Acquire) => ExitReason::GuestPanic,
+        Some(r) => r,
+        None => ExitReason::Timeout,
+    };
+    drop(vm);
+    Ok(reason)
+}
+
+fn vcpu_loop(mut vcpu: VcpuFd, bus: &PioBus, exit: &ExitSignal, stop: &AtomicBool) {
+    let fail = |why: String| {
+        let _ = exit.signal(ExitReason::VcpuFailed(why));
+    };
+    while !stop.load(Ordering::Acquire) {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::Shutdown) => {
+                let _ = exit.signal(ExitReason::TripleFault);
+                break;
+            }
+            Ok(VcpuExit::SystemEvent(..)) => {
+                let _ = exit.signal(ExitReason::Reset);
+                break;
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                fail(format!(
+                    "KVM_EXIT_FAIL_ENTRY on cpu {cpu}, reason {reason:#x}"
+                ));
+                break;
+            }
+            Ok(VcpuExit::InternalError) => {
+                fail("KVM_EXIT_INTERNAL_ERROR".into());
+                break;
+            }
+            // HLT with an in-kernel LAPIC, IRQ windows and the like need nothing.
+            Ok(_) => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                fail(format!("KVM_RUN: {e}"));
+                break;
+            }
+        }
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() -> Result<(), VmError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), kick_handler)
+            .map_err(|e| VmError::Io("installing the vCPU kick handler", e.into()));
+    });
+    result
+}
+
+/// A kick can land just before a thread enters KVM_RUN, so keep kicking
+/// until every thread has noticed `stop`.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + STOP_GRACE;
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            let _ = t.kill(kick_signal());
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    for t in threads {
+        if t.is_finished() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn_console_input(
+    mut input: Box<dyn Read + Send>,
+    serial: Arc<Mutex<SerialDevice>>,
+) -> Result<(), VmError> {
+    thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok(n) = input.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut rest = &buf[..n];
+                // The 16550 FIFO is small: wait for the guest to drain it.
+                while !rest.is_empty() {
+                    let taken = lock(&serial).enqueue_raw_bytes(rest).unwrap_or(0);
+                    rest = &rest[taken..];
+                    if !rest.is_empty() {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| VmError::Io("spawning the console input thread", e))
+}
+
+/// True if `fd` became readable, false on timeout.
+fn wait_readable(fd: i32, timeout: Option<Duration>) -> io::Result<bool> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(false);
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd that lives across the call; nfds is 1.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        match r {
+            0 => return Ok(false),
+            r if r > 0 => return Ok(true),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
