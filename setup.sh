@@ -47,7 +47,7 @@ if [ "$(tests/testhost/testhost.sh mode)" = testhost ]; then
 fi
 
 [ "$run_job" = 1 ] || exit 0
-log "main job: boot the runvm guest kernel to the runvm agent in a KVM micro-VM"
+log "main job: boot the runvm guest kernel in a runvm-vmm micro-VM (KVM) to the runvm agent"
 # The test routes itself into the test host when this machine needs one.
 cargo test --quiet -p runvm-tests --test smoke -- --nocapture 2>&1 |
     grep -E 'RUNVM_AGENT_READY|test result' | tail -n 2

@@ -23,6 +23,8 @@ const READY: &str = "RUNVM_AGENT_READY";
 struct Sample {
     boot_ms: f64,
     overhead_kib: u64,
+    /// runvm-vmm only: its own VM build time (`--report-timing`).
+    build_ms: Option<f64>,
 }
 
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
@@ -58,9 +60,17 @@ fn measure(cmd: Command) -> Sample {
     let Some(ready) = ready else {
         panic!("no ready line:\n{}", run.output)
     };
+    let build_ms = run.output.lines().find_map(|l| {
+        l.split("built in ")
+            .nth(1)
+            .and_then(|rest| rest.split("us").next())
+            .and_then(|us| us.parse::<f64>().ok())
+            .map(|us| us / 1000.0)
+    });
     Sample {
         boot_ms: ready.as_secs_f64() * 1000.0,
         overhead_kib,
+        build_ms,
     }
 }
 
@@ -68,17 +78,38 @@ fn runvm(kernel: &Path, initrd: &Path, mem_mib: u64) -> Command {
     let mut c = Command::new(vmm_binary());
     c.arg("--kernel").arg(kernel).arg("--initramfs").arg(initrd);
     c.args(["--mem-mib", &mem_mib.to_string(), "--cmdline", "quiet"]);
-    c.args(["--boot-timeout", "120"]);
+    c.args(["--boot-timeout", "120", "--report-timing"]);
     c
 }
 
 fn qemu(kernel: &Path, initrd: &Path, mem_mib: u64) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-M", "microvm,x-option-roms=off,rtc=off,memory-backend=mem"]);
-    c.args(["-object", &format!("memory-backend-memfd,id=mem,size={mem_mib}M")]);
-    c.args(["-accel", "kvm", "-cpu", "host", "-m", &format!("{mem_mib}M"), "-smp", "1"]);
-    c.args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]);
-    c.args(["-serial", "stdio", "-kernel"]).arg(kernel).arg("-initrd").arg(initrd);
+    c.args([
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem_mib}M"),
+    ]);
+    c.args([
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        &format!("{mem_mib}M"),
+        "-smp",
+        "1",
+    ]);
+    c.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+    ]);
+    c.args(["-serial", "stdio", "-kernel"])
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd);
     c.args([
         "-append",
         "console=ttyS0 reboot=t panic=-1 pci=off nomodule 8250.nr_uarts=1 quiet",
@@ -96,15 +127,29 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn report(name: &str, samples: &[Sample]) -> (f64, f64) {
+struct Figures {
+    boot: f64,
+    rss: f64,
+    build: Option<f64>,
+}
+
+fn report(name: &str, samples: &[Sample]) -> Figures {
     let boot = median(samples.iter().map(|s| s.boot_ms).collect());
     let rss = median(samples.iter().map(|s| s.overhead_kib as f64).collect()) / 1024.0;
-    let all: Vec<String> = samples.iter().map(|s| format!("{:.0}", s.boot_ms)).collect();
+    let builds: Vec<f64> = samples.iter().filter_map(|s| s.build_ms).collect();
+    let build = (!builds.is_empty()).then(|| median(builds));
+    let all: Vec<String> = samples
+        .iter()
+        .map(|s| format!("{:.0}", s.boot_ms))
+        .collect();
+    let build_text = build.map_or(String::new(), |b| {
+        format!("   VMM build median {b:>6.1} ms")
+    });
     println!(
-        "{name:<22} boot-to-agent median {boot:>7.0} ms   overhead RSS median {rss:>6.2} MiB   runs(ms): {}",
+        "{name:<22} boot-to-agent median {boot:>7.0} ms   overhead RSS median {rss:>6.2} MiB{build_text}   runs(ms): {}",
         all.join(" ")
     );
-    (boot, rss)
+    Figures { boot, rss, build }
 }
 
 fn main() {
@@ -131,17 +176,45 @@ fn main() {
     let initrd = dir.path().join("initramfs.cpio");
     write_agent_initramfs(&initrd);
     let kernel = guest_kernel_dir().join("vmlinux");
-    println!("boot benchmark: {runs} runs each, interleaved, kernel {}", kernel.display());
-    let (mut small, mut qemu_small, mut large) = (Vec::new(), Vec::new(), Vec::new());
+    println!(
+        "boot benchmark: {runs} runs each, interleaved, kernel {}",
+        kernel.display()
+    );
+    let mut samples: [Vec<Sample>; 4] = Default::default();
     for _ in 0..runs {
-        small.push(measure(runvm(&kernel, &initrd, 128)));
-        qemu_small.push(measure(qemu(&kernel, &initrd, 128)));
-        large.push(measure(runvm(&kernel, &initrd, 2048)));
+        samples[0].push(measure(runvm(&kernel, &initrd, 128)));
+        samples[1].push(measure(qemu(&kernel, &initrd, 128)));
+        samples[2].push(measure(runvm(&kernel, &initrd, 2048)));
+        samples[3].push(measure(qemu(&kernel, &initrd, 2048)));
     }
-    let (b_small, r_small) = report("runvm-vmm 128 MiB", &small);
-    let (b_qemu, r_qemu) = report("qemu microvm 128 MiB", &qemu_small);
-    let (b_large, _) = report("runvm-vmm 2 GiB", &large);
-    println!("ratio boot runvm/qemu:            {:.2}", b_small / b_qemu);
-    println!("ratio overhead RSS runvm/qemu:    {:.2}", r_small / r_qemu);
-    println!("ratio boot runvm 2 GiB / 128 MiB: {:.2}", b_large / b_small);
+    let small = report("runvm-vmm 128 MiB", &samples[0]);
+    let qemu_small = report("qemu microvm 128 MiB", &samples[1]);
+    let large = report("runvm-vmm 2 GiB", &samples[2]);
+    let qemu_large = report("qemu microvm 2 GiB", &samples[3]);
+    println!(
+        "ratio boot runvm/qemu, 128 MiB:          {:.2}",
+        small.boot / qemu_small.boot
+    );
+    println!(
+        "ratio boot runvm/qemu, 2 GiB:            {:.2}",
+        large.boot / qemu_large.boot
+    );
+    println!(
+        "ratio overhead RSS runvm/qemu, 128 MiB:  {:.2}",
+        small.rss / qemu_small.rss
+    );
+    if let (Some(b_small), Some(b_large)) = (small.build, large.build) {
+        println!(
+            "ratio VMM build time 2 GiB / 128 MiB:    {:.2}",
+            b_large / b_small
+        );
+    }
+    println!(
+        "ratio boot 2 GiB / 128 MiB, runvm:       {:.2}",
+        large.boot / small.boot
+    );
+    println!(
+        "ratio boot 2 GiB / 128 MiB, qemu:        {:.2}",
+        qemu_large.boot / qemu_small.boot
+    );
 }

@@ -13,6 +13,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache_root="${RUNVM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runvm}/testhost"
 # Loaded in this order after their dependencies (resolved from modules.dep).
+qemu=${RUNVM_QEMU:-qemu-system-x86_64}
 modules=(virtio_pci 9p 9pnet_virtio kvm_amd tun vhost_net vhost_vsock vsock_loopback overlay fuse)
 
 die() { echo "testhost: error: $*" >&2; exit 1; }
@@ -30,7 +31,8 @@ usage: $(basename "$0") COMMAND
       --smp N               test host CPUs (default: this machine's, at most 2)
 
 Environment: RUNVM_TESTHOST=auto|always|never (default auto) forces or forbids
-the test host; RUNVM_CACHE_DIR moves the cache (default ~/.cache/runvm).
+the test host; RUNVM_CACHE_DIR moves the cache (default ~/.cache/runvm);
+RUNVM_QEMU names the QEMU binary (default qemu-system-x86_64).
 Variables named RUNVM_*, RUST_*, CARGO_* and NEXTEST_* reach the command.
 EOF
 }
@@ -94,7 +96,7 @@ setup() {
         deb=$(find "$debdir" -maxdepth 1 -name "${pkg}_*.deb" | sort -V | tail -n1)
         [ -n "$deb" ] || die "apt-get download $pkg left no .deb in $debdir"
     fi
-    key=$( { basename "$deb"; sha256sum /bin/busybox; cat "$0"; } | sha256sum | cut -c1-16)
+    key=$( { basename "$deb"; sha256sum /bin/busybox; cat "$0" "$here/init"; } | sha256sum | cut -c1-16)
     dir="$cache_root/$key"
     if [ -f "$dir/vmlinuz" ] && [ -f "$dir/initrd.gz" ]; then
         echo "$dir"
@@ -178,8 +180,8 @@ run_direct() {
 
 run_testhost() {
     local timeout=$1 mem=$2 smp=$3; shift 3
-    command -v qemu-system-x86_64 >/dev/null ||
-        die "no usable KVM here (no vmx/svm, or PVM) and qemu-system-x86_64 is not installed; run '$0 setup' as root"
+    command -v "$qemu" >/dev/null ||
+        die "no KVM here that boots Linux (no vmx/svm, or PVM) and no QEMU for the test host ($qemu not found); run '$0 setup' as root"
     local dir
     dir=$(setup)
 
@@ -209,7 +211,7 @@ run_testhost() {
     : >"$scratch/stdout"
     : >"$scratch/stderr"
 
-    timeout -k 5 "$timeout" qemu-system-x86_64 \
+    timeout -k 5 "$timeout" "$qemu" \
         -accel tcg -cpu max -smp "$smp" -m "$mem" -nodefaults -no-reboot \
         -display none -monitor none -serial "file:$scratch/console.log" \
         -kernel "$dir/vmlinuz" -initrd "$dir/initrd.gz" \

@@ -59,6 +59,15 @@ fn bad_input_gets_a_message_and_a_non_zero_exit() {
         assert!(err.contains(expect), "{args:?}: {err}");
     }
     let out = Command::new(testhost_script())
+        .args(["run", "true"])
+        .env("RUNVM_TESTHOST", "always")
+        .env("RUNVM_QEMU", "/nonexistent/qemu-system-x86_64")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no QEMU for the test host"), "{err}");
+    let out = Command::new(testhost_script())
         .arg("mode")
         .env("RUNVM_TESTHOST", "sometimes")
         .output()

@@ -14,7 +14,7 @@ use runvm_tests::kvm_test;
 const READY: &str = "RUNVM_AGENT_READY";
 const BOOT: Duration = Duration::from_secs(180);
 
-fn vmm(kernel: &str, initrd: &Path, vcpus: u32, mem_mib: u64) -> Command {
+fn vmm(kernel: &str, initrd: &Path, vcpus: u32, mem_mib: u64, cmdline: &str) -> Command {
     let mut cmd = Command::new(vmm_binary());
     cmd.arg("--kernel")
         .arg(guest_kernel_dir().join(kernel))
@@ -26,7 +26,7 @@ fn vmm(kernel: &str, initrd: &Path, vcpus: u32, mem_mib: u64) -> Command {
             "--mem-mib",
             &mem_mib.to_string(),
         ])
-        .args(["--cmdline", "quiet"]);
+        .args(["--cmdline", cmdline]);
     cmd
 }
 
@@ -39,7 +39,7 @@ fn boot_agent(kernel: &str, vcpus: u32, mem_mib: u64) -> String {
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("initramfs.cpio");
     write_agent_initramfs(&initrd);
-    let mut cmd = vmm(kernel, &initrd, vcpus, mem_mib);
+    let mut cmd = vmm(kernel, &initrd, vcpus, mem_mib, "quiet");
     cmd.args(["--boot-timeout", "150"]);
     let mut guest = GuestProcess::spawn(cmd);
     let ready = guest.wait_for(READY, BOOT);
@@ -98,7 +98,7 @@ kvm_test!(
         let initrd = dir.path().join("initramfs.cpio");
         // init exiting makes the kernel panic; panic=-1 resets at once.
         write_busybox_initramfs(&initrd, "echo init-exits-now\nexit 1");
-        let mut cmd = vmm("vmlinux", &initrd, 1, 128);
+        let mut cmd = vmm("vmlinux", &initrd, 1, 128, "quiet");
         cmd.args(["--boot-timeout", "150"]);
         let run = GuestProcess::spawn(cmd).finish(BOOT);
         assert!(run.output.contains("init-exits-now"), "{}", run.output);
@@ -113,6 +113,26 @@ kvm_test!(
 );
 
 kvm_test!(
+    fn a_triple_fault_ends_the_vm_and_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let initrd = dir.path().join("initramfs.cpio");
+        write_agent_initramfs(&initrd);
+        // The caller's reboot=t overrides the VMM's reboot=k: the agent's
+        // reboot then triple-faults instead of using the i8042.
+        let mut cmd = vmm("vmlinux", &initrd, 1, 128, "quiet reboot=t");
+        cmd.args(["--boot-timeout", "150"]);
+        let run = GuestProcess::spawn(cmd).finish(BOOT);
+        assert!(run.output.contains(READY), "{}", run.output);
+        assert_eq!(code(&run), Some(3), "{}", run.output);
+        assert!(
+            run.output.contains("runvm-vmm: guest triple-faulted"),
+            "{}",
+            run.output
+        );
+    }
+);
+
+kvm_test!(
     fn a_guest_that_never_finishes_hits_the_boot_timeout() {
         let dir = tempfile::tempdir().unwrap();
         let initrd = dir.path().join("initramfs.cpio");
@@ -120,7 +140,7 @@ kvm_test!(
             &initrd,
             "echo hanging-forever\nwhile true; do sleep 1; done",
         );
-        let mut cmd = vmm("vmlinux", &initrd, 2, 128);
+        let mut cmd = vmm("vmlinux", &initrd, 2, 128, "quiet");
         cmd.args(["--boot-timeout", "25"]);
         let mut guest = GuestProcess::spawn(cmd);
         let hung = guest.wait_for("hanging-forever", BOOT);
@@ -143,7 +163,7 @@ kvm_test!(
             &initrd,
             "echo WAITING-FOR-INPUT\nread line\necho \"GOT[$line]\"\n/bin/busybox reboot -f",
         );
-        let mut cmd = vmm("vmlinux", &initrd, 1, 128);
+        let mut cmd = vmm("vmlinux", &initrd, 1, 128, "quiet");
         cmd.args(["--boot-timeout", "150", "--console-input"]);
         let mut guest = GuestProcess::spawn(cmd);
         assert!(guest.wait_for("WAITING-FOR-INPUT", BOOT).is_some());

@@ -8,6 +8,7 @@ pub mod boot;
 pub mod config;
 pub mod cpu;
 pub mod devices;
+pub mod event_loop;
 pub mod exit;
 pub mod initramfs;
 pub mod layout;

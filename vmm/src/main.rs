@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -41,6 +42,9 @@ struct Args {
     /// Forward this process's stdin to the guest's serial input.
     #[arg(long)]
     console_input: bool,
+    /// Print how long each VM build phase took (stderr) once the vCPUs run.
+    #[arg(long)]
+    report_timing: bool,
 }
 
 fn console(spec: &str) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
@@ -70,10 +74,30 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let resources = VmResources::validate(&config, limits)?;
     let opts = RunOptions {
         console: console(&args.console)?,
-        console_input: args
-            .console_input
-            .then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+        console_input: if args.console_input {
+            let fd = std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating stdin for the console")?;
+            Some(File::from(fd))
+        } else {
+            None
+        },
         timeout: args.boot_timeout.map(Duration::from_secs),
+        on_started: args.report_timing.then(|| {
+            Box::new(|t: &vm::BuildTimes| {
+                let phases: Vec<String> = t
+                    .phases
+                    .iter()
+                    .map(|(name, d)| format!("{name} {}us", d.as_micros()))
+                    .collect();
+                eprintln!(
+                    "runvm-vmm: vcpus running, built in {}us ({})",
+                    t.total().as_micros(),
+                    phases.join(", ")
+                );
+            }) as vm::StartedHook
+        }),
     };
     let reason = vm::run(&resources, opts)?;
     eprintln!("runvm-vmm: {reason}");

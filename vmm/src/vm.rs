@@ -1,13 +1,14 @@
 //! Builds a VM from validated resources and runs it until the guest resets,
 //! shuts down, fails, or the boot timeout elapses.
 
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use thiserror::Error;
@@ -18,8 +19,9 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::boot::{self, BootError};
 use crate::cpu::{self, CpuError};
 use crate::devices::legacy::{
-    lock, ConsoleSink, EventFdTrigger, PioBus, ResetTrigger, SerialDevice, SERIAL_IRQ,
+    ConsoleSink, EventFdTrigger, PioBus, ResetTrigger, SerialDevice, SERIAL_IRQ,
 };
+use crate::event_loop::{ConsoleInput, ExitWatcher};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, MemoryError};
 use crate::mptable::{self, MptableError};
@@ -56,9 +58,12 @@ pub enum VmError {
     /// The MP table.
     #[error(transparent)]
     Mptable(#[from] MptableError),
-    /// Host-side plumbing (eventfds, threads, poll).
+    /// Host-side plumbing (eventfds, threads).
     #[error("{0}")]
     Io(&'static str, #[source] io::Error),
+    /// The event loop failed.
+    #[error("{0}")]
+    EventLoop(&'static str, #[source] event_manager::Error),
 }
 
 /// Host-side wiring of a run.
@@ -66,10 +71,35 @@ pub enum VmError {
 pub struct RunOptions {
     /// Where the serial console goes; `None` discards it (console=none).
     pub console: Option<Box<dyn Write + Send>>,
-    /// Bytes fed to the guest's serial input.
-    pub console_input: Option<Box<dyn Read + Send>>,
+    /// Bytes fed to the guest's serial input (a pipe, tty or file).
+    pub console_input: Option<File>,
     /// Ends the VM if it runs longer.
     pub timeout: Option<Duration>,
+    /// Called once the vCPUs run, with how long each build phase took.
+    pub on_started: Option<StartedHook>,
+}
+
+/// See [`RunOptions::on_started`].
+pub type StartedHook = Box<dyn FnOnce(&BuildTimes) + Send>;
+
+/// Time spent in each phase of building the VM, in boot order.
+#[derive(Debug, Default, Clone)]
+pub struct BuildTimes {
+    /// Phase name and its duration.
+    pub phases: Vec<(&'static str, Duration)>,
+}
+
+impl BuildTimes {
+    fn mark(&mut self, name: &'static str, since: &mut Instant) {
+        let now = Instant::now();
+        self.phases.push((name, now - *since));
+        *since = now;
+    }
+
+    /// Sum of all phases.
+    pub fn total(&self) -> Duration {
+        self.phases.iter().map(|(_, d)| *d).sum()
+    }
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -78,6 +108,7 @@ impl std::fmt::Debug for RunOptions {
             .field("console", &self.console.is_some())
             .field("console_input", &self.console_input.is_some())
             .field("timeout", &self.timeout)
+            .field("on_started", &self.on_started.is_some())
             .finish()
     }
 }
@@ -103,6 +134,8 @@ pub fn host_limits() -> Result<HostLimits, VmError> {
 
 /// Boots `res` and blocks until the VM ends.
 pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
+    let mut times = BuildTimes::default();
+    let mut since = Instant::now();
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let vm = kvm
         .create_vm()
@@ -120,11 +153,14 @@ pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
     vm.create_pit2(pit)
         .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
 
+    times.mark("kvm", &mut since);
     let mem = memory::create(res.mem_bytes)?;
     memory::register(&vm, &mem)?;
+    times.mark("memory", &mut since);
     let cmdline = boot::build_cmdline(&res.cmdline, opts.console.is_some())?;
     let entry = boot::load(&mem, res, &cmdline)?;
     mptable::write(&mem, res.vcpus)?;
+    times.mark("load", &mut since);
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("eventfd", e))?);
     let panicked = Arc::new(AtomicBool::new(false));
@@ -159,13 +195,13 @@ pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
             .map_err(|e| VmError::Io("spawning a vCPU thread", e))?;
         threads.push(t);
     }
-    if let Some(input) = opts.console_input {
-        spawn_console_input(input, serial)?;
+    times.mark("vcpus", &mut since);
+    if let Some(report) = opts.on_started {
+        report(&times);
     }
-
-    let signalled = wait_readable(exit.eventfd().as_raw_fd(), opts.timeout)
-        .map_err(|e| VmError::Io("waiting for the VM to exit", e))?;
+    let ended = event_loop(&exit, serial, opts.console_input, opts.timeout);
     stop_vcpus(&stop, threads);
+    let signalled = ended?;
     // `vm` and `mem` outlive the vCPU threads: they are dropped after this.
     let reason = match exit.reason() {
         _ if !signalled => ExitReason::Timeout,
@@ -246,63 +282,52 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
     }
 }
 
-fn spawn_console_input(
-    mut input: Box<dyn Read + Send>,
+/// Runs the event loop until the VM ends (true) or `timeout` passes (false).
+fn event_loop(
+    exit: &Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
-) -> Result<(), VmError> {
-    thread::Builder::new()
-        .name("console-in".into())
-        .spawn(move || {
-            let mut buf = [0u8; 64];
-            while let Ok(n) = input.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let mut rest = &buf[..n];
-                // The 16550 FIFO is small: wait for the guest to drain it.
-                while !rest.is_empty() {
-                    let taken = lock(&serial).enqueue_raw_bytes(rest).unwrap_or(0);
-                    rest = &rest[taken..];
-                    if !rest.is_empty() {
-                        thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
-        })
-        .map(|_| ())
-        .map_err(|e| VmError::Io("spawning the console input thread", e))
-}
-
-/// True if `fd` became readable, false on timeout.
-fn wait_readable(fd: i32, timeout: Option<Duration>) -> io::Result<bool> {
+    console_input: Option<File>,
+    timeout: Option<Duration>,
+) -> Result<bool, VmError> {
+    let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
+        EventManager::new().map_err(|e| VmError::EventLoop("creating the event loop", e))?;
+    let ended = Arc::new(AtomicBool::new(false));
+    events.add_subscriber(Box::new(ExitWatcher {
+        exit: exit.clone(),
+        ended: ended.clone(),
+    }));
+    let pending = Arc::new(Mutex::new(Vec::new()));
+    if let Some(input) = console_input {
+        events.add_subscriber(Box::new(ConsoleInput {
+            input,
+            serial: serial.clone(),
+            pending: pending.clone(),
+        }));
+    }
     let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        let ms = match deadline {
-            None => -1,
+    while !ended.load(Ordering::Acquire) {
+        let mut wait = match deadline {
+            None => Duration::MAX,
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Ok(false);
                 }
-                left.as_millis().clamp(1, i32::MAX as u128) as i32
+                left
             }
         };
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd that lives across the call; nfds is 1.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        match r {
-            0 => return Ok(false),
-            r if r > 0 => return Ok(true),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
+        if !crate::devices::legacy::lock(&pending).is_empty() {
+            ConsoleInput::flush(&serial, &pending);
+            wait = wait.min(Duration::from_millis(5));
         }
+        let ms = if wait == Duration::MAX {
+            -1
+        } else {
+            wait.as_millis().clamp(1, i32::MAX as u128) as i32
+        };
+        events
+            .run_with_timeout(ms)
+            .map_err(|e| VmError::EventLoop("running the event loop", e))?;
     }
+    Ok(true)
 }
