@@ -1,16 +1,27 @@
 //! Guest RAM: one memfd mapped at the guest's RAM ranges, so the same memory
 //! can later be shared with other processes (vhost-user) or snapshotted.
+//!
+//! Each range is mapped at a 2 MiB-aligned host address and advised for
+//! transparent huge pages: KVM maps guest memory with 2 MiB pages only where
+//! host and guest addresses agree modulo 2 MiB and the host page is huge, and
+//! every 4 KiB mapping is otherwise a separate (nested) page fault.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::ptr::null_mut;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use thiserror::Error;
-use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::layout;
+
+const HUGE_PAGE: usize = 2 << 20;
 
 /// Why guest memory could not be set up.
 #[derive(Debug, Error)]
@@ -20,14 +31,104 @@ pub enum MemoryError {
     Memfd(#[source] io::Error),
     /// Mapping the memory failed.
     #[error("mapping guest memory")]
-    Mmap(#[source] vm_memory::mmap::FromRangesError),
+    Mmap(#[source] io::Error),
+    /// vm-memory rejected a region.
+    #[error("describing guest memory")]
+    Region(#[source] vm_memory::mmap::MmapRegionError),
+    /// vm-memory rejected the region set.
+    #[error("describing guest memory")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
     /// KVM refused a memory slot.
     #[error("registering guest memory with KVM")]
     Register(#[source] kvm_ioctls::Error),
 }
 
+/// One host mapping of guest RAM, unmapped on drop.
+#[derive(Debug)]
+struct Mapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; the pointer is only used to
+// unmap it, once, on drop.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; nothing dereferences the pointer through `&Mapping`.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: addr/len are exactly one mapping this struct created.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+/// Guest RAM and the host mappings behind it. The mappings are unmapped when
+/// this is dropped, so it must outlive every clone of `mem` and the VM that
+/// uses it; [`crate::vm::run`] drops it last.
+#[derive(Debug)]
+pub struct GuestRam {
+    /// The guest's view of its memory.
+    pub mem: GuestMemoryMmap,
+    /// Held only for their Drop, which unmaps them.
+    _maps: Vec<Mapping>,
+}
+
+/// Maps `len` bytes of `file` at `offset`, at a 2 MiB-aligned address.
+fn map_aligned(file: &File, offset: u64, len: usize) -> Result<Mapping, MemoryError> {
+    let reserve_len = len + HUGE_PAGE;
+    // SAFETY: a fresh PROT_NONE reservation at an address of the kernel's choosing.
+    let reserve = unsafe {
+        libc::mmap(
+            null_mut(),
+            reserve_len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if reserve == libc::MAP_FAILED {
+        return Err(MemoryError::Mmap(io::Error::last_os_error()));
+    }
+    let start = reserve as usize;
+    let aligned = (start + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
+    // SAFETY: [aligned, aligned + len) lies inside the reservation made above,
+    // so MAP_FIXED replaces only memory this function owns.
+    let addr = unsafe {
+        libc::mmap(
+            aligned as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    let err = (addr == libc::MAP_FAILED).then(io::Error::last_os_error);
+    if aligned > start {
+        // SAFETY: the slack before the fixed mapping is still part of the
+        // reservation; unmapping it releases only address space.
+        unsafe { libc::munmap(reserve, aligned - start) };
+    }
+    let end = aligned + len;
+    if start + reserve_len > end {
+        // SAFETY: likewise for the slack after it.
+        unsafe { libc::munmap(end as *mut libc::c_void, start + reserve_len - end) };
+    }
+    if let Some(e) = err {
+        // SAFETY: the middle of the reservation is still mapped PROT_NONE.
+        unsafe { libc::munmap(aligned as *mut libc::c_void, len) };
+        return Err(MemoryError::Mmap(e));
+    }
+    // SAFETY: MADV_HUGEPAGE only changes how the kernel backs this live mapping.
+    // Where the host's shmem THP setting is never/deny it has no effect.
+    unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) };
+    Ok(Mapping { addr, len })
+}
+
 /// Creates guest RAM of `mem_bytes`. Pages are only allocated when touched.
-pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn create(mem_bytes: u64) -> Result<GuestRam, MemoryError> {
     // SAFETY: the name is a valid NUL-terminated string; the result is checked.
     let fd = unsafe { libc::memfd_create(c"runvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -37,28 +138,31 @@ pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(mem_bytes).map_err(MemoryError::Memfd)?;
     let mut offset = 0;
-    let mut ranges = Vec::new();
+    let mut regions = Vec::new();
+    let mut maps = Vec::new();
     for (start, len) in layout::ram_ranges(mem_bytes) {
+        let map = map_aligned(&file, offset, len as usize)?;
         let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, offset);
-        ranges.push((GuestAddress(start), len as usize, Some(fo)));
+        // SAFETY: `map` is a live mapping of exactly `len` bytes that stays
+        // mapped for as long as the returned GuestRam (and so `mem`) exists.
+        let region = unsafe {
+            MmapRegionBuilder::new(len as usize)
+                .with_file_offset(fo)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                .with_raw_mmap_pointer(map.addr.cast())
+        }
+        .build()
+        .map_err(MemoryError::Region)?;
+        maps.push(map);
+        let region = GuestRegionMmap::new(region, GuestAddress(start)).ok_or_else(|| {
+            MemoryError::Mmap(io::Error::other("guest region wraps the address space"))
+        })?;
+        regions.push(region);
         offset += len;
     }
-    let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Mmap)?;
-    for region in mem.iter() {
-        // Every 4 KiB page the guest touches first costs a nested page fault;
-        // huge pages cut that by 512x. Where the host's shmem THP setting
-        // forbids it (`shmem_enabled` of never/deny) this is a no-op.
-        // SAFETY: the range is exactly this region's live mapping, and
-        // MADV_HUGEPAGE only changes how the kernel backs it.
-        unsafe {
-            libc::madvise(
-                region.as_ptr().cast(),
-                region.len() as usize,
-                libc::MADV_HUGEPAGE,
-            )
-        };
-    }
-    Ok(mem)
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?;
+    Ok(GuestRam { mem, _maps: maps })
 }
 
 /// Hands every region of `mem` to KVM, one slot each.
@@ -71,8 +175,8 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
             userspace_addr: region.as_ptr() as u64,
             flags: 0,
         };
-        // SAFETY: the mapping stays alive as long as `mem`, which the VM owns
-        // for its whole life, and the slots do not overlap.
+        // SAFETY: the mapping stays alive as long as the GuestRam, which
+        // vm::run drops only after the VM, and the slots do not overlap.
         unsafe { vm.set_user_memory_region(region_desc) }.map_err(MemoryError::Register)?;
     }
     Ok(())
@@ -85,7 +189,8 @@ mod tests {
 
     #[test]
     fn memory_spans_the_layout_and_is_writable_on_both_sides_of_the_gap() {
-        let mem = create(3584 << 20).unwrap();
+        let ram = create(3584 << 20).unwrap();
+        let mem = &ram.mem;
         assert_eq!(mem.num_regions(), 2);
         mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
         let high = GuestAddress(layout::MMIO_GAP_END + 0x1000);
@@ -94,5 +199,14 @@ mod tests {
         assert!(mem
             .write_obj(1u8, GuestAddress(layout::MMIO_GAP_START))
             .is_err());
+    }
+
+    #[test]
+    fn host_mappings_are_huge_page_aligned() {
+        let ram = create(256 << 20).unwrap();
+        for region in ram.mem.iter() {
+            assert_eq!(region.as_ptr() as usize % HUGE_PAGE, 0);
+        }
+        assert_eq!(ram._maps.len(), 1);
     }
 }

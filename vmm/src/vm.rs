@@ -154,12 +154,13 @@ pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
         .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
 
     times.mark("kvm", &mut since);
-    let mem = memory::create(res.mem_bytes)?;
-    memory::register(&vm, &mem)?;
+    let ram = memory::create(res.mem_bytes)?;
+    let mem = &ram.mem;
+    memory::register(&vm, mem)?;
     times.mark("memory", &mut since);
     let cmdline = boot::build_cmdline(&res.cmdline, opts.console.is_some())?;
-    let entry = boot::load(&mem, res, &cmdline)?;
-    mptable::write(&mem, res.vcpus)?;
+    let entry = boot::load(mem, res, &cmdline)?;
+    mptable::write(mem, res.vcpus)?;
     times.mark("load", &mut since);
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("eventfd", e))?);
@@ -180,7 +181,7 @@ pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
         let vcpu = vm
             .create_vcpu(u64::from(index))
             .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
-        cpu::configure(&vcpu, &supported, &mem, entry, index, res.vcpus)?;
+        cpu::configure(&vcpu, &supported, mem, entry, index, res.vcpus)?;
         vcpus.push(vcpu);
     }
 
@@ -202,7 +203,7 @@ pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
     let ended = event_loop(&exit, serial, opts.console_input, opts.timeout);
     stop_vcpus(&stop, threads);
     let signalled = ended?;
-    // `vm` and `mem` outlive the vCPU threads: they are dropped after this.
+    // The VM, then guest RAM, go only after the vCPU threads have stopped.
     let reason = match exit.reason() {
         _ if !signalled => ExitReason::Timeout,
         Some(ExitReason::Reset) if panicked.load(Ordering::Acquire) => ExitReason::GuestPanic,
@@ -210,6 +211,7 @@ pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
         None => ExitReason::Timeout,
     };
     drop(vm);
+    drop(ram);
     Ok(reason)
 }
 
