@@ -75,7 +75,11 @@ pub enum EntryPoint {
 }
 
 /// The kernel command line: the VMM's own arguments, then the caller's.
-pub fn build_cmdline(extra: &str, serial_console: bool) -> Result<Cmdline, BootError> {
+pub fn build_cmdline(
+    extra: &str,
+    serial_console: bool,
+    devices: &[String],
+) -> Result<Cmdline, BootError> {
     // reboot=k: the guest resets through the i8042, which ends the VMM;
     // panic=-1 turns a panic into an immediate reset instead of a hang.
     let mut base = String::from("reboot=k panic=-1 pci=off nomodule 8250.nr_uarts=1");
@@ -86,6 +90,9 @@ pub fn build_cmdline(extra: &str, serial_console: bool) -> Result<Cmdline, BootE
     });
     let mut cmdline = Cmdline::new(MAX_CMDLINE_LEN).map_err(BootError::Cmdline)?;
     cmdline.insert_str(&base).map_err(BootError::Cmdline)?;
+    for device in devices {
+        cmdline.insert_str(device).map_err(BootError::Cmdline)?;
+    }
     if !extra.trim().is_empty() {
         cmdline
             .insert_str(extra.trim())
@@ -239,12 +246,14 @@ mod tests {
 
     #[test]
     fn cmdline_puts_vmm_arguments_first_and_appends_the_callers() {
-        let c = build_cmdline("  init=/init quiet ", true).unwrap();
+        let dev = vec!["virtio_mmio.device=4K@0xd0000000:5".to_owned()];
+        let c = build_cmdline("  init=/init quiet ", true, &dev).unwrap();
         let s = c.as_cstring().unwrap().into_string().unwrap();
         assert!(s.starts_with("reboot=k panic=-1 "), "{s}");
         assert!(s.contains("console=ttyS0"), "{s}");
         assert!(s.ends_with("init=/init quiet"), "{s}");
-        let quiet = build_cmdline("", false).unwrap();
+        assert!(s.contains(" virtio_mmio.device=4K@0xd0000000:5 "), "{s}");
+        let quiet = build_cmdline("", false, &[]).unwrap();
         let q = quiet.as_cstring().unwrap().into_string().unwrap();
         assert!(q.contains("console=none") && !q.contains("ttyS0"), "{q}");
     }
@@ -253,7 +262,7 @@ mod tests {
     fn cmdline_that_overflows_the_boot_protocol_is_an_error() {
         let long = "x".repeat(MAX_CMDLINE_LEN);
         assert!(matches!(
-            build_cmdline(&long, true),
+            build_cmdline(&long, true, &[]),
             Err(BootError::Cmdline(_))
         ));
     }

@@ -20,4 +20,7 @@ pub struct VmConfig {
     /// Extra kernel command line, appended after the VMM's own arguments.
     #[serde(default)]
     pub cmdline: String,
+    /// Give the guest a virtio-rng device fed from the host's getrandom.
+    #[serde(default)]
+    pub rng: bool,
 }

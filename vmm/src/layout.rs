@@ -30,6 +30,12 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the MMIO gap.
 pub const MMIO_GAP_END: u64 = 1 << 32;
+/// First virtio-mmio window; devices follow at 4 KiB steps.
+pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
+/// First interrupt line for virtio-mmio devices (4 is COM1).
+pub const MMIO_IRQ_START: u32 = 5;
+/// Last usable IOAPIC line.
+pub const MMIO_IRQ_END: u32 = 23;
 /// IOAPIC base address.
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Local APIC base address.

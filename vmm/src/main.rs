@@ -42,6 +42,9 @@ struct Args {
     /// Forward this process's stdin to the guest's serial input.
     #[arg(long)]
     console_input: bool,
+    /// Give the guest a virtio-rng device (entropy from the host).
+    #[arg(long)]
+    rng: bool,
     /// Print how long each VM build phase took (stderr) once the vCPUs run.
     #[arg(long)]
     report_timing: bool,
@@ -69,6 +72,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         kernel: args.kernel,
         initramfs: args.initramfs,
         cmdline: args.cmdline,
+        rng: args.rng,
     };
     let limits = vm::host_limits()?;
     let resources = VmResources::validate(&config, limits)?;

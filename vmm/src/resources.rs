@@ -99,6 +99,8 @@ pub struct VmResources {
     pub initramfs: Option<PathBuf>,
     /// Caller's part of the command line.
     pub cmdline: String,
+    /// A virtio-rng device.
+    pub rng: bool,
 }
 
 impl VmResources {
@@ -146,6 +148,7 @@ impl VmResources {
             kernel_format,
             initramfs: config.initramfs.clone(),
             cmdline: config.cmdline.clone(),
+            rng: config.rng,
         })
     }
 }
@@ -197,6 +200,7 @@ mod tests {
             kernel: kernel.to_owned(),
             initramfs: None,
             cmdline: "quiet".into(),
+            rng: false,
         }
     }
 

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -21,6 +22,10 @@ use crate::cpu::{self, CpuError};
 use crate::devices::legacy::{
     ConsoleSink, EventFdTrigger, PioBus, ResetTrigger, SerialDevice, SERIAL_IRQ,
 };
+use crate::devices::mmio_bus::{MmioBus, MmioSlot};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::event_loop::{ConsoleInput, ExitWatcher};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, MemoryError};
@@ -158,7 +163,8 @@ pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
     let mem = &ram.mem;
     memory::register(&vm, mem)?;
     times.mark("memory", &mut since);
-    let cmdline = boot::build_cmdline(&res.cmdline, opts.console.is_some())?;
+    let mmio = Arc::new(build_mmio_devices(&vm, mem, res)?);
+    let cmdline = boot::build_cmdline(&res.cmdline, opts.console.is_some(), &mmio.cmdline_args())?;
     let entry = boot::load(mem, res, &cmdline)?;
     mptable::write(mem, res.vcpus)?;
     times.mark("load", &mut since);
@@ -189,10 +195,10 @@ pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
-        let (bus, exit, stop) = (bus.clone(), exit.clone(), stop.clone());
+        let (bus, mmio, exit, stop) = (bus.clone(), mmio.clone(), exit.clone(), stop.clone());
         let t = thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu_loop(vcpu, &bus, &exit, &stop))
+            .spawn(move || vcpu_loop(vcpu, &bus, &mmio, &exit, &stop))
             .map_err(|e| VmError::Io("spawning a vCPU thread", e))?;
         threads.push(t);
     }
@@ -210,12 +216,52 @@ pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
         Some(r) => r,
         None => ExitReason::Timeout,
     };
+    mmio.shutdown();
     drop(vm);
     drop(ram);
     Ok(reason)
 }
 
-fn vcpu_loop(mut vcpu: VcpuFd, bus: &PioBus, exit: &ExitSignal, stop: &AtomicBool) {
+/// Creates the configured virtio devices with their irqfds and ioeventfds.
+fn build_mmio_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    res: &VmResources,
+) -> Result<MmioBus, VmError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if res.rng {
+        devices.push(Box::new(Rng::default()));
+    }
+    let mut bus = MmioBus::default();
+    for (i, device) in devices.into_iter().enumerate() {
+        let base = crate::layout::MMIO_DEVICES_START + i as u64 * MMIO_WINDOW;
+        let irq = crate::layout::MMIO_IRQ_START + i as u32;
+        if irq > crate::layout::MMIO_IRQ_END {
+            return Err(VmError::Io(
+                "too many virtio devices for the IOAPIC",
+                io::Error::other("out of interrupt lines"),
+            ));
+        }
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
+        vm.register_irqfd(&irq_evt, irq)
+            .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+        let interrupt = Arc::new(Interrupt::new(irq_evt));
+        let transport = MmioTransport::new(device, mem.clone(), interrupt)
+            .map_err(|e| VmError::Io("creating a virtio device", e))?;
+        for (q, evt) in transport.queue_evts().iter().enumerate() {
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
+                .map_err(|e| VmError::Kvm("KVM_IOEVENTFD", e))?;
+        }
+        bus.add(MmioSlot {
+            base,
+            irq,
+            transport: Mutex::new(transport),
+        });
+    }
+    Ok(bus)
+}
+
+fn vcpu_loop(mut vcpu: VcpuFd, bus: &PioBus, mmio: &MmioBus, exit: &ExitSignal, stop: &AtomicBool) {
     let fail = |why: String| {
         let _ = exit.signal(ExitReason::VcpuFailed(why));
     };
@@ -223,8 +269,8 @@ fn vcpu_loop(mut vcpu: VcpuFd, bus: &PioBus, exit: &ExitSignal, stop: &AtomicBoo
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
             Ok(VcpuExit::Shutdown) => {
                 let _ = exit.signal(ExitReason::TripleFault);
                 break;

@@ -1,0 +1,68 @@
+//! Virtio-mmio devices by guest physical address, for vCPU MMIO exits.
+
+use std::sync::Mutex;
+
+use super::legacy::lock;
+use super::virtio::mmio::{MmioTransport, MMIO_WINDOW};
+
+/// One device's window.
+#[derive(Debug)]
+pub struct MmioSlot {
+    /// Guest physical base address.
+    pub base: u64,
+    /// Its interrupt line (GSI).
+    pub irq: u32,
+    /// The transport behind the window.
+    pub transport: Mutex<MmioTransport>,
+}
+
+/// All MMIO devices of a VM.
+#[derive(Debug, Default)]
+pub struct MmioBus {
+    slots: Vec<MmioSlot>,
+}
+
+impl MmioBus {
+    /// Adds a device window.
+    pub fn add(&mut self, slot: MmioSlot) {
+        self.slots.push(slot);
+    }
+
+    fn find(&self, addr: u64) -> Option<(&MmioSlot, u64)> {
+        self.slots
+            .iter()
+            .find(|s| (s.base..s.base + MMIO_WINDOW).contains(&addr))
+            .map(|s| (s, addr - s.base))
+    }
+
+    /// A guest read; unclaimed addresses read as all ones.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
+            Some((slot, offset)) => lock(&slot.transport).read(offset, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// A guest write; unclaimed addresses are ignored.
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((slot, offset)) = self.find(addr) {
+            lock(&slot.transport).write(offset, data);
+        }
+    }
+
+    /// `virtio_mmio.device=` arguments that declare the devices to the guest.
+    pub fn cmdline_args(&self) -> Vec<String> {
+        self.slots
+            .iter()
+            .map(|s| format!("virtio_mmio.device=4K@{:#x}:{}", s.base, s.irq))
+            .collect()
+    }
+
+    /// Stops every device's host-side work (worker threads), so guest memory
+    /// can be released afterwards.
+    pub fn shutdown(&self) {
+        for s in &self.slots {
+            lock(&s.transport).write(0x70, &0u32.to_le_bytes());
+        }
+    }
+}

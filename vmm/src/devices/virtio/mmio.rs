@@ -1,0 +1,410 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x, section 4.2). Every
+//! guest access is bounds- and state-checked: a driver that misbehaves gets
+//! ignored writes or a DEVICE_NEEDS_RESET status, never a host panic.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{status, ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Size of one device's MMIO window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// Offset of the queue notification register (the ioeventfd address).
+pub const QUEUE_NOTIFY: u64 = 0x50;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x4d56_5552; // "RUVM"
+const CONFIG_SPACE: u64 = 0x100;
+
+/// A device and its transport state.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    activated: bool,
+    config_generation: u32,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .field("activated", &self.activated)
+            .finish()
+    }
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `interrupt` is raised through the device's irqfd.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> std::io::Result<Self> {
+        let mut queues = Vec::new();
+        let mut queue_evts = Vec::new();
+        for &max in device.queue_max_sizes() {
+            queues.push(Queue::new(max).map_err(|e| std::io::Error::other(e.to_string()))?);
+            queue_evts.push(EventFd::new(libc::EFD_NONBLOCK)?);
+        }
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_evts,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            activated: false,
+            config_generation: 0,
+        })
+    }
+
+    /// Notification eventfds, one per queue, for KVM ioeventfds.
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The device's current status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.activated || self.status & status::FEATURES_OK == 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// A guest read at `offset` within the window.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        let q = self.queues.get(self.queue_sel as usize);
+        let value = match offset {
+            0x00 => MAGIC,
+            0x04 => VERSION,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR,
+            0x10 => {
+                let features = self.device.features() | VIRTIO_F_VERSION_1;
+                match self.device_features_sel {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            0x34 => q.map_or(0, |q| u32::from(q.max_size())),
+            0x44 => q.map_or(0, |q| u32::from(q.ready())),
+            0x60 => self.interrupt.status(),
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// A guest write at `offset` within the window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            if !self.activated || self.status & status::DRIVER_OK != 0 {
+                self.device.write_config(offset - CONFIG_SPACE, data);
+            }
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        let v = u32::from_le_bytes(bytes);
+        match offset {
+            0x14 => self.device_features_sel = v,
+            0x20 if self.status & status::FEATURES_OK == 0 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            0x24 => self.driver_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 => {
+                if let Some(q) = self.selected_queue() {
+                    // Queue::set_size ignores sizes that are not a power of
+                    // two or exceed the maximum; is_valid() rejects them later.
+                    q.set_size(v as u16);
+                }
+            }
+            0x44 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            QUEUE_NOTIFY => {
+                // Without an ioeventfd (or for a queue the fd does not match),
+                // the notification arrives here.
+                if let Some(evt) = self.queue_evts.get(v as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            0x64 => self.interrupt.ack(v),
+            0x70 => self.write_status(v),
+            0x80 => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            0x84 => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            0x90 => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            0x94 => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            0xa0 => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            0xa4 => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            _ => {}
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.selected_queue() {
+            f(q);
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // Bits only accumulate (except through reset).
+        if v & self.status != self.status {
+            return;
+        }
+        let new = v & !self.status;
+        if new & status::FEATURES_OK != 0 {
+            let offered = self.device.features() | VIRTIO_F_VERSION_1;
+            let ok = self.driver_features & !offered == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                // FEATURES_OK stays clear: the driver sees the refusal.
+                self.status = v & !status::FEATURES_OK;
+                return;
+            }
+        }
+        self.status = v;
+        if new & status::DRIVER_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let ready = self.status & status::FEATURES_OK != 0
+            && self
+                .queues
+                .iter()
+                .all(|q| !q.ready() || q.is_valid(&self.mem));
+        let evts: Result<Vec<EventFd>, _> = self.queue_evts.iter().map(|e| e.try_clone()).collect();
+        // The device gets its own copies; the transport keeps the registers'
+        // view for reads until the next reset.
+        let queues: Result<Vec<Queue>, _> = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect();
+        let started = match (ready, evts, queues) {
+            (true, Ok(queue_evts), Ok(queues)) => self
+                .device
+                .activate(ActivateContext {
+                    mem: self.mem.clone(),
+                    queues,
+                    queue_evts,
+                    interrupt: self.interrupt.clone(),
+                })
+                .is_ok(),
+            _ => false,
+        };
+        if started {
+            self.activated = true;
+        } else {
+            self.status |= status::DEVICE_NEEDS_RESET;
+            let _ = self.interrupt.trigger(super::INT_CONFIG);
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+        }
+        self.activated = false;
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.interrupt.ack(u32::MAX);
+        self.config_generation = self.config_generation.wrapping_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::rng::Rng;
+    use super::super::{EntropySource, INT_VRING};
+    use super::*;
+    use std::time::{Duration, Instant};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+    }
+
+    fn transport(m: &GuestMemoryMmap) -> (MmioTransport, Arc<Interrupt>) {
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let rng =
+            Rng::with_source(|| Ok(Box::new(std::io::repeat(0x42)) as Box<dyn EntropySource>));
+        let t = MmioTransport::new(Box::new(rng), m.clone(), irq.clone()).unwrap();
+        (t, irq)
+    }
+
+    fn r(t: &MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// Negotiates features and sets up queue 0 at the mock queue's rings.
+    fn bring_up(t: &mut MmioTransport, mq: &MockSplitQueue<'_, GuestMemoryMmap>) {
+        w(t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        w(t, 0x24, 1);
+        w(t, 0x20, 1); // VIRTIO_F_VERSION_1 (bit 32)
+        w(
+            t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_ne!(r(t, 0x70) & status::FEATURES_OK, 0);
+        w(t, 0x30, 0);
+        w(t, 0x38, 16);
+        for (lo, addr) in [
+            (0x80, mq.desc_table_addr()),
+            (0x90, mq.avail_addr()),
+            (0xa0, mq.used_addr()),
+        ] {
+            w(t, lo, addr.0 as u32);
+            w(t, lo + 4, (addr.0 >> 32) as u32);
+        }
+        w(t, 0x44, 1);
+    }
+
+    #[test]
+    fn identifies_as_a_virtio_1_rng() {
+        let m = mem();
+        let (t, _) = transport(&m);
+        assert_eq!(r(&t, 0x00), MAGIC);
+        assert_eq!(r(&t, 0x04), 2);
+        assert_eq!(r(&t, 0x08), super::super::TYPE_RNG);
+        assert_eq!(r(&t, 0x34), 256, "queue 0 max size");
+    }
+
+    #[test]
+    fn a_driver_that_negotiates_gets_its_buffers_filled() {
+        let m = mem();
+        let (mut t, irq) = transport(&m);
+        let mq = MockSplitQueue::new(&m, 16);
+        bring_up(&mut t, &mq);
+        w(&mut t, 0x70, 0xf & !status::FAILED);
+        assert_eq!(r(&t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+        let d = RawDescriptor::from(SplitDescriptor::new(0x10_0000, 8, 2, 0));
+        mq.add_desc_chains(&[d], 0).unwrap();
+        // What KVM's ioeventfd does on a write to QueueNotify.
+        w(&mut t, QUEUE_NOTIFY, 0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while irq.status() & INT_VRING == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(r(&t, 0x60) & INT_VRING, INT_VRING);
+        assert_eq!(
+            m.read_obj::<u64>(GuestAddress(0x10_0000)).unwrap(),
+            0x4242_4242_4242_4242
+        );
+        w(&mut t, 0x64, INT_VRING);
+        assert_eq!(r(&t, 0x60), 0);
+        w(&mut t, 0x70, 0);
+        assert_eq!(r(&t, 0x70), 0, "reset");
+    }
+
+    #[test]
+    fn unoffered_features_are_refused() {
+        let m = mem();
+        let (mut t, _) = transport(&m);
+        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        w(&mut t, 0x24, 0);
+        w(&mut t, 0x20, 1 << 5); // not offered
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1);
+        w(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_eq!(r(&t, 0x70) & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn driver_ok_with_a_broken_queue_asks_for_a_reset() {
+        let m = mem();
+        let (mut t, _) = transport(&m);
+        let mq = MockSplitQueue::new(&m, 16);
+        bring_up(&mut t, &mq);
+        // Move the descriptor table outside guest memory.
+        w(&mut t, 0x80, 0xfff0_0000);
+        w(&mut t, 0x70, 0xf & !status::FAILED);
+        assert_ne!(r(&t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn odd_accesses_and_status_regressions_are_ignored() {
+        let m = mem();
+        let (mut t, _) = transport(&m);
+        let mut two = [0xffu8; 2];
+        t.read(0x00, &mut two);
+        assert_eq!(two, [0, 0]);
+        t.write(0x70, &[1, 0]);
+        assert_eq!(r(&t, 0x70), 0);
+        w(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        w(&mut t, 0x70, status::ACKNOWLEDGE);
+        assert_eq!(r(&t, 0x70), status::ACKNOWLEDGE | status::DRIVER);
+        // Queue setup before FEATURES_OK, a bad queue index, a notify for a
+        // queue that does not exist: all ignored.
+        w(&mut t, 0x38, 8);
+        w(&mut t, 0x30, 7);
+        assert_eq!(r(&t, 0x34), 0);
+        w(&mut t, QUEUE_NOTIFY, 99);
+        w(&mut t, 0x7f0, 1);
+    }
+}

@@ -1,0 +1,133 @@
+//! Virtio 1.x devices over MMIO. A device implements [`VirtioDevice`]; the
+//! [`mmio::MmioTransport`] owns its registers, queues and notification
+//! eventfds and activates it once the guest driver is ready.
+
+pub mod mmio;
+pub mod rng;
+
+pub use rng::EntropySource;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use thiserror::Error;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// The device conforms to virtio 1.x (no legacy interface).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device type of virtio-rng.
+pub const TYPE_RNG: u32 = 4;
+
+/// Interrupt status bit: a queue has new used buffers.
+pub const INT_VRING: u32 = 1;
+/// Interrupt status bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// Device status bits (virtio 1.x, 2.1).
+pub mod status {
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready; the device may run.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from.
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    /// The guest gave up on the device.
+    pub const FAILED: u32 = 128;
+}
+
+/// The device side of a virtio interrupt: the MMIO interrupt status register
+/// and the irqfd KVM injects from.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised by writing `evt` (registered as an irqfd).
+    pub fn new(evt: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            evt,
+        }
+    }
+
+    /// Sets `why` in the status register and raises the interrupt.
+    pub fn trigger(&self, why: u32) -> io::Result<()> {
+        self.status.fetch_or(why, Ordering::AcqRel);
+        self.evt.write(1)
+    }
+
+    /// The interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// The guest acknowledges `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// The eventfd behind the interrupt.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+/// Why a device could not start.
+#[derive(Debug, Error)]
+pub enum ActivateError {
+    /// The driver set up a different number of queues than the device has.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// What the device needs.
+        expected: usize,
+        /// What it was given.
+        got: usize,
+    },
+    /// Host resources (threads, eventfds, back end) could not be set up.
+    #[error("starting the device")]
+    Io(#[source] io::Error),
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+#[derive(Debug)]
+pub struct ActivateContext {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queues as the driver configured them.
+    pub queues: Vec<Queue>,
+    /// One notification eventfd per queue (ioeventfd on the notify register).
+    pub queue_evts: Vec<EventFd>,
+    /// The device's interrupt.
+    pub interrupt: std::sync::Arc<Interrupt>,
+}
+
+/// A virtio device, independent of its transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device type.
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let _ = offset;
+        data.fill(0);
+    }
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
+    /// Starts processing the queues.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Stops processing and returns to the pre-activation state.
+    fn reset(&mut self);
+}
