@@ -178,6 +178,28 @@ run_direct() {
     return "$rc"
 }
 
+# The test host mounts fresh tmpfs on /tmp, /run and /var/tmp. Host paths the
+# command needs there (its cwd, absolute arguments, RUNVM_*/CARGO_* paths) are
+# listed, as their top directory below that mount, to be bound back in.
+keep_paths() {
+    local p var
+    {
+        printf '%s\n' "$PWD" "$@"
+        for var in $(compgen -e | grep -E '^(RUNVM_|CARGO_)' || true); do
+            printf '%s\n' "${!var}"
+        done
+    } | while IFS= read -r p; do
+        case "$p" in
+            /tmp/?*|/run/?*|/var/tmp/?*)
+                p=$(realpath -m "$p")
+                case "$p" in
+                    /var/tmp/*) echo "/var/tmp/$(echo "${p#/var/tmp/}" | cut -d/ -f1)" ;;
+                    /tmp/*|/run/*) echo "$p" | cut -d/ -f1-3 ;;
+                esac ;;
+        esac
+    done | sort -u
+}
+
 run_testhost() {
     local timeout=$1 mem=$2 smp=$3; shift 3
     command -v "$qemu" >/dev/null ||
@@ -208,6 +230,7 @@ run_testhost() {
         printf '\n'
     } >"$scratch/cmd.sh"
     mkdir "$scratch/work"
+    keep_paths "$@" >"$scratch/keep"
     : >"$scratch/stdout"
     : >"$scratch/stderr"
 
