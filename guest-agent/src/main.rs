@@ -21,9 +21,36 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if let [flag, path] = args.as_slice() {
+        if flag == "--serve-unix" {
+            return serve_unix(path);
+        }
+    }
     if std::process::id() != 1 {
         eprintln!("runvm-agent: must run as PID 1 inside a runvm guest (try --version)");
         return ExitCode::from(2);
     }
     init::run()
+}
+
+/// Development and test mode: serve host connections on a Unix socket, one
+/// at a time, as the agent will over vsock inside the guest.
+fn serve_unix(path: &str) -> ExitCode {
+    let listener = match std::os::unix::net::UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("runvm-agent: cannot listen on {path}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for conn in listener.incoming() {
+        let served = conn.and_then(|c| {
+            let out = c.try_clone()?;
+            runvm_agent::server::serve(c, out)
+        });
+        if let Err(e) = served {
+            eprintln!("runvm-agent: connection ended: {e}");
+        }
+    }
+    ExitCode::SUCCESS
 }

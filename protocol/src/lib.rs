@@ -6,8 +6,13 @@
 //! speaks something else before it reads a single payload byte.
 
 mod frame;
+mod message;
 
 pub use frame::{decode_header, encode_frame, read_frame, FrameError, FrameHeader, FrameKind};
+pub use message::{
+    encode_json, Event, MessageError, Op, Outcome, ProcessSpec, Request, Response, StreamChunk,
+    StreamId,
+};
 
 /// Version of the wire format; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u16 = 1;

@@ -1,0 +1,346 @@
+//! The agent core on the host: `runvm-agent --serve-unix` in a child process,
+//! driven over its socket exactly as the runtime will drive it over vsock.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use runvm_protocol::{
+    encode_frame, encode_json, read_frame, Event, FrameKind, Op, Outcome, ProcessSpec, Request,
+    Response, StreamChunk, StreamId,
+};
+
+struct Agent {
+    child: Child,
+    sock: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_runvm-agent"))
+        .arg("--serve-unix")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "agent socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Agent {
+        child,
+        sock,
+        _dir: dir,
+    }
+}
+
+#[derive(Default)]
+struct Client {
+    conn: Option<UnixStream>,
+    seq: u64,
+    out: HashMap<(u32, u8), Vec<u8>>,
+    exits: HashMap<u32, i32>,
+}
+
+impl Client {
+    fn connect(agent: &Agent) -> Self {
+        // The socket file appears at bind(), a moment before listen().
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let conn = loop {
+            match UnixStream::connect(&agent.sock) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("cannot connect to the agent: {e}"),
+            }
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        Client {
+            conn: Some(conn),
+            ..Default::default()
+        }
+    }
+
+    fn conn(&mut self) -> &mut UnixStream {
+        self.conn.as_mut().unwrap()
+    }
+
+    /// Reads one frame, stashing output and exits; returns responses.
+    fn next(&mut self) -> Option<Response> {
+        let (h, payload) = read_frame(self.conn()).unwrap().expect("agent hung up");
+        match h.kind {
+            FrameKind::Response => return Some(serde_json::from_slice(&payload).unwrap()),
+            FrameKind::Stream => {
+                let c = StreamChunk::decode(&payload).unwrap();
+                self.out
+                    .entry((c.handle, c.stream as u8))
+                    .or_default()
+                    .extend_from_slice(&c.data);
+            }
+            FrameKind::Event => {
+                let Event::Exited { handle, status } = serde_json::from_slice(&payload).unwrap();
+                self.exits.insert(handle, status);
+            }
+            k => panic!("unexpected frame {k:?}"),
+        }
+        None
+    }
+
+    fn call(&mut self, op: Op) -> Outcome {
+        self.seq += 1;
+        let seq = self.seq;
+        let frame = encode_json(FrameKind::Request, &Request { seq, op }).unwrap();
+        self.conn().write_all(&frame).unwrap();
+        loop {
+            if let Some(r) = self.next() {
+                assert_eq!(r.seq, seq);
+                return r.result;
+            }
+        }
+    }
+
+    fn run(&mut self, handle: u32, process: ProcessSpec) -> i32 {
+        assert_eq!(
+            self.call(Op::Create { handle, process }),
+            Outcome::Ok { pid: None }
+        );
+        let Outcome::Ok { pid: Some(_) } = self.call(Op::Start { handle }) else {
+            panic!("start failed")
+        };
+        self.wait(handle)
+    }
+
+    fn wait(&mut self, handle: u32) -> i32 {
+        while !self.exits.contains_key(&handle) {
+            self.next();
+        }
+        self.exits[&handle]
+    }
+
+    fn output(&self, handle: u32, stream: StreamId) -> String {
+        String::from_utf8_lossy(self.out.get(&(handle, stream as u8)).map_or(&[][..], |v| v))
+            .into_owned()
+    }
+
+    fn stdin(&mut self, handle: u32, data: &[u8]) {
+        let c = StreamChunk {
+            handle,
+            stream: StreamId::Stdin,
+            data: data.to_vec(),
+        };
+        let frame = c.encode().unwrap();
+        self.conn().write_all(&frame).unwrap();
+    }
+}
+
+fn sh(script: &str) -> ProcessSpec {
+    ProcessSpec {
+        args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        cwd: "/".into(),
+        uid: nix_uid(),
+        gid: nix_gid(),
+        terminal: false,
+    }
+}
+
+fn nix_uid() -> u32 {
+    status_field("Uid:")
+}
+
+fn nix_gid() -> u32 {
+    status_field("Gid:")
+}
+
+fn status_field(name: &str) -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn output_and_exit_codes_arrive() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    assert_eq!(c.run(1, sh("echo out; echo err >&2; exit 3")), 3);
+    assert_eq!(c.output(1, StreamId::Stdout), "out\n");
+    assert_eq!(c.output(1, StreamId::Stderr), "err\n");
+    assert_eq!(c.run(2, sh("true")), 0);
+    assert_eq!(c.run(3, sh("exit 1")), 1);
+    assert_eq!(c.run(4, sh("kill -9 $$")), 137);
+}
+
+#[test]
+fn env_and_cwd_apply() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    let mut p = sh("echo \"$GREETING\"; pwd");
+    p.env.push("GREETING=hello there".into());
+    p.cwd = "/usr".into();
+    assert_eq!(c.run(1, p), 0);
+    assert_eq!(c.output(1, StreamId::Stdout), "hello there\n/usr\n");
+}
+
+#[test]
+fn stdin_is_relayed_and_eof_reaches_the_process() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    c.call(Op::Create {
+        handle: 1,
+        process: sh("cat; echo done"),
+    });
+    c.call(Op::Start { handle: 1 });
+    c.stdin(1, b"line one\n");
+    c.stdin(1, b"line two\n");
+    c.stdin(1, b"");
+    assert_eq!(c.wait(1), 0);
+    assert_eq!(c.output(1, StreamId::Stdout), "line one\nline two\ndone\n");
+
+    c.call(Op::Create {
+        handle: 2,
+        process: sh("wc -c"),
+    });
+    c.call(Op::Start { handle: 2 });
+    c.stdin(2, b"12345");
+    assert_eq!(
+        c.call(Op::CloseStdin { handle: 2 }),
+        Outcome::Ok { pid: None }
+    );
+    assert_eq!(c.wait(2), 0);
+    assert_eq!(c.output(2, StreamId::Stdout).trim(), "5");
+}
+
+#[test]
+fn signals_reach_the_process() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    c.call(Op::Create {
+        handle: 1,
+        process: sh("exec sleep 100"),
+    });
+    c.call(Op::Start { handle: 1 });
+    assert_eq!(
+        c.call(Op::Signal {
+            handle: 1,
+            signal: 15
+        }),
+        Outcome::Ok { pid: None }
+    );
+    assert_eq!(c.wait(1), 143);
+    // One that ignores SIGTERM still dies of SIGKILL.
+    c.call(Op::Create {
+        handle: 2,
+        process: sh("trap '' TERM; echo armed; while true; do sleep 1; done"),
+    });
+    c.call(Op::Start { handle: 2 });
+    while !c.output(2, StreamId::Stdout).contains("armed") {
+        c.next();
+    }
+    c.call(Op::Signal {
+        handle: 2,
+        signal: 15,
+    });
+    c.call(Op::Signal {
+        handle: 2,
+        signal: 9,
+    });
+    assert_eq!(c.wait(2), 137);
+}
+
+#[test]
+fn large_output_arrives_intact_and_in_order() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    let t = Instant::now();
+    assert_eq!(c.run(1, sh("seq 1 2000000")), 0);
+    eprintln!("relayed in {:?}", t.elapsed());
+    let out = c.output(1, StreamId::Stdout);
+    let expected: String = (1..=2_000_000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(out.len(), expected.len());
+    assert!(out == expected, "output differs");
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_agent_keeps_serving() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    let is_err = |o: &Outcome| matches!(o, Outcome::Error { .. });
+    assert!(is_err(&c.call(Op::Start { handle: 9 })));
+    assert!(is_err(&c.call(Op::Signal {
+        handle: 9,
+        signal: 15
+    })));
+    let mut empty = sh("true");
+    empty.args.clear();
+    assert!(is_err(&c.call(Op::Create {
+        handle: 1,
+        process: empty
+    })));
+    let mut tty = sh("true");
+    tty.terminal = true;
+    assert!(is_err(&c.call(Op::Create {
+        handle: 1,
+        process: tty
+    })));
+    c.call(Op::Create {
+        handle: 2,
+        process: sh("true"),
+    });
+    assert!(is_err(&c.call(Op::Create {
+        handle: 2,
+        process: sh("true")
+    })));
+    let mut missing = sh("true");
+    missing.args = vec!["/nonexistent/binary".into()];
+    c.call(Op::Create {
+        handle: 3,
+        process: missing,
+    });
+    assert!(is_err(&c.call(Op::Start { handle: 3 })));
+
+    // Malformed JSON and unknown operations in well-formed frames.
+    for payload in [&b"{not json"[..], br#"{"seq":5,"op":"format_disk"}"#] {
+        let frame = encode_frame(FrameKind::Request, payload).unwrap();
+        c.conn().write_all(&frame).unwrap();
+        let r = loop {
+            if let Some(r) = c.next() {
+                break r;
+            }
+        };
+        assert!(is_err(&r.result), "{r:?}");
+    }
+    assert_eq!(c.call(Op::Ping), Outcome::Ok { pid: None });
+
+    // A frame announcing 4 GiB ends this connection, not the agent.
+    let mut huge = encode_frame(FrameKind::Request, b"").unwrap();
+    huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    c.conn().write_all(&huge).unwrap();
+    let r = loop {
+        if let Some(r) = c.next() {
+            break r;
+        }
+    };
+    assert!(is_err(&r.result));
+    assert!(read_frame(c.conn()).unwrap().is_none(), "connection closed");
+    let mut again = Client::connect(&a);
+    assert_eq!(again.call(Op::Ping), Outcome::Ok { pid: None });
+}

@@ -1,0 +1,279 @@
+//! Typed messages carried in frames. Requests, responses and events are JSON
+//! (small, debuggable, versioned by the frame header); process output and
+//! input travel as binary [`StreamChunk`]s so bulk data is never re-encoded.
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{encode_frame, FrameError, FrameKind};
+
+/// The process to run, as the host hands it over (a subset of the OCI
+/// `process` object that grows with the agent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// argv; the first element is resolved against PATH in `env`.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` entries.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory.
+    #[serde(default = "root_dir")]
+    pub cwd: String,
+    /// User ID.
+    #[serde(default)]
+    pub uid: u32,
+    /// Group ID.
+    #[serde(default)]
+    pub gid: u32,
+    /// Allocate a terminal (stdout and stderr are then one stream).
+    #[serde(default)]
+    pub terminal: bool,
+}
+
+fn root_dir() -> String {
+    "/".into()
+}
+
+/// What the host asks of the agent. `seq` pairs each request with its response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the host; echoed in the response.
+    pub seq: u64,
+    /// The operation.
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// Operations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Prepare a process; it starts on [`Op::Start`].
+    Create {
+        /// Handle the host uses for it from now on (stream frames carry it).
+        handle: u32,
+        /// What to run.
+        process: ProcessSpec,
+    },
+    /// Start a created process.
+    Start {
+        /// Its handle.
+        handle: u32,
+    },
+    /// Send a signal to a running process.
+    Signal {
+        /// Its handle.
+        handle: u32,
+        /// Signal number.
+        signal: i32,
+    },
+    /// Close the process's stdin (EOF reaches it).
+    CloseStdin {
+        /// Its handle.
+        handle: u32,
+    },
+    /// Check the agent is alive.
+    Ping,
+}
+
+/// The agent's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The request's `seq`.
+    pub seq: u64,
+    /// How it went.
+    #[serde(flatten)]
+    pub result: Outcome,
+}
+
+/// Outcome of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Done; `pid` is set for `start`.
+    Ok {
+        /// The started process's PID in the guest.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<i32>,
+    },
+    /// Refused or failed.
+    Error {
+        /// Why, for a person.
+        message: String,
+    },
+}
+
+/// Something the agent reports unasked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A process ended; its output streams have been flushed before this.
+    Exited {
+        /// Its handle.
+        handle: u32,
+        /// Exit code, or 128 + signal number, as a shell reports it.
+        status: i32,
+    },
+}
+
+/// Which standard stream a chunk belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamId {
+    /// Host to process.
+    Stdin = 0,
+    /// Process to host.
+    Stdout = 1,
+    /// Process to host.
+    Stderr = 2,
+}
+
+/// Bytes of one process stream. An empty chunk means end of stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamChunk {
+    /// The process.
+    pub handle: u32,
+    /// The stream.
+    pub stream: StreamId,
+    /// The bytes; empty for EOF.
+    pub data: Vec<u8>,
+}
+
+/// Why a payload does not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    /// Not valid JSON for the expected type.
+    #[error("malformed message")]
+    Json(#[from] serde_json::Error),
+    /// A stream chunk shorter than its header or with an unknown stream.
+    #[error("malformed stream chunk")]
+    BadChunk,
+    /// The frame could not be built.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+const CHUNK_HEADER: usize = 5;
+
+impl StreamChunk {
+    /// Largest data that fits one frame.
+    pub const MAX_DATA: usize = crate::MAX_PAYLOAD as usize - CHUNK_HEADER;
+
+    /// Payload layout: handle u32 LE | stream u8 | data.
+    pub fn encode(&self) -> Result<Vec<u8>, MessageError> {
+        let mut payload = Vec::with_capacity(CHUNK_HEADER + self.data.len());
+        payload.extend_from_slice(&self.handle.to_le_bytes());
+        payload.push(self.stream as u8);
+        payload.extend_from_slice(&self.data);
+        Ok(encode_frame(FrameKind::Stream, &payload)?)
+    }
+
+    /// Decodes a stream frame's payload.
+    pub fn decode(payload: &[u8]) -> Result<Self, MessageError> {
+        if payload.len() < CHUNK_HEADER {
+            return Err(MessageError::BadChunk);
+        }
+        let handle = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        let stream = match payload[4] {
+            0 => StreamId::Stdin,
+            1 => StreamId::Stdout,
+            2 => StreamId::Stderr,
+            _ => return Err(MessageError::BadChunk),
+        };
+        Ok(StreamChunk {
+            handle,
+            stream,
+            data: payload[CHUNK_HEADER..].to_vec(),
+        })
+    }
+}
+
+/// Encodes a JSON message as a frame of `kind`.
+pub fn encode_json<T: Serialize>(kind: FrameKind, msg: &T) -> Result<Vec<u8>, MessageError> {
+    Ok(encode_frame(kind, &serde_json::to_vec(msg)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_json_pins_the_message_format() {
+        let req = Request {
+            seq: 7,
+            op: Op::Create {
+                handle: 1,
+                process: ProcessSpec {
+                    args: vec!["sh".into()],
+                    env: vec![],
+                    cwd: "/".into(),
+                    uid: 0,
+                    gid: 0,
+                    terminal: false,
+                },
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"seq":7,"op":"create","handle":1,"process":{"args":["sh"],"env":[],"cwd":"/","uid":0,"gid":0,"terminal":false}}"#
+        );
+        let resp = Response {
+            seq: 7,
+            result: Outcome::Ok { pid: Some(42) },
+        };
+        assert_eq!(
+            serde_json::to_string(&resp).unwrap(),
+            r#"{"seq":7,"result":"ok","pid":42}"#
+        );
+        let ev = Event::Exited {
+            handle: 1,
+            status: 137,
+        };
+        assert_eq!(
+            serde_json::to_string(&ev).unwrap(),
+            r#"{"event":"exited","handle":1,"status":137}"#
+        );
+    }
+
+    #[test]
+    fn defaults_fill_in_optional_process_fields() {
+        let req: Request = serde_json::from_str(
+            r#"{"seq":1,"op":"create","handle":3,"process":{"args":["true"]}}"#,
+        )
+        .unwrap();
+        let Op::Create { process, .. } = req.op else {
+            panic!("not a create")
+        };
+        assert_eq!(process.cwd, "/");
+        assert!(!process.terminal);
+    }
+
+    #[test]
+    fn unknown_ops_and_fields_are_errors_not_panics() {
+        assert!(serde_json::from_str::<Request>(r#"{"seq":1,"op":"format_disk"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(
+            r#"{"seq":1,"op":"create","handle":1,"process":{"args":[],"evil":1}}"#
+        )
+        .is_err());
+        assert!(serde_json::from_slice::<Request>(b"\xff\xfe").is_err());
+    }
+
+    #[test]
+    fn stream_chunks_round_trip_and_reject_garbage() {
+        let c = StreamChunk {
+            handle: 9,
+            stream: StreamId::Stderr,
+            data: b"oops".to_vec(),
+        };
+        let frame = c.encode().unwrap();
+        assert_eq!(&frame[crate::HEADER_LEN..][..5], &[9, 0, 0, 0, 2]);
+        assert_eq!(StreamChunk::decode(&frame[crate::HEADER_LEN..]).unwrap(), c);
+        assert!(matches!(
+            StreamChunk::decode(&[1, 0, 0]),
+            Err(MessageError::BadChunk)
+        ));
+        assert!(matches!(
+            StreamChunk::decode(&[1, 0, 0, 0, 9]),
+            Err(MessageError::BadChunk)
+        ));
+    }
+}
