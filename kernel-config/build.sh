@@ -7,6 +7,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=../scripts/apt-install.sh
+. "$here/../scripts/apt-install.sh"
 fragments_dir="$here/fragments"
 default_source=/usr/src/linux-source-6.12.tar.xz
 source_path=""
@@ -42,14 +44,6 @@ while [ $# -gt 0 ]; do
 done
 [[ "$jobs" =~ ^[1-9][0-9]*$ ]] || die "--jobs must be a positive number, got '$jobs'"
 
-apt_install() {
-    [ "$(id -u)" = 0 ] || die "missing $*; install them as root (apt-get install $*)"
-    command -v apt-get >/dev/null || die "missing $* and no apt-get to install them"
-    log "installing $*"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 ||
-        { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2; } ||
-        die "could not install $*"
-}
 
 if [ -z "$source_path" ]; then
     source_path=$default_source
@@ -67,6 +61,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${pkgs[@]}"
 fi
 
+# Bump when a change to the build steps below changes the output; edits that
+# do not (comments, messages) must not force a 9-minute rebuild.
+recipe=1
+
 # The key covers every input that changes the output.
 if [ -d "$source_path" ]; then
     [ -f "$source_path/Makefile" ] || die "'$source_path' is not a kernel source tree (no Makefile)"
@@ -79,7 +77,7 @@ fi
 shopt -s nullglob
 fragments=("$fragments_dir"/*.conf)
 [ ${#fragments[@]} -gt 0 ] || die "no fragments in $fragments_dir"
-key=$( { echo "$src_id"; cat "${fragments[@]}"; cat "$0"; } | sha256sum | cut -c1-16)
+key=$( { echo "recipe $recipe"; echo "$src_id"; cat "${fragments[@]}"; } | sha256sum | cut -c1-16)
 out="$cache_dir/$key"
 
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ] && [ -f "$out/config" ]; then

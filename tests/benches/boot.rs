@@ -181,11 +181,23 @@ fn main() {
         kernel.display()
     );
     let mut samples: [Vec<Sample>; 4] = Default::default();
-    for _ in 0..runs {
-        samples[0].push(measure(runvm(&kernel, &initrd, 128)));
-        samples[1].push(measure(qemu(&kernel, &initrd, 128)));
-        samples[2].push(measure(runvm(&kernel, &initrd, 2048)));
-        samples[3].push(measure(qemu(&kernel, &initrd, 2048)));
+    const CONFIGS: [(&str, bool, u64); 4] = [
+        ("runvm-vmm 128 MiB", true, 128),
+        ("qemu microvm 128 MiB", false, 128),
+        ("runvm-vmm 2 GiB", true, 2048),
+        ("qemu microvm 2 GiB", false, 2048),
+    ];
+    for run in 1..=runs {
+        for (i, (name, is_runvm, mem)) in CONFIGS.iter().enumerate() {
+            let cmd = if *is_runvm {
+                runvm(&kernel, &initrd, *mem)
+            } else {
+                qemu(&kernel, &initrd, *mem)
+            };
+            let s = measure(cmd);
+            eprintln!("run {run}/{runs} {name}: {:.0} ms", s.boot_ms);
+            samples[i].push(s);
+        }
     }
     let small = report("runvm-vmm 128 MiB", &samples[0]);
     let qemu_small = report("qemu microvm 128 MiB", &samples[1]);

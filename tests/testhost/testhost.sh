@@ -11,6 +11,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=../../scripts/apt-install.sh
+. "$here/../../scripts/apt-install.sh"
 cache_root="${RUNVM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runvm}/testhost"
 # Loaded in this order after their dependencies (resolved from modules.dep).
 qemu=${RUNVM_QEMU:-qemu-system-x86_64}
@@ -53,14 +55,6 @@ mode() {
     esac
 }
 
-apt_install() {
-    [ "$(id -u)" = 0 ] || die "missing $*; install them as root: apt-get install $*"
-    command -v apt-get >/dev/null || die "missing $* and no apt-get to install them"
-    log "installing $*"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 ||
-        { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2; } ||
-        die "could not install $*"
-}
 
 host_kernel_package() {
     local dep
