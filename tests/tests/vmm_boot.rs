@@ -138,7 +138,7 @@ kvm_test!(
         let initrd = dir.path().join("initramfs.cpio");
         write_busybox_initramfs(
             &initrd,
-            "echo hanging-forever\nwhile true; do sleep 1; done",
+            "echo hanging-forever\nwhile true; do /bin/busybox sleep 1; done",
         );
         let mut cmd = vmm("vmlinux", &initrd, 2, 128, "quiet");
         cmd.args(["--boot-timeout", "25"]);
