@@ -161,7 +161,7 @@ fn main() {
     if kvm::place() == KvmPlace::TestHost {
         let exe = std::env::current_exe().expect("bench executable");
         let status = Command::new(kvm::testhost_script())
-            .args(["run", "--timeout", "3000", "--"])
+            .args(["run", "--timeout", "1200", "--"])
             .arg(exe)
             .envs(runvm_tests::artifacts::env_for_children())
             .status()

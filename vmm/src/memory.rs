@@ -5,9 +5,8 @@
 //! with 2 MiB pages only where host and guest addresses agree modulo 2 MiB and
 //! the host backs the page with a huge page (shmem THP, `shmem_enabled` of
 //! `always`/`within_size`). The VMM does not ask for huge pages itself
-//! (MADV_HUGEPAGE): in the nested TCG test host that made guests triple-fault
-//! in 1 of 4 runs and once hung the test host, and it is not yet validated on
-//! real hardware.
+//! (MADV_HUGEPAGE) until that is validated on real hardware: in the nested TCG
+//! test host a busy guest on THP-backed RAM triple-faulted in 1 of 4 runs.
 
 use std::fs::File;
 use std::io;
