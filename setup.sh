@@ -49,5 +49,6 @@ fi
 [ "$run_job" = 1 ] || exit 0
 log "main job: boot the runvm guest kernel in a runvm-vmm micro-VM (KVM) to the runvm agent"
 # The test routes itself into the test host when this machine needs one.
-cargo test --quiet -p runvm-tests --test smoke -- --nocapture 2>&1 |
-    grep -E 'RUNVM_AGENT_READY|test result' | tail -n 2
+out=$(cargo test --quiet -p runvm-tests --test smoke -- --nocapture 2>&1) ||
+    { echo "$out" >&2; die "the micro-VM did not boot (output above)"; }
+echo "$out" | grep -m1 -o 'runvm-vmm spawn to agent ready.*'
