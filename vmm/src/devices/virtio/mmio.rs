@@ -388,6 +388,35 @@ mod tests {
     }
 
     #[test]
+    fn random_register_traffic_never_panics() {
+        let m = mem();
+        let mut rng = super::super::rng::tests::XorShift(0x2545_f491_4f6c_dd1d);
+        for _ in 0..200 {
+            let (mut t, _) = transport(&m);
+            for _ in 0..100 {
+                let offset = if rng.next() % 4 == 0 {
+                    rng.next() % 0x2000
+                } else {
+                    (rng.next() % 0x40) * 4
+                };
+                let len = [1usize, 2, 4, 8][(rng.next() % 4) as usize];
+                let value = match rng.next() % 3 {
+                    0 => rng.next() % 16,
+                    1 => rng.next() % 0x1_0000,
+                    _ => rng.next(),
+                };
+                let mut bytes = value.to_le_bytes()[..len].to_vec();
+                if rng.next() % 2 == 0 {
+                    t.write(offset, &bytes);
+                } else {
+                    t.read(offset, &mut bytes);
+                }
+            }
+            // Dropping the transport stops any worker the traffic started.
+        }
+    }
+
+    #[test]
     fn odd_accesses_and_status_regressions_are_ignored() {
         let m = mem();
         let (mut t, _) = transport(&m);
