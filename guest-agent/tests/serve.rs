@@ -153,17 +153,17 @@ fn sh(script: &str) -> ProcessSpec {
         args: vec!["/bin/sh".into(), "-c".into(), script.into()],
         env: vec!["PATH=/usr/bin:/bin".into()],
         cwd: "/".into(),
-        uid: nix_uid(),
-        gid: nix_gid(),
+        uid: current_uid(),
+        gid: current_gid(),
         terminal: false,
     }
 }
 
-fn nix_uid() -> u32 {
+fn current_uid() -> u32 {
     status_field("Uid:")
 }
 
-fn nix_gid() -> u32 {
+fn current_gid() -> u32 {
     status_field("Gid:")
 }
 
