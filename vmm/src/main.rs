@@ -74,8 +74,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         cmdline: args.cmdline,
         rng: args.rng,
     };
-    let limits = vm::host_limits()?;
-    let resources = VmResources::validate(&config, limits)?;
+    let kvm = vm::open_kvm()?;
+    let resources = VmResources::validate(&config, vm::host_limits(&kvm))?;
     let opts = RunOptions {
         console: console(&args.console)?,
         console_input: if args.console_input {
@@ -103,7 +103,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }) as vm::StartedHook
         }),
     };
-    let reason = vm::run(&resources, opts)?;
+    let reason = vm::run(&kvm, &resources, opts)?;
     eprintln!("runvm-vmm: {reason}");
     Ok(ExitCode::from(reason.exit_code()))
 }

@@ -118,9 +118,13 @@ impl std::fmt::Debug for RunOptions {
     }
 }
 
+/// Opens /dev/kvm once for both [`host_limits`] and [`run`].
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(VmError::OpenKvm)
+}
+
 /// Limits of this host for [`VmResources::validate`].
-pub fn host_limits() -> Result<HostLimits, VmError> {
-    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+pub fn host_limits(kvm: &Kvm) -> HostLimits {
     let max_vcpus = (kvm.get_max_vcpus() as u32).min(mptable::MAX_CPUS);
     let max_mem_mib = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -131,17 +135,16 @@ pub fn host_limits() -> Result<HostLimits, VmError> {
         })
         .map(|kib| kib / 1024)
         .unwrap_or(u64::MAX);
-    Ok(HostLimits {
+    HostLimits {
         max_vcpus,
         max_mem_mib,
-    })
+    }
 }
 
 /// Boots `res` and blocks until the VM ends.
-pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
+pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
     let mut times = BuildTimes::default();
     let mut since = Instant::now();
-    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let vm = kvm
         .create_vm()
         .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
@@ -195,12 +198,21 @@ pub fn run(res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
-        let (bus, mmio, exit, stop) = (bus.clone(), mmio.clone(), exit.clone(), stop.clone());
-        let t = thread::Builder::new()
+        let (t_bus, t_mmio, t_exit, t_stop) =
+            (bus.clone(), mmio.clone(), exit.clone(), stop.clone());
+        let spawned = thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu_loop(vcpu, &bus, &mmio, &exit, &stop))
-            .map_err(|e| VmError::Io("spawning a vCPU thread", e))?;
-        threads.push(t);
+            .spawn(move || vcpu_loop(vcpu, &t_bus, &t_mmio, &t_exit, &t_stop));
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // vCPUs already running may have started devices: stop both
+                // before guest RAM goes away with this function.
+                stop_vcpus(&stop, threads);
+                mmio.shutdown();
+                return Err(VmError::Io("spawning a vCPU thread", e));
+            }
+        }
     }
     times.mark("vcpus", &mut since);
     if let Some(report) = opts.on_started {

@@ -62,7 +62,7 @@ impl MmioBus {
     /// can be released afterwards.
     pub fn shutdown(&self) {
         for s in &self.slots {
-            lock(&s.transport).write(0x70, &0u32.to_le_bytes());
+            lock(&s.transport).shutdown();
         }
     }
 }

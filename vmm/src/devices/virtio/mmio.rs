@@ -247,6 +247,12 @@ impl MmioTransport {
         }
     }
 
+    /// Stops the device's host-side work and returns it to its initial
+    /// state, as a guest's reset would.
+    pub fn shutdown(&mut self) {
+        self.reset();
+    }
+
     fn reset(&mut self) {
         if self.activated {
             self.device.reset();
