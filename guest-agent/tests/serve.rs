@@ -101,20 +101,27 @@ impl Client {
         None
     }
 
+    /// Reads frames until the next response.
+    fn response(&mut self) -> Response {
+        loop {
+            if let Some(r) = self.next() {
+                return r;
+            }
+        }
+    }
+
     fn call(&mut self, op: Op) -> Outcome {
         self.seq += 1;
         let seq = self.seq;
         let frame = encode_json(FrameKind::Request, &Request { seq, op }).unwrap();
         self.conn().write_all(&frame).unwrap();
-        loop {
-            if let Some(r) = self.next() {
-                assert_eq!(r.seq, seq);
-                return r.result;
-            }
-        }
+        let r = self.response();
+        assert_eq!(r.seq, seq);
+        r.result
     }
 
-    fn run(&mut self, handle: u32, process: ProcessSpec) -> i32 {
+    /// Creates and starts a process.
+    fn spawn(&mut self, handle: u32, process: ProcessSpec) {
         assert_eq!(
             self.call(Op::Create { handle, process }),
             Outcome::Ok { pid: None }
@@ -122,6 +129,10 @@ impl Client {
         let Outcome::Ok { pid: Some(_) } = self.call(Op::Start { handle }) else {
             panic!("start failed")
         };
+    }
+
+    fn run(&mut self, handle: u32, process: ProcessSpec) -> i32 {
+        self.spawn(handle, process);
         self.wait(handle)
     }
 
@@ -204,22 +215,14 @@ fn env_and_cwd_apply() {
 fn stdin_is_relayed_and_eof_reaches_the_process() {
     let a = agent();
     let mut c = Client::connect(&a);
-    c.call(Op::Create {
-        handle: 1,
-        process: sh("cat; echo done"),
-    });
-    c.call(Op::Start { handle: 1 });
+    c.spawn(1, sh("cat; echo done"));
     c.stdin(1, b"line one\n");
     c.stdin(1, b"line two\n");
     c.stdin(1, b"");
     assert_eq!(c.wait(1), 0);
     assert_eq!(c.output(1, StreamId::Stdout), "line one\nline two\ndone\n");
 
-    c.call(Op::Create {
-        handle: 2,
-        process: sh("wc -c"),
-    });
-    c.call(Op::Start { handle: 2 });
+    c.spawn(2, sh("wc -c"));
     c.stdin(2, b"12345");
     assert_eq!(
         c.call(Op::CloseStdin { handle: 2 }),
@@ -233,11 +236,7 @@ fn stdin_is_relayed_and_eof_reaches_the_process() {
 fn signals_reach_the_process() {
     let a = agent();
     let mut c = Client::connect(&a);
-    c.call(Op::Create {
-        handle: 1,
-        process: sh("exec sleep 100"),
-    });
-    c.call(Op::Start { handle: 1 });
+    c.spawn(1, sh("exec sleep 100"));
     assert_eq!(
         c.call(Op::Signal {
             handle: 1,
@@ -247,11 +246,10 @@ fn signals_reach_the_process() {
     );
     assert_eq!(c.wait(1), 143);
     // One that ignores SIGTERM still dies of SIGKILL.
-    c.call(Op::Create {
-        handle: 2,
-        process: sh("trap '' TERM; echo armed; while true; do sleep 1; done"),
-    });
-    c.call(Op::Start { handle: 2 });
+    c.spawn(
+        2,
+        sh("trap '' TERM; echo armed; while true; do sleep 1; done"),
+    );
     while !c.output(2, StreamId::Stdout).contains("armed") {
         c.next();
     }
@@ -321,11 +319,7 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
     for payload in [&b"{not json"[..], br#"{"seq":5,"op":"format_disk"}"#] {
         let frame = encode_frame(FrameKind::Request, payload).unwrap();
         c.conn().write_all(&frame).unwrap();
-        let r = loop {
-            if let Some(r) = c.next() {
-                break r;
-            }
-        };
+        let r = c.response();
         assert!(is_err(&r.result), "{r:?}");
     }
     assert_eq!(c.call(Op::Ping), Outcome::Ok { pid: None });
@@ -334,11 +328,7 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
     let mut huge = encode_frame(FrameKind::Request, b"").unwrap();
     huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
     c.conn().write_all(&huge).unwrap();
-    let r = loop {
-        if let Some(r) = c.next() {
-            break r;
-        }
-    };
+    let r = c.response();
     assert!(is_err(&r.result));
     assert!(read_frame(c.conn()).unwrap().is_none(), "connection closed");
     let mut again = Client::connect(&a);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use runvm_tests::artifacts::{guest_kernel_dir, vmm_binary, write_agent_initramfs};
+use runvm_tests::artifacts::{guest_kernel_dir, vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
 use runvm_tests::kvm::{self, KvmPlace};
 
@@ -74,9 +74,8 @@ fn measure(cmd: Command) -> Sample {
     }
 }
 
-fn runvm(kernel: &Path, initrd: &Path, mem_mib: u64) -> Command {
-    let mut c = Command::new(vmm_binary());
-    c.arg("--kernel").arg(kernel).arg("--initramfs").arg(initrd);
+fn runvm(initrd: &Initrd, mem_mib: u64) -> Command {
+    let mut c = vmm_command("vmlinux", initrd);
     c.args(["--mem-mib", &mem_mib.to_string(), "--cmdline", "quiet"]);
     c.args(["--boot-timeout", "120", "--report-timing"]);
     c
@@ -160,10 +159,7 @@ fn main() {
     }
     if kvm::place() == KvmPlace::TestHost {
         let exe = std::env::current_exe().expect("bench executable");
-        let status = Command::new(kvm::testhost_script())
-            .args(["run", "--timeout", "1200", "--"])
-            .arg(exe)
-            .envs(runvm_tests::artifacts::env_for_children())
+        let status = kvm::testhost_run(&exe, "1200")
             .status()
             .expect("run the test host");
         std::process::exit(status.code().unwrap_or(1));
@@ -172,9 +168,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let initrd = dir.path().join("initramfs.cpio");
-    write_agent_initramfs(&initrd);
+    let initrd = Initrd::agent();
     let kernel = guest_kernel_dir().join("vmlinux");
     println!(
         "boot benchmark: {runs} runs each, interleaved, kernel {}",
@@ -190,9 +184,9 @@ fn main() {
     for run in 1..=runs {
         for (i, (name, is_runvm, mem)) in CONFIGS.iter().enumerate() {
             let cmd = if *is_runvm {
-                runvm(&kernel, &initrd, *mem)
+                runvm(&initrd, *mem)
             } else {
-                qemu(&kernel, &initrd, *mem)
+                qemu(&kernel, &initrd.path, *mem)
             };
             let s = measure(cmd);
             eprintln!("run {run}/{runs} {name}: {:.0} ms", s.boot_ms);

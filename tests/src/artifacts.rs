@@ -66,8 +66,35 @@ fn base_initramfs() -> Initramfs {
     ar
 }
 
+/// A guest initramfs in a temporary directory that goes away with it.
+#[derive(Debug)]
+pub struct Initrd {
+    _dir: tempfile::TempDir,
+    /// The cpio archive.
+    pub path: PathBuf,
+}
+
+impl Initrd {
+    fn build(write: impl FnOnce(&Path)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir for the initramfs");
+        let path = dir.path().join("initramfs.cpio");
+        write(&path);
+        Initrd { _dir: dir, path }
+    }
+
+    /// /init is the agent.
+    pub fn agent() -> Self {
+        Self::build(write_agent_initramfs)
+    }
+
+    /// /init is `script`, run by Debian's static busybox.
+    pub fn busybox(script: &str) -> Self {
+        Self::build(|p| write_busybox_initramfs(p, script))
+    }
+}
+
 /// Writes an initramfs whose /init is the agent to `dest`.
-pub fn write_agent_initramfs(dest: &Path) {
+fn write_agent_initramfs(dest: &Path) {
     let agent = std::fs::read(agent_binary()).expect("read the agent binary");
     let mut ar = base_initramfs();
     ar.file("init", 0o755, agent).expect("initramfs entries");
@@ -76,7 +103,7 @@ pub fn write_agent_initramfs(dest: &Path) {
 
 /// Writes an initramfs whose /init is `script`, run by Debian's static
 /// busybox (package busybox-static), for guests that must misbehave on purpose.
-pub fn write_busybox_initramfs(dest: &Path, script: &str) {
+fn write_busybox_initramfs(dest: &Path, script: &str) {
     let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox (busybox-static)");
     let mut ar = base_initramfs();
     ar.dir("bin", 0o755)
@@ -91,6 +118,16 @@ pub fn write_busybox_initramfs(dest: &Path, script: &str) {
         })
         .expect("initramfs entries");
     std::fs::write(dest, ar.to_bytes().expect("initramfs bytes")).expect("write initramfs");
+}
+
+/// `runvm-vmm` booting `kernel` (a file of [`guest_kernel_dir`]) with `initrd`.
+pub fn vmm_command(kernel: &str, initrd: &Initrd) -> Command {
+    let mut cmd = Command::new(vmm_binary());
+    cmd.arg("--kernel")
+        .arg(guest_kernel_dir().join(kernel))
+        .arg("--initramfs")
+        .arg(&initrd.path);
+    cmd
 }
 
 /// The `runvm-vmm` binary cargo built next to this test.

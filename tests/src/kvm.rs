@@ -14,35 +14,35 @@ pub enum KvmPlace {
     TestHost,
 }
 
-/// Real hardware virtualization, not PVM: only then does /dev/kvm boot Linux.
-fn native_kvm() -> bool {
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
-    let hw = std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| {
-            c.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-        })
-        .unwrap_or(false);
-    usable && !pvm && hw
-}
-
-/// Decides as `testhost.sh mode` does, honouring `RUNVM_TESTHOST`.
+/// `testhost.sh mode` decides (one definition of "KVM that boots Linux",
+/// honouring `RUNVM_TESTHOST`). Inside the test host the answer is always
+/// native, whatever `RUNVM_TESTHOST` says, or tests would recurse.
 pub fn place() -> KvmPlace {
     if std::env::var_os("RUNVM_IN_TESTHOST").is_some() {
         return KvmPlace::Native;
     }
-    match std::env::var("RUNVM_TESTHOST").as_deref() {
-        Ok("always") => KvmPlace::TestHost,
-        Ok("never") => KvmPlace::Native,
-        _ if native_kvm() => KvmPlace::Native,
-        _ => KvmPlace::TestHost,
+    let out = Command::new(testhost_script())
+        .arg("mode")
+        .output()
+        .expect("run tests/testhost/testhost.sh mode");
+    match String::from_utf8_lossy(&out.stdout).trim() {
+        "native" if out.status.success() => KvmPlace::Native,
+        "testhost" if out.status.success() => KvmPlace::TestHost,
+        _ => panic!(
+            "testhost.sh mode failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
     }
+}
+
+/// `testhost.sh run` for `program`, with the artifacts built out here handed
+/// to it: the test host sees them read-only at the same paths.
+pub fn testhost_run(program: &std::path::Path, timeout_s: &str) -> Command {
+    let mut cmd = Command::new(testhost_script());
+    cmd.args(["run", "--timeout", timeout_s, "--"])
+        .arg(program)
+        .envs(artifacts::env_for_children());
+    cmd
 }
 
 /// The test host runner script.
@@ -63,16 +63,10 @@ pub fn run_here_or_in_testhost(path: &str) -> bool {
         return true;
     }
     let name = libtest_name(path);
-    // Build what the guest needs out here, where cargo and the caches are
-    // writable; the test host sees the results read-only at the same paths.
-    let env = artifacts::env_for_children();
     let exe = std::env::current_exe().expect("current test executable");
     let timeout = std::env::var("RUNVM_TESTHOST_TIMEOUT").unwrap_or_else(|_| "1200".into());
-    let out = Command::new(testhost_script())
-        .args(["run", "--timeout", &timeout, "--"])
-        .arg(&exe)
+    let out = testhost_run(&exe, &timeout)
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .envs(env)
         .output()
         .expect("spawn tests/testhost/testhost.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);

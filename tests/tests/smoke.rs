@@ -1,24 +1,17 @@
 //! The chain every later test stands on: the project's guest kernel boots
 //! under KVM, in runvm's own VMM, to the project's agent as init.
 
-use std::process::Command;
 use std::time::Duration;
 
-use runvm_tests::artifacts::{guest_kernel_dir, vmm_binary, write_agent_initramfs};
+use runvm_tests::artifacts::{vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
 use runvm_tests::kvm_test;
 
 kvm_test!(
     fn guest_kernel_boots_to_the_agent_in_runvm_vmm() {
-        let dir = tempfile::tempdir().unwrap();
-        let initrd = dir.path().join("initramfs.cpio");
-        write_agent_initramfs(&initrd);
-        let mut cmd = Command::new(vmm_binary());
-        cmd.arg("--kernel")
-            .arg(guest_kernel_dir().join("vmlinux"))
-            .arg("--initramfs")
-            .arg(&initrd)
-            .args(["--boot-timeout", "150", "--cmdline", "quiet"]);
+        let initrd = Initrd::agent();
+        let mut cmd = vmm_command("vmlinux", &initrd);
+        cmd.args(["--boot-timeout", "150", "--cmdline", "quiet"]);
         let mut guest = GuestProcess::spawn(cmd);
         let ready = guest.wait_for("RUNVM_AGENT_READY", Duration::from_secs(180));
         let run = guest.finish(Duration::from_secs(30));

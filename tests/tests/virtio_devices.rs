@@ -1,18 +1,14 @@
 //! Virtio devices seen from inside a real guest.
 
-use std::process::Command;
 use std::time::Duration;
 
-use runvm_tests::artifacts::{guest_kernel_dir, vmm_binary, write_busybox_initramfs};
+use runvm_tests::artifacts::{vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
 use runvm_tests::kvm_test;
 
 kvm_test!(
     fn the_guest_reads_entropy_from_virtio_rng() {
-        let dir = tempfile::tempdir().unwrap();
-        let initrd = dir.path().join("initramfs.cpio");
-        write_busybox_initramfs(
-            &initrd,
+        let initrd = Initrd::busybox(
             "bb=/bin/busybox\n\
              $bb mount -t sysfs sys /sys\n\
              $bb mount -t devtmpfs dev /dev\n\
@@ -20,12 +16,8 @@ kvm_test!(
              echo \"HEX[$($bb head -c 32 /dev/hwrng | $bb od -An -tx1 | $bb tr -d ' \\n')]\"\n\
              $bb reboot -f",
         );
-        let mut cmd = Command::new(vmm_binary());
-        cmd.arg("--kernel")
-            .arg(guest_kernel_dir().join("vmlinux"))
-            .arg("--initramfs")
-            .arg(&initrd)
-            .args(["--rng", "--boot-timeout", "150", "--cmdline", "quiet"]);
+        let mut cmd = vmm_command("vmlinux", &initrd);
+        cmd.args(["--rng", "--boot-timeout", "150", "--cmdline", "quiet"]);
         let run = GuestProcess::spawn(cmd).finish(Duration::from_secs(180));
         assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{}", run.output);
         assert!(run.output.contains("RNG[virtio_rng.0]"), "{}", run.output);

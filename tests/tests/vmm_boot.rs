@@ -1,32 +1,25 @@
 //! runvm-vmm booting real guests: vCPU and memory sizes, both kernel formats,
 //! and guests that panic, hang or read the serial console.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use runvm_tests::artifacts::{
-    guest_kernel_dir, vmm_binary, write_agent_initramfs, write_busybox_initramfs,
-};
+use runvm_tests::artifacts::{guest_kernel_dir, vmm_binary, vmm_command, Initrd};
 use runvm_tests::guest::{GuestProcess, GuestRun};
 use runvm_tests::kvm_test;
 
 const READY: &str = "RUNVM_AGENT_READY";
 const BOOT: Duration = Duration::from_secs(180);
 
-fn vmm(kernel: &str, initrd: &Path, vcpus: u32, mem_mib: u64, cmdline: &str) -> Command {
-    let mut cmd = Command::new(vmm_binary());
-    cmd.arg("--kernel")
-        .arg(guest_kernel_dir().join(kernel))
-        .arg("--initramfs")
-        .arg(initrd)
-        .args([
-            "--vcpus",
-            &vcpus.to_string(),
-            "--mem-mib",
-            &mem_mib.to_string(),
-        ])
-        .args(["--cmdline", cmdline]);
+fn vmm(kernel: &str, initrd: &Initrd, vcpus: u32, mem_mib: u64, cmdline: &str) -> Command {
+    let mut cmd = vmm_command(kernel, initrd);
+    cmd.args([
+        "--vcpus",
+        &vcpus.to_string(),
+        "--mem-mib",
+        &mem_mib.to_string(),
+    ])
+    .args(["--cmdline", cmdline]);
     cmd
 }
 
@@ -36,9 +29,7 @@ fn code(run: &GuestRun) -> Option<i32> {
 
 /// Boots the agent and returns its ready line.
 fn boot_agent(kernel: &str, vcpus: u32, mem_mib: u64) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let initrd = dir.path().join("initramfs.cpio");
-    write_agent_initramfs(&initrd);
+    let initrd = Initrd::agent();
     let mut cmd = vmm(kernel, &initrd, vcpus, mem_mib, "quiet");
     cmd.args(["--boot-timeout", "150"]);
     let mut guest = GuestProcess::spawn(cmd);
@@ -94,10 +85,8 @@ kvm_test!(
 
 kvm_test!(
     fn a_guest_that_panics_is_reported_as_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let initrd = dir.path().join("initramfs.cpio");
         // init exiting makes the kernel panic; panic=-1 resets at once.
-        write_busybox_initramfs(&initrd, "echo init-exits-now\nexit 1");
+        let initrd = Initrd::busybox("echo init-exits-now\nexit 1");
         let mut cmd = vmm("vmlinux", &initrd, 1, 128, "quiet");
         cmd.args(["--boot-timeout", "150"]);
         let run = GuestProcess::spawn(cmd).finish(BOOT);
@@ -114,9 +103,7 @@ kvm_test!(
 
 kvm_test!(
     fn a_triple_fault_ends_the_vm_and_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let initrd = dir.path().join("initramfs.cpio");
-        write_agent_initramfs(&initrd);
+        let initrd = Initrd::agent();
         // The caller's reboot=t overrides the VMM's reboot=k: the agent's
         // reboot then triple-faults instead of using the i8042.
         let mut cmd = vmm("vmlinux", &initrd, 1, 128, "quiet reboot=t");
@@ -134,12 +121,8 @@ kvm_test!(
 
 kvm_test!(
     fn a_guest_that_never_finishes_hits_the_boot_timeout() {
-        let dir = tempfile::tempdir().unwrap();
-        let initrd = dir.path().join("initramfs.cpio");
-        write_busybox_initramfs(
-            &initrd,
-            "echo hanging-forever\nwhile true; do /bin/busybox sleep 1; done",
-        );
+        let initrd =
+            Initrd::busybox("echo hanging-forever\nwhile true; do /bin/busybox sleep 1; done");
         let mut cmd = vmm("vmlinux", &initrd, 2, 128, "quiet");
         cmd.args(["--boot-timeout", "25"]);
         let mut guest = GuestProcess::spawn(cmd);
@@ -157,10 +140,7 @@ kvm_test!(
 
 kvm_test!(
     fn serial_input_reaches_the_guest() {
-        let dir = tempfile::tempdir().unwrap();
-        let initrd = dir.path().join("initramfs.cpio");
-        write_busybox_initramfs(
-            &initrd,
+        let initrd = Initrd::busybox(
             "echo WAITING-FOR-INPUT\nread line\necho \"GOT[$line]\"\n/bin/busybox reboot -f",
         );
         let mut cmd = vmm("vmlinux", &initrd, 1, 128, "quiet");
