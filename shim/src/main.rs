@@ -3,23 +3,26 @@
 //! The runc-compatible commands arrive with the runtime work; today the binary
 //! answers `--version` and rejects anything else with runc-style errors.
 
+use std::sync::LazyLock;
+
 use clap::Parser;
+
+/// What `--version` prints after the name.
+static VERSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{}\nspec: 1.2.0\nagent protocol: {}",
+        env!("CARGO_PKG_VERSION"),
+        runvm_protocol::PROTOCOL_VERSION
+    )
+});
 
 /// runvm: an OCI runtime that runs every container in its own KVM micro-VM.
 #[derive(Debug, Parser)]
-#[command(name = "runvm", version = version_string(), about)]
+#[command(name = "runvm", version = VERSION.as_str(), about)]
 struct Cli {
     /// Root directory for container state.
     #[arg(long, global = true, default_value = "/run/runvm")]
     root: std::path::PathBuf,
-}
-
-fn version_string() -> &'static str {
-    concat!(
-        env!("CARGO_PKG_VERSION"),
-        "\nspec: 1.2.0\nagent protocol: ",
-        "1"
-    )
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,7 +37,7 @@ fn main() -> anyhow::Result<()> {
 mod tests {
     #[test]
     fn advertised_protocol_matches_the_protocol_crate() {
-        let advertised = super::version_string()
+        let advertised = super::VERSION
             .rsplit(' ')
             .next()
             .unwrap()
