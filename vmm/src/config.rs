@@ -23,4 +23,18 @@ pub struct VmConfig {
     /// Give the guest a virtio-rng device fed from the host's getrandom.
     #[serde(default)]
     pub rng: bool,
+    /// A virtio-vsock device with its host side on a Unix socket.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// Hybrid vsock: host programs reach the guest through `uds_path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more).
+    pub guest_cid: u32,
+    /// Socket the VMM creates for host-initiated connections; guest
+    /// connections to port P go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
 }

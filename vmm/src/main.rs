@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use vmm::config::VmConfig;
+use vmm::config::{VmConfig, VsockConfig};
 use vmm::resources::VmResources;
 use vmm::vm::{self, RunOptions};
 
@@ -45,6 +45,12 @@ struct Args {
     /// Give the guest a virtio-rng device (entropy from the host).
     #[arg(long)]
     rng: bool,
+    /// Give the guest a virtio-vsock device with this context ID (needs --vsock-uds).
+    #[arg(long, requires = "vsock_uds")]
+    vsock_cid: Option<u32>,
+    /// Unix socket for the vsock device's host side (created; removed on exit).
+    #[arg(long, requires = "vsock_cid")]
+    vsock_uds: Option<PathBuf>,
     /// Print how long each VM build phase took (stderr) once the vCPUs run.
     #[arg(long)]
     report_timing: bool,
@@ -73,6 +79,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         initramfs: args.initramfs,
         cmdline: args.cmdline,
         rng: args.rng,
+        vsock: args
+            .vsock_cid
+            .zip(args.vsock_uds)
+            .map(|(guest_cid, uds_path)| VsockConfig {
+                guest_cid,
+                uds_path,
+            }),
     };
     let kvm = vm::open_kvm()?;
     let resources = VmResources::validate(&config, vm::host_limits(&kvm))?;

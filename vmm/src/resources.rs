@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::config::VmConfig;
+use crate::config::{VmConfig, VsockConfig};
 
 /// Smallest guest that can boot the runvm kernel with an initramfs.
 pub const MIN_MEM_MIB: u64 = 32;
@@ -49,6 +49,17 @@ pub enum ConfigError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// A reserved or out-of-range vsock context ID.
+    #[error("vsock guest CID {0} is reserved (use 3 to 4294967294)")]
+    VsockCid(u32),
+    /// The vsock socket path cannot be used.
+    #[error("vsock socket {path}: {why}")]
+    VsockPath {
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
     },
     /// The kernel file is neither format the loader takes.
     #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
@@ -101,6 +112,8 @@ pub struct VmResources {
     pub cmdline: String,
     /// A virtio-rng device.
     pub rng: bool,
+    /// A virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmResources {
@@ -141,6 +154,9 @@ impl VmResources {
                 source,
             })?;
         }
+        if let Some(vsock) = &config.vsock {
+            validate_vsock(vsock)?;
+        }
         Ok(VmResources {
             vcpus: config.vcpus,
             mem_bytes: config.mem_mib << 20,
@@ -149,8 +165,37 @@ impl VmResources {
             initramfs: config.initramfs.clone(),
             cmdline: config.cmdline.clone(),
             rng: config.rng,
+            vsock: config.vsock.clone(),
         })
     }
+}
+
+/// Longest socket path (sun_path less the NUL) once `_<port>` is appended.
+const MAX_VSOCK_PATH: usize = 107 - "_4294967295".len();
+
+fn validate_vsock(vsock: &VsockConfig) -> Result<(), ConfigError> {
+    if vsock.guest_cid <= 2 || vsock.guest_cid == u32::MAX {
+        return Err(ConfigError::VsockCid(vsock.guest_cid));
+    }
+    let bad = |why| ConfigError::VsockPath {
+        path: vsock.uds_path.clone(),
+        why,
+    };
+    if vsock.uds_path.as_os_str().len() > MAX_VSOCK_PATH {
+        return Err(bad("path too long for a Unix socket"));
+    }
+    if vsock.uds_path.symlink_metadata().is_ok() {
+        return Err(bad("already exists"));
+    }
+    let parent = match vsock.uds_path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => return Err(bad("not a file path")),
+    };
+    if !parent.is_dir() {
+        return Err(bad("its directory does not exist"));
+    }
+    Ok(())
 }
 
 /// ELF magic at offset 0; bzImage: "HdrS" at 0x202 of the setup header.
@@ -201,6 +246,7 @@ mod tests {
             initramfs: None,
             cmdline: "quiet".into(),
             rng: false,
+            vsock: None,
         }
     }
 
@@ -279,6 +325,38 @@ mod tests {
             VmResources::validate(&c, LIMITS),
             Err(ConfigError::CmdlineNul)
         ));
+    }
+
+    #[test]
+    fn vsock_cid_and_socket_path_are_checked() {
+        let k = elf();
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(k.path());
+        let vsock = |cid, path: PathBuf| {
+            Some(VsockConfig {
+                guest_cid: cid,
+                uds_path: path,
+            })
+        };
+        c.vsock = vsock(3, dir.path().join("v.sock"));
+        assert!(VmResources::validate(&c, LIMITS).is_ok());
+        for cid in [0, 1, 2, u32::MAX] {
+            c.vsock = vsock(cid, dir.path().join("v.sock"));
+            assert!(matches!(
+                VmResources::validate(&c, LIMITS),
+                Err(ConfigError::VsockCid(_))
+            ));
+        }
+        let cases = [
+            (dir.path().to_owned(), "already exists"),
+            (dir.path().join("missing/v.sock"), "does not exist"),
+            (dir.path().join("x".repeat(100)), "too long"),
+        ];
+        for (path, why) in cases {
+            c.vsock = vsock(3, path);
+            let err = VmResources::validate(&c, LIMITS).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::devices::legacy::{
 use crate::devices::mmio_bus::{MmioBus, MmioSlot};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::{UnixHost, Vsock};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::event_loop::{ConsoleInput, ExitWatcher};
 use crate::exit::{ExitReason, ExitSignal};
@@ -243,6 +244,11 @@ fn build_mmio_devices(
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if res.rng {
         devices.push(Box::new(Rng::default()));
+    }
+    if let Some(vsock) = &res.vsock {
+        let host = UnixHost::bind(&vsock.uds_path)
+            .map_err(|e| VmError::Io("binding the vsock socket", e))?;
+        devices.push(Box::new(Vsock::new(u64::from(vsock.guest_cid), host)));
     }
     let mut bus = MmioBus::default();
     for (i, device) in devices.into_iter().enumerate() {

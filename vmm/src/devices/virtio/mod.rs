@@ -4,6 +4,7 @@
 
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 pub use rng::EntropySource;
 
