@@ -17,11 +17,12 @@ pub fn repo_root() -> PathBuf {
         .to_owned()
 }
 
-fn from_env_or_script(var: &str, script: &str) -> PathBuf {
+fn from_env_or_script(var: &str, script: &str, args: &[&str]) -> PathBuf {
     if let Some(p) = std::env::var_os(var) {
         return PathBuf::from(p);
     }
     let out = Command::new(repo_root().join(script))
+        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
     assert!(
@@ -36,13 +37,26 @@ fn from_env_or_script(var: &str, script: &str) -> PathBuf {
 /// or `kernel-config/build.sh`).
 pub fn guest_kernel_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| from_env_or_script("RUNVM_GUEST_KERNEL_DIR", "kernel-config/build.sh"))
+    DIR.get_or_init(|| from_env_or_script("RUNVM_GUEST_KERNEL_DIR", "kernel-config/build.sh", &[]))
 }
 
 /// The static agent binary (`RUNVM_AGENT_BIN`, or `guest-agent/build-static.sh`).
 pub fn agent_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| from_env_or_script("RUNVM_AGENT_BIN", "guest-agent/build-static.sh"))
+    BIN.get_or_init(|| from_env_or_script("RUNVM_AGENT_BIN", "guest-agent/build-static.sh", &[]))
+}
+
+/// The static guest test helper (`RUNVM_GUEST_TOOL_BIN`, or
+/// `guest-agent/build-static.sh runvm-guest-tool`).
+pub fn guest_tool_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        from_env_or_script(
+            "RUNVM_GUEST_TOOL_BIN",
+            "guest-agent/build-static.sh",
+            &["runvm-guest-tool"],
+        )
+    })
 }
 
 /// Variables that hand the artifacts built here to a child test process.
@@ -53,6 +67,10 @@ pub fn env_for_children() -> Vec<(String, PathBuf)> {
             guest_kernel_dir().to_owned(),
         ),
         ("RUNVM_AGENT_BIN".into(), agent_binary().to_owned()),
+        (
+            "RUNVM_GUEST_TOOL_BIN".into(),
+            guest_tool_binary().to_owned(),
+        ),
     ]
 }
 
@@ -89,7 +107,12 @@ impl Initrd {
 
     /// /init is `script`, run by Debian's static busybox.
     pub fn busybox(script: &str) -> Self {
-        Self::build(|p| write_busybox_initramfs(p, script))
+        Self::build(|p| write_busybox_initramfs(p, script, false))
+    }
+
+    /// Like [`Initrd::busybox`], with `/bin/runvm-guest-tool` added.
+    pub fn busybox_with_tool(script: &str) -> Self {
+        Self::build(|p| write_busybox_initramfs(p, script, true))
     }
 }
 
@@ -103,7 +126,7 @@ fn write_agent_initramfs(dest: &Path) {
 
 /// Writes an initramfs whose /init is `script`, run by Debian's static
 /// busybox (package busybox-static), for guests that must misbehave on purpose.
-fn write_busybox_initramfs(dest: &Path, script: &str) {
+fn write_busybox_initramfs(dest: &Path, script: &str, with_tool: bool) {
     let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox (busybox-static)");
     let mut ar = base_initramfs();
     ar.dir("bin", 0o755)
@@ -117,6 +140,11 @@ fn write_busybox_initramfs(dest: &Path, script: &str) {
             )
         })
         .expect("initramfs entries");
+    if with_tool {
+        let tool = std::fs::read(guest_tool_binary()).expect("read runvm-guest-tool");
+        ar.file("bin/runvm-guest-tool", 0o755, tool)
+            .expect("initramfs entries");
+    }
     std::fs::write(dest, ar.to_bytes().expect("initramfs bytes")).expect("write initramfs");
 }
 

@@ -1,0 +1,143 @@
+//! `runvm-guest-tool`: what the integration tests run inside a guest to
+//! exercise devices from the guest's side. Built static like the agent.
+//!
+//! - `echo-server PORT CONNS`: accept CONNS vsock connections on PORT, echo
+//!   each until EOF, then exit.
+//! - `send-host PORT BYTES CONNS`: open CONNS concurrent connections to the
+//!   host's PORT, send BYTES on each while reading the echo back, check it.
+
+mod vsock;
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::thread;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+
+/// The byte at offset `i` of every test stream: not periodic at any power
+/// of two, so a dropped or repeated chunk shows.
+fn pattern(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+fn echo(mut conn: vsock::Stream) -> anyhow::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = conn.read(&mut buf).context("echo read")?;
+        if n == 0 {
+            return Ok(total);
+        }
+        conn.write_all(&buf[..n]).context("echo write")?;
+        total += n as u64;
+    }
+}
+
+fn echo_server(port: u32, conns: usize) -> anyhow::Result<()> {
+    let listener = vsock::Listener::bind(port)?;
+    println!("LISTENING {port}");
+    let mut workers = Vec::new();
+    for _ in 0..conns {
+        let conn = listener.accept()?;
+        workers.push(thread::spawn(move || echo(conn)));
+    }
+    let mut total = 0;
+    for w in workers {
+        total += w
+            .join()
+            .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+    }
+    println!("ECHOED conns={conns} bytes={total}");
+    Ok(())
+}
+
+fn send_one(port: u32, bytes: usize) -> anyhow::Result<()> {
+    let conn = vsock::Stream::connect_host(port)?;
+    let mut writer = conn.try_clone()?;
+    let sender = thread::spawn(move || -> anyhow::Result<()> {
+        // A whole number of pattern periods, so every full chunk starts
+        // where the pattern does.
+        let chunk: Vec<u8> = (0..251 * 4096).map(pattern).collect();
+        let mut sent = 0;
+        while sent < bytes {
+            let n = (bytes - sent).min(chunk.len());
+            writer.write_all(&chunk[..n]).context("send")?;
+            sent += n;
+        }
+        writer.shutdown_write()
+    });
+    let mut reader = conn;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    loop {
+        let n = reader.read(&mut buf).context("receive")?;
+        if n == 0 {
+            break;
+        }
+        for (k, b) in buf[..n].iter().enumerate() {
+            if *b != pattern(got + k) {
+                bail!("byte {} is {b}, expected {}", got + k, pattern(got + k));
+            }
+        }
+        got += n;
+    }
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    if got != bytes {
+        bail!("echo returned {got} of {bytes} bytes");
+    }
+    Ok(())
+}
+
+fn send_host(port: u32, bytes: usize, conns: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let workers: Vec<_> = (0..conns)
+        .map(|_| thread::spawn(move || send_one(port, bytes)))
+        .collect();
+    for (i, w) in workers.into_iter().enumerate() {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("connection {i} panicked"))?
+            .with_context(|| format!("connection {i}"))?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let mib = (bytes * conns) as f64 / (1 << 20) as f64;
+    println!(
+        "SENT-OK conns={conns} bytes={bytes} secs={secs:.3} mib_per_s={:.1}",
+        mib * 2.0 / secs
+    );
+    Ok(())
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> anyhow::Result<T> {
+    args.get(i)
+        .with_context(|| format!("missing {what}"))?
+        .parse()
+        .map_err(|_| anyhow::anyhow!("bad {what}: {}", args[i]))
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    match args.first().map(String::as_str) {
+        Some("echo-server") => {
+            echo_server(arg(args, 1, "port")?, arg(args, 2, "connection count")?)
+        }
+        Some("send-host") => send_host(
+            arg(args, 1, "port")?,
+            arg(args, 2, "byte count")?,
+            arg(args, 3, "connection count")?,
+        ),
+        _ => bail!("usage: runvm-guest-tool echo-server PORT CONNS | send-host PORT BYTES CONNS"),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("runvm-guest-tool: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
