@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::devices::virtio::fs::CacheMode;
+
 /// A micro-VM as requested by the runtime or a config file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +28,50 @@ pub struct VmConfig {
     /// A virtio-vsock device with its host side on a Unix socket.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Host directories shared over virtio-fs, one device each.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
+}
+
+/// A host directory the guest mounts with `mount -t virtiofs TAG DIR`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The mount tag (1 to 36 bytes, unique per VM).
+    pub tag: String,
+    /// The shared directory.
+    pub path: PathBuf,
+    /// Refuse every change on the host side.
+    #[serde(default)]
+    pub read_only: bool,
+    /// How much the guest may cache.
+    #[serde(default)]
+    pub cache: CacheMode,
+}
+
+impl std::str::FromStr for FsConfig {
+    type Err = String;
+
+    /// `tag=T,path=P[,ro][,cache=never|auto|always]`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut tag, mut path, mut read_only, mut cache) = (None, None, false, CacheMode::Auto);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tag", v)) => tag = Some(v.to_owned()),
+                Some(("path", v)) => path = Some(PathBuf::from(v)),
+                Some(("cache", v)) => cache = v.parse()?,
+                None if part == "ro" => read_only = true,
+                None if part == "rw" => read_only = false,
+                _ => return Err(format!("unknown share option {part:?}")),
+            }
+        }
+        Ok(FsConfig {
+            tag: tag.ok_or("a share needs tag=")?,
+            path: path.ok_or("a share needs path=")?,
+            read_only,
+            cache,
+        })
+    }
 }
 
 /// Hybrid vsock: host programs reach the guest through `uds_path`.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use vmm::config::{VmConfig, VsockConfig};
+use vmm::config::{FsConfig, VmConfig, VsockConfig};
 use vmm::resources::VmResources;
 use vmm::vm::{self, RunOptions};
 
@@ -51,6 +51,10 @@ struct Args {
     /// Unix socket for the vsock device's host side (created; removed on exit).
     #[arg(long, requires = "vsock_cid")]
     vsock_uds: Option<PathBuf>,
+    /// Share a host directory over virtio-fs (repeatable):
+    /// tag=T,path=DIR[,ro][,cache=never|auto|always]
+    #[arg(long = "fs", value_name = "SHARE")]
+    fs: Vec<FsConfig>,
     /// Print how long each VM build phase took (stderr) once the vCPUs run.
     #[arg(long)]
     report_timing: bool,
@@ -86,6 +90,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 guest_cid,
                 uds_path,
             }),
+        fs: args.fs,
     };
     let kvm = vm::open_kvm()?;
     let resources = VmResources::validate(&config, vm::host_limits(&kvm))?;

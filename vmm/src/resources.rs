@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::config::{VmConfig, VsockConfig};
+use crate::config::{FsConfig, VmConfig, VsockConfig};
 
 /// Smallest guest that can boot the runvm kernel with an initramfs.
 pub const MIN_MEM_MIB: u64 = 32;
@@ -59,6 +59,16 @@ pub enum ConfigError {
         /// The path given.
         path: PathBuf,
         /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A virtio-fs share that cannot be used.
+    #[error("virtio-fs share {tag:?} ({path}): {why}")]
+    FsShare {
+        /// Its tag.
+        tag: String,
+        /// Its directory.
+        path: PathBuf,
+        /// What is wrong.
         why: &'static str,
     },
     /// The kernel file is neither format the loader takes.
@@ -114,6 +124,8 @@ pub struct VmResources {
     pub rng: bool,
     /// A virtio-vsock device.
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares.
+    pub fs: Vec<FsConfig>,
 }
 
 impl VmResources {
@@ -157,6 +169,9 @@ impl VmResources {
         if let Some(vsock) = &config.vsock {
             validate_vsock(vsock)?;
         }
+        for (i, share) in config.fs.iter().enumerate() {
+            validate_share(share, &config.fs[..i])?;
+        }
         Ok(VmResources {
             vcpus: config.vcpus,
             mem_bytes: config.mem_mib << 20,
@@ -166,8 +181,30 @@ impl VmResources {
             cmdline: config.cmdline.clone(),
             rng: config.rng,
             vsock: config.vsock.clone(),
+            fs: config.fs.clone(),
         })
     }
+}
+
+fn validate_share(share: &FsConfig, earlier: &[FsConfig]) -> Result<(), ConfigError> {
+    let bad = |why| ConfigError::FsShare {
+        tag: share.tag.clone(),
+        path: share.path.clone(),
+        why,
+    };
+    if share.tag.is_empty() || share.tag.len() > crate::devices::virtio::fs::TAG_LEN {
+        return Err(bad("the tag must be 1 to 36 bytes"));
+    }
+    if share.tag.contains(['\0', ',', ' ']) {
+        return Err(bad("the tag must not contain NUL, comma or space"));
+    }
+    if earlier.iter().any(|s| s.tag == share.tag) {
+        return Err(bad("the tag is used twice"));
+    }
+    if !share.path.is_dir() {
+        return Err(bad("not a directory"));
+    }
+    Ok(())
 }
 
 /// Longest socket path (sun_path less the NUL) once `_<port>` is appended.
@@ -247,6 +284,7 @@ mod tests {
             cmdline: "quiet".into(),
             rng: false,
             vsock: None,
+            fs: Vec::new(),
         }
     }
 
@@ -356,6 +394,57 @@ mod tests {
             c.vsock = vsock(3, path);
             let err = VmResources::validate(&c, LIMITS).unwrap_err().to_string();
             assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn fs_shares_need_a_directory_and_a_unique_short_tag() {
+        let k = elf();
+        let dir = tempfile::tempdir().unwrap();
+        let share = |tag: &str, path: &Path| FsConfig {
+            tag: tag.into(),
+            path: path.to_owned(),
+            read_only: false,
+            cache: Default::default(),
+        };
+        let mut c = config(k.path());
+        c.fs = vec![share("root", dir.path()), share("data", dir.path())];
+        assert!(VmResources::validate(&c, LIMITS).is_ok());
+        let cases = [
+            (vec![share("", dir.path())], "1 to 36"),
+            (vec![share(&"t".repeat(37), dir.path())], "1 to 36"),
+            (vec![share("a b", dir.path())], "must not contain"),
+            (
+                vec![share("x", dir.path()), share("x", dir.path())],
+                "used twice",
+            ),
+            (
+                vec![share("x", &dir.path().join("missing"))],
+                "not a directory",
+            ),
+        ];
+        for (shares, why) in cases {
+            c.fs = shares;
+            let err = VmResources::validate(&c, LIMITS).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn share_options_parse() {
+        let s: FsConfig = "tag=root,path=/srv/a,ro,cache=always".parse().unwrap();
+        assert_eq!((s.tag.as_str(), s.read_only), ("root", true));
+        assert_eq!(s.path, Path::new("/srv/a"));
+        assert_eq!(s.cache, crate::config::CacheMode::Always);
+        let s: FsConfig = "path=/x,tag=t".parse().unwrap();
+        assert!(!s.read_only);
+        for bad in [
+            "path=/x",
+            "tag=t",
+            "tag=t,path=/x,cache=maybe",
+            "tag=t,path=/x,rx",
+        ] {
+            assert!(bad.parse::<FsConfig>().is_err(), "{bad}");
         }
     }
 

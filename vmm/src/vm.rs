@@ -23,6 +23,7 @@ use crate::devices::legacy::{
     ConsoleSink, EventFdTrigger, PioBus, ResetTrigger, SerialDevice, SERIAL_IRQ,
 };
 use crate::devices::mmio_bus::{MmioBus, MmioSlot};
+use crate::devices::virtio::fs;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{UnixHost, Vsock};
@@ -249,6 +250,11 @@ fn build_mmio_devices(
         let host = UnixHost::bind(&vsock.uds_path)
             .map_err(|e| VmError::Io("binding the vsock socket", e))?;
         devices.push(Box::new(Vsock::new(u64::from(vsock.guest_cid), host)));
+    }
+    for share in &res.fs {
+        let device = fs::passthrough(&share.tag, &share.path, share.read_only, share.cache)
+            .map_err(|e| VmError::Io("opening a virtio-fs share", e))?;
+        devices.push(device);
     }
     let mut bus = MmioBus::default();
     for (i, device) in devices.into_iter().enumerate() {

@@ -2,6 +2,7 @@
 //! [`mmio::MmioTransport`] owns its registers, queues and notification
 //! eventfds and activates it once the guest driver is ready.
 
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;

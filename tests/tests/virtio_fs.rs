@@ -1,0 +1,150 @@
+//! virtio-fs end to end: the guest kernel's virtiofs driver mounts host
+//! directories served by the VMM's in-process FUSE server.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use runvm_tests::artifacts::{vmm_command, Initrd};
+use runvm_tests::guest::GuestProcess;
+use runvm_tests::kvm_test;
+
+fn sha256(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+/// The value of the first `KEY[...]` the guest printed.
+fn marked<'a>(output: &'a str, key: &str) -> &'a str {
+    let open = format!("{key}[");
+    output
+        .split(&open)
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .unwrap_or_else(|| panic!("no {key}[...] in:\n{output}"))
+}
+
+kvm_test!(
+    fn a_guest_reads_and_writes_a_shared_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let share = root.path().join("share");
+        fs::create_dir(&share).unwrap();
+        // Host-only secret next to the share, and a symlink pointing at it.
+        fs::write(root.path().join("secret"), "host secret").unwrap();
+        std::os::unix::fs::symlink(root.path().join("secret"), share.join("escape")).unwrap();
+        std::os::unix::fs::symlink("../secret", share.join("escape-rel")).unwrap();
+        // 24 MiB of non-repeating data.
+        let big: Vec<u8> = (0..24u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        fs::write(share.join("big"), &big).unwrap();
+        fs::create_dir_all(share.join("tree/a/b")).unwrap();
+        for i in 0..50 {
+            fs::write(share.join(format!("tree/a/b/f{i}")), format!("file {i}\n")).unwrap();
+        }
+        let tree = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("cd tree && find . -type f | sort | xargs cat | sha256sum")
+            .current_dir(&share)
+            .output()
+            .unwrap();
+        let tree = String::from_utf8(tree.stdout).unwrap();
+        let ro = root.path().join("ro");
+        fs::create_dir(&ro).unwrap();
+        fs::write(ro.join("keep"), "unchanged").unwrap();
+
+        let initrd = Initrd::busybox(
+            "bb=/bin/busybox\n\
+             $bb mkdir -p /mnt /ro\n\
+             $bb mount -t proc proc /proc\n\
+             $bb mount -t virtiofs data /mnt || echo MOUNT-FAILED\n\
+             $bb mount -t virtiofs frozen /ro || echo MOUNT-FAILED\n\
+             echo \"BIG[$($bb sha256sum /mnt/big)]\"\n\
+             echo \"TREE[$(cd /mnt/tree && $bb find . -type f | $bb sort | $bb xargs $bb cat | $bb sha256sum)]\"\n\
+             echo \"ESCAPE[$($bb cat /mnt/escape 2>&1)]\"\n\
+             echo \"ESCAPEREL[$($bb cat /mnt/escape-rel 2>&1)]\"\n\
+             echo \"DOTDOT[$($bb ls /mnt/.. | $bb tr '\\n' ' ')]\"\n\
+             $bb cp /mnt/big /mnt/big.copy\n\
+             echo hello > /mnt/from-guest\n\
+             $bb ln /mnt/from-guest /mnt/hard\n\
+             $bb ln -s from-guest /mnt/sym\n\
+             $bb mkdir -p /mnt/gdir/a/b && $bb mv /mnt/gdir/a /mnt/gdir/c\n\
+             echo x > /mnt/owned && $bb chown 1234:5678 /mnt/owned && $bb chmod 640 /mnt/owned\n\
+             $bb rm /mnt/tree/a/b/f0\n\
+             echo \"ROWRITE[$( (echo no > /ro/new) 2>&1 && echo written || echo refused)]\"\n\
+             $bb mount -o remount,rw /ro || echo REMOUNT-FAILED\n\
+             echo \"ROREMOUNT[$( (echo no > /ro/keep) 2>&1 && echo written || echo refused)]\"\n\
+             echo \"ROREAD[$($bb cat /ro/keep)]\"\n\
+             $bb sync\n\
+             $bb umount /mnt /ro\n\
+             $bb reboot -f",
+        );
+        let mut cmd = vmm_command("vmlinux", &initrd);
+        cmd.args([
+            "--mem-mib",
+            "256",
+            "--boot-timeout",
+            "600",
+            "--cmdline",
+            "quiet",
+        ])
+        .arg("--fs")
+        .arg(format!("tag=data,path={}", share.display()))
+        .arg("--fs")
+        .arg(format!("tag=frozen,path={},ro,cache=always", ro.display()));
+        let run = GuestProcess::spawn(cmd).finish(Duration::from_secs(660));
+        let out = &run.output;
+        assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{out}");
+        assert!(!out.contains("MOUNT-FAILED"), "{out}");
+        assert!(out.contains("ROREMOUNT"), "{out}");
+
+        // What the guest read matches the host.
+        assert!(
+            marked(out, "BIG").starts_with(&sha256(&share.join("big"))),
+            "{out}"
+        );
+        assert_eq!(marked(out, "TREE")[..64], tree[..64], "{out}");
+        // Symlinks resolve in the guest, never on the host.
+        assert!(!marked(out, "ESCAPE").contains("host secret"), "{out}");
+        assert!(!marked(out, "ESCAPEREL").contains("host secret"), "{out}");
+        assert!(!marked(out, "DOTDOT").contains("secret"), "{out}");
+
+        // What the guest wrote is on the host, with its metadata.
+        assert_eq!(fs::read(share.join("big.copy")).unwrap(), big);
+        assert_eq!(
+            fs::read_to_string(share.join("from-guest")).unwrap(),
+            "hello\n"
+        );
+        let (a, b) = (
+            fs::metadata(share.join("from-guest")).unwrap(),
+            fs::metadata(share.join("hard")).unwrap(),
+        );
+        assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "a hard link");
+        assert_eq!(
+            fs::read_link(share.join("sym")).unwrap(),
+            std::path::Path::new("from-guest")
+        );
+        assert!(share.join("gdir/c/b").is_dir(), "renamed directory");
+        assert!(!share.join("gdir/a").exists());
+        let owned = fs::metadata(share.join("owned")).unwrap();
+        assert_eq!((owned.uid(), owned.gid()), (1234, 5678));
+        assert_eq!(owned.permissions().mode() & 0o7777, 0o640);
+        assert!(!share.join("tree/a/b/f0").exists());
+
+        // The read-only share refused every change, even after a remount.
+        for key in ["ROWRITE", "ROREMOUNT"] {
+            let got = marked(out, key).replace('\n', " ");
+            assert!(
+                got.contains("Read-only file system") && got.ends_with("refused"),
+                "{out}"
+            );
+        }
+        assert_eq!(marked(out, "ROREAD"), "unchanged", "{out}");
+        assert!(!ro.join("new").exists());
+        assert_eq!(fs::read_to_string(ro.join("keep")).unwrap(), "unchanged");
+    }
+);

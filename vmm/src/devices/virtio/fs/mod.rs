@@ -1,0 +1,270 @@
+//! virtio-fs (device type 26): an in-process FUSE server (fuse-backend-rs)
+//! sharing a host directory with the guest. Requests are answered on the
+//! device's own thread straight from guest memory; there is no separate
+//! virtiofsd process and no vhost-user socket.
+
+pub mod read_only;
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use fuse_backend_rs::api::filesystem::FileSystem;
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_VRING};
+use read_only::ReadOnly;
+
+/// Device type of virtio-fs.
+pub const TYPE_FS: u32 = 26;
+/// Longest tag the config space holds.
+pub const TAG_LEN: usize = 36;
+const HIPRIO_QUEUE_SIZE: u16 = 128;
+const REQUEST_QUEUE_SIZE: u16 = 1024;
+
+/// How long the guest may trust what it cached about the share.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Nothing: every access asks the host. For directories the host also changes.
+    Never,
+    /// Short timeouts, page cache dropped on open: host changes show up soon.
+    #[default]
+    Auto,
+    /// Everything, for a long time: for shares only this guest changes
+    /// (a container's rootfs). Fastest.
+    Always,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "never" => Ok(CacheMode::Never),
+            "auto" => Ok(CacheMode::Auto),
+            "always" => Ok(CacheMode::Always),
+            _ => Err(format!(
+                "cache mode must be never, auto or always, not {s:?}"
+            )),
+        }
+    }
+}
+
+fn passthrough_config(dir: &Path, cache: CacheMode) -> Config {
+    let (policy, timeout) = match cache {
+        CacheMode::Never => (CachePolicy::Never, Duration::ZERO),
+        CacheMode::Auto => (CachePolicy::Auto, Duration::from_secs(1)),
+        CacheMode::Always => (CachePolicy::Always, Duration::from_secs(86400)),
+    };
+    Config {
+        root_dir: dir.to_string_lossy().into_owned(),
+        cache_policy: policy,
+        attr_timeout: timeout,
+        entry_timeout: timeout,
+        xattr: true,
+        do_import: true,
+        ..Config::default()
+    }
+}
+
+/// A virtio-fs device sharing `dir` under `tag`. With `read_only`, the host
+/// refuses every change, whatever the guest does.
+pub fn passthrough(
+    tag: &str,
+    dir: &Path,
+    read_only: bool,
+    cache: CacheMode,
+) -> std::io::Result<Box<dyn VirtioDevice>> {
+    let fs: PassthroughFs = PassthroughFs::new(passthrough_config(dir, cache))?;
+    fs.import()?;
+    Ok(if read_only {
+        Box::new(Fs::new(tag, ReadOnly(fs))?)
+    } else {
+        Box::new(Fs::new(tag, fs)?)
+    })
+}
+
+/// The virtio-fs device over any FUSE file system.
+pub struct Fs<F: FileSystem + Send + Sync + 'static> {
+    config: [u8; TAG_LEN + 4],
+    server: Arc<Server<F>>,
+    worker: Option<(EventFd, JoinHandle<()>)>,
+}
+
+impl<F: FileSystem + Send + Sync + 'static> std::fmt::Debug for Fs<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fs")
+            .field("tag", &String::from_utf8_lossy(&self.config[..TAG_LEN]))
+            .field("active", &self.worker.is_some())
+            .finish()
+    }
+}
+
+impl<F: FileSystem + Send + Sync + 'static> Fs<F> {
+    /// A device serving `fs` under `tag` (1 to 36 bytes).
+    pub fn new(tag: &str, fs: F) -> std::io::Result<Self> {
+        if tag.is_empty() || tag.len() > TAG_LEN {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("virtio-fs tag must be 1 to {TAG_LEN} bytes"),
+            ));
+        }
+        let mut config = [0u8; TAG_LEN + 4];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        // One request queue.
+        config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+        Ok(Fs {
+            config,
+            server: Arc::new(Server::new(fs)),
+            worker: None,
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some((kill, handle)) = self.worker.take() {
+            let _ = kill.write(1);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl<F: FileSystem + Send + Sync + 'static> Drop for Fs<F> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Answers every available request; returns whether the guest must be
+/// interrupted. A chain the server cannot parse is completed empty, which
+/// the guest driver reports as an I/O error for that one request.
+pub fn process_queue<F: FileSystem + Sync>(
+    server: &Server<F>,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> bool {
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let reader = Reader::from_descriptor_chain(mem, chain.clone());
+        let writer = VirtioFsWriter::new(mem, chain);
+        let len = match (reader, writer) {
+            (Ok(r), Ok(w)) => server.handle_message(r, w.into(), None, None).unwrap_or(0),
+            _ => 0,
+        };
+        match queue.add_used(mem, head, len as u32) {
+            Ok(()) => used = true,
+            Err(virtio_queue::Error::InvalidDescriptorIndex) => {}
+            Err(_) => break,
+        }
+    }
+    used && queue.needs_notification(mem).unwrap_or(true)
+}
+
+const KILL: u64 = u64::MAX;
+
+fn worker<F: FileSystem + Sync>(
+    epoll: Epoll,
+    server: Arc<Server<F>>,
+    mem: GuestMemoryMmap,
+    mut queues: Vec<Queue>,
+    evts: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+) {
+    let mut events = [EpollEvent::default(); 4];
+    loop {
+        let Ok(n) = epoll.wait(-1, &mut events) else {
+            continue;
+        };
+        let mut notify = false;
+        for ev in &events[..n] {
+            let i = ev.data();
+            if i == KILL {
+                return;
+            }
+            let (Some(q), Some(evt)) = (queues.get_mut(i as usize), evts.get(i as usize)) else {
+                continue;
+            };
+            let _ = evt.read();
+            notify |= process_queue(&server, q, &mem);
+        }
+        if notify {
+            let _ = interrupt.trigger(INT_VRING);
+        }
+    }
+}
+
+impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for Fs<F> {
+    fn device_type(&self) -> u32 {
+        TYPE_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[HIPRIO_QUEUE_SIZE, REQUEST_QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        super::VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let ActivateContext {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+        } = ctx;
+        if queues.len() != 2 || queue_evts.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: queues.len(),
+            });
+        }
+        self.stop();
+        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Io)?;
+        let epoll = Epoll::new().map_err(ActivateError::Io)?;
+        let fds = [
+            (queue_evts[0].as_raw_fd(), 0),
+            (queue_evts[1].as_raw_fd(), 1),
+            (kill.as_raw_fd(), KILL),
+        ];
+        for (fd, token) in fds {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(ActivateError::Io)?;
+        }
+        let server = self.server.clone();
+        let handle = thread::Builder::new()
+            .name("virtio-fs".into())
+            .spawn(move || worker(epoll, server, mem, queues, queue_evts, interrupt))
+            .map_err(ActivateError::Io)?;
+        self.worker = Some((kill, handle));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop();
+    }
+}
