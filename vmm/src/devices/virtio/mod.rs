@@ -7,6 +7,9 @@ pub mod mmio;
 pub mod rng;
 pub mod vsock;
 
+#[cfg(test)]
+pub(crate) mod test_ring;
+
 pub use rng::EntropySource;
 
 use std::io;

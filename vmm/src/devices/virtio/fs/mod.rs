@@ -268,3 +268,6 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for Fs<F> {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -17,10 +17,10 @@ use super::connection::BUF_ALLOC;
 use super::host::VsockHost;
 use super::muxer::{Muxer, MAX_PENDING_CONTROL};
 use super::packet::{op, Header, HDR_LEN, HOST_CID, MAX_PAYLOAD, SHUTDOWN_RCV, SHUTDOWN_SEND};
+use crate::devices::virtio::test_ring::{Ring, QSIZE};
 
 const GUEST_CID: u64 = 3;
-const QSIZE: u16 = 256;
-const WRITE: u16 = 2; // VRING_DESC_F_WRITE
+use crate::devices::virtio::test_ring::WRITE;
 
 /// Host side whose connections are socket pairs the test holds.
 #[derive(Clone)]
@@ -78,66 +78,6 @@ impl VsockHost for FakeHost {
     }
 }
 
-/// A split virtqueue's rings in guest memory, written the way a driver
-/// does. (virtio-queue's MockSplitQueue lays out rings that overlap beyond
-/// a few entries, so it cannot model a busy 256-entry queue.)
-struct Ring<'m> {
-    mem: &'m GuestMemoryMmap,
-    base: u64,
-}
-
-impl<'m> Ring<'m> {
-    const AVAIL: u64 = 0x1000;
-    const USED: u64 = 0x2000;
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-        let (lo, hi) = split(self.base);
-        q.set_desc_table_address(lo, hi);
-        let (lo, hi) = split(self.base + Self::AVAIL);
-        q.set_avail_ring_address(lo, hi);
-        let (lo, hi) = split(self.base + Self::USED);
-        q.set_used_ring_address(lo, hi);
-        q.set_ready(true);
-        assert!(q.is_valid(self.mem));
-        q
-    }
-
-    fn store_desc(&self, index: u16, d: RawDescriptor) {
-        let addr = GuestAddress(self.base + 16 * u64::from(index % QSIZE));
-        self.mem.write_obj(d, addr).unwrap();
-    }
-
-    fn load_desc(&self, index: u16) -> SplitDescriptor {
-        let addr = GuestAddress(self.base + 16 * u64::from(index % QSIZE));
-        SplitDescriptor::from(self.mem.read_obj::<RawDescriptor>(addr).unwrap())
-    }
-
-    fn publish(&self, avail_idx: u16, head: u16) {
-        let slot = self.base + Self::AVAIL + 4 + 2 * u64::from(avail_idx % QSIZE);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        let idx = avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(idx, GuestAddress(self.base + Self::AVAIL + 2))
-            .unwrap();
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(self.base + Self::USED + 2))
-            .unwrap()
-    }
-
-    /// (descriptor id, length written) of used entry `i`.
-    fn used_elem(&self, i: u16) -> (u32, u32) {
-        let at = self.base + Self::USED + 4 + 8 * u64::from(i % QSIZE);
-        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-        (id, len)
-    }
-}
-
 /// A virtio driver for the two data queues, with its own buffers.
 struct Driver<'m> {
     mem: &'m GuestMemoryMmap,
@@ -163,11 +103,8 @@ fn guest_memory() -> GuestMemoryMmap {
 
 impl<'m> Driver<'m> {
     fn new(mem: &'m GuestMemoryMmap) -> Self {
-        let tx_ring = Ring { mem, base: 0 };
-        let rx_ring = Ring {
-            mem,
-            base: 0x4_0000,
-        };
+        let tx_ring = Ring::new(mem, 0);
+        let rx_ring = Ring::new(mem, 0x4_0000);
         let (tx, rx) = (tx_ring.queue(), rx_ring.queue());
         Driver {
             mem,

@@ -1,0 +1,236 @@
+//! The virtio-fs device and the read-only wrapper, without a guest: FUSE
+//! messages are built by hand in guest memory and fed through a queue.
+
+use std::ffi::CString;
+use std::io;
+
+use fuse_backend_rs::abi::fuse_abi::{InHeader, InitIn, OutHeader};
+use fuse_backend_rs::api::filesystem::{Context, FileSystem};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::PassthroughFs;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::read_only::ReadOnly;
+use super::{passthrough_config, process_queue, CacheMode};
+use crate::devices::virtio::test_ring::{Ring, WRITE};
+
+const FUSE_INIT: u32 = 26;
+const FUSE_LOOKUP: u32 = 1;
+const REQ: u64 = 0x10_0000;
+const REPLY: u64 = 0x20_0000;
+const ROOT: u64 = 1;
+
+fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+}
+
+fn passthrough(dir: &std::path::Path) -> PassthroughFs {
+    let fs: PassthroughFs = PassthroughFs::new(passthrough_config(dir, CacheMode::Auto)).unwrap();
+    fs.import().unwrap();
+    fs
+}
+
+fn header(opcode: u32, unique: u64, nodeid: u64, body_len: usize) -> InHeader {
+    InHeader {
+        len: (std::mem::size_of::<InHeader>() + body_len) as u32,
+        opcode,
+        unique,
+        nodeid,
+        ..Default::default()
+    }
+}
+
+/// Writes a request at REQ + 0x1000 * slot and posts it with a reply buffer.
+fn post(ring: &mut Ring<'_>, mem: &GuestMemoryMmap, slot: u64, req: &[u8]) {
+    let at = REQ + 0x1000 * slot;
+    mem.write_slice(req, GuestAddress(at)).unwrap();
+    ring.post_chain(&[
+        (at, req.len() as u32, 0),
+        (REPLY + 0x1000 * slot, 0x1000, WRITE),
+    ]);
+}
+
+fn reply(mem: &GuestMemoryMmap, slot: u64) -> OutHeader {
+    mem.read_obj(GuestAddress(REPLY + 0x1000 * slot)).unwrap()
+}
+
+fn init_request() -> Vec<u8> {
+    let init = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 0x2_0000,
+        flags: 0,
+    };
+    let mut req = header(FUSE_INIT, 1, 0, std::mem::size_of::<InitIn>())
+        .as_slice()
+        .to_vec();
+    req.extend_from_slice(init.as_slice());
+    req
+}
+
+#[test]
+fn init_and_lookup_are_answered_from_the_shared_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hello"), "hi").unwrap();
+    let server = Server::new(passthrough(dir.path()));
+    let mem = memory();
+    let mut ring = Ring::new(&mem, 0);
+    let mut q = ring.queue();
+
+    post(&mut ring, &mem, 0, &init_request());
+    let mut lookup = |name: &str, slot: u64, unique: u64| {
+        let name = CString::new(name).unwrap();
+        let mut req = header(FUSE_LOOKUP, unique, ROOT, name.as_bytes_with_nul().len())
+            .as_slice()
+            .to_vec();
+        req.extend_from_slice(name.as_bytes_with_nul());
+        post(&mut ring, &mem, slot, &req);
+    };
+    lookup("hello", 1, 2);
+    lookup("missing", 2, 3);
+    lookup("..", 3, 4);
+    assert!(process_queue(&server, &mut q, &mem));
+    assert_eq!(ring.used_idx(), 4);
+
+    let init = reply(&mem, 0);
+    assert_eq!((init.error, init.unique), (0, 1));
+    assert!(init.len as usize > std::mem::size_of::<OutHeader>());
+    let found = reply(&mem, 1);
+    assert_eq!((found.error, found.unique), (0, 2));
+    // fuse_entry_out: nodeid, generation, timeouts, then the attributes.
+    let size: u64 = mem
+        .read_obj(GuestAddress(REPLY + 0x1000 + 16 + 40 + 8))
+        .unwrap();
+    assert_eq!(size, 2, "the entry carries the host file's size");
+    assert_eq!(reply(&mem, 2).error, -libc::ENOENT);
+    // '..' of the share's root is the root itself, never the host parent.
+    assert_eq!(reply(&mem, 3).error, 0);
+    let ino: u64 = mem
+        .read_obj(GuestAddress(REPLY + 0x3000 + 16 + 40))
+        .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(ino, std::fs::metadata(dir.path()).unwrap().ino());
+    assert_ne!(ino, std::fs::metadata(dir.path().join("..")).unwrap().ino());
+}
+
+#[test]
+fn malformed_requests_complete_without_harm() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::new(passthrough(dir.path()));
+    let mem = memory();
+    let mut ring = Ring::new(&mem, 0);
+    let mut q = ring.queue();
+    post(&mut ring, &mem, 0, &init_request());
+    // Shorter than a FUSE header.
+    post(&mut ring, &mem, 1, &[1, 2, 3]);
+    // A header claiming a huge body.
+    let mut lying = header(FUSE_LOOKUP, 9, ROOT, 0);
+    lying.len = u32::MAX;
+    post(&mut ring, &mem, 2, lying.as_slice());
+    // An opcode nobody knows.
+    post(&mut ring, &mem, 3, header(9999, 10, ROOT, 0).as_slice());
+    // Buffers outside guest memory, and a chain with no reply buffer.
+    ring.post_chain(&[(0xffff_0000_0000, 64, 0), (REPLY, 64, WRITE)]);
+    ring.post_chain(&[(REQ, 40, 0)]);
+    // A reply buffer too small for any answer.
+    ring.post_chain(&[(REQ + 0x1000, 40, 0), (REPLY + 0x6000, 4, WRITE)]);
+    assert!(process_queue(&server, &mut q, &mem));
+    assert_eq!(ring.used_idx(), 7, "every chain is returned");
+    assert_eq!(reply(&mem, 0).error, 0, "INIT still worked");
+    assert_eq!(reply(&mem, 3).error, -libc::ENOSYS);
+}
+
+#[test]
+fn random_chains_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), "x").unwrap();
+    let server = Server::new(passthrough(dir.path()));
+    let mem = memory();
+    let mut ring = Ring::new(&mem, 0);
+    let mut q = ring.queue();
+    post(&mut ring, &mem, 0, &init_request());
+    process_queue(&server, &mut q, &mem);
+    let mut rng = crate::devices::virtio::rng::tests::XorShift(0xdead_beef_1234_5678);
+    let mut answered = 0;
+    for round in 0..2000u64 {
+        let body: Vec<u8> = (0..rng.next() % 128).map(|_| rng.next() as u8).collect();
+        let mut req = header((rng.next() % 50) as u32, round, rng.next() % 4, body.len())
+            .as_slice()
+            .to_vec();
+        if rng.next() % 4 == 0 {
+            req.truncate((rng.next() % 40) as usize);
+        }
+        req.extend_from_slice(&body);
+        post(&mut ring, &mem, round % 64, &req);
+        let before = ring.used_idx();
+        process_queue(&server, &mut q, &mem);
+        assert_eq!(ring.used_idx(), before.wrapping_add(1));
+        if reply(&mem, round % 64).unique == round {
+            answered += 1;
+        }
+    }
+    assert!(
+        answered > 500,
+        "only {answered} random requests got a reply"
+    );
+}
+
+fn erofs<T: std::fmt::Debug>(r: io::Result<T>) -> bool {
+    r.unwrap_err().raw_os_error() == Some(libc::EROFS)
+}
+
+#[test]
+fn the_read_only_wrapper_refuses_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), "data").unwrap();
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    let fs = ReadOnly(passthrough(dir.path()));
+    let ctx = Context::new();
+    let name = |s: &str| CString::new(s).unwrap();
+    let f = fs.lookup(&ctx, ROOT, &name("f")).unwrap();
+    let d = fs.lookup(&ctx, ROOT, &name("d")).unwrap();
+
+    assert!(fs.open(&ctx, f.inode, libc::O_RDONLY as u32, 0).is_ok());
+    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+        assert!(erofs(fs.open(&ctx, f.inode, flags as u32, 0)), "{flags:#x}");
+    }
+    assert!(erofs(fs.mkdir(&ctx, ROOT, &name("new"), 0o755, 0)));
+    assert!(erofs(fs.mknod(
+        &ctx,
+        ROOT,
+        &name("n"),
+        libc::S_IFREG | 0o644,
+        0,
+        0
+    )));
+    assert!(erofs(fs.unlink(&ctx, ROOT, &name("f"))));
+    assert!(erofs(fs.rmdir(&ctx, ROOT, &name("d"))));
+    assert!(erofs(fs.rename(
+        &ctx,
+        ROOT,
+        &name("f"),
+        d.inode,
+        &name("g"),
+        0
+    )));
+    assert!(erofs(fs.link(&ctx, f.inode, d.inode, &name("h"))));
+    assert!(erofs(fs.symlink(&ctx, &name("f"), ROOT, &name("s"))));
+    assert!(erofs(fs.setxattr(&ctx, f.inode, &name("user.x"), b"1", 0)));
+    assert!(erofs(fs.removexattr(&ctx, f.inode, &name("user.x"))));
+    assert!(erofs(fs.access(&ctx, f.inode, libc::W_OK as u32)));
+    assert!(fs.access(&ctx, f.inode, libc::R_OK as u32).is_ok());
+    let st = fs.statfs(&ctx, ROOT).unwrap();
+    assert_ne!(st.f_flag & libc::ST_RDONLY, 0);
+
+    // The host directory is exactly as it was.
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["d", "f"]);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("f")).unwrap(),
+        "data"
+    );
+}
