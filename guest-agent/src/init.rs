@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 
-use crate::READY_MARKER;
+use crate::{LISTENING_MARKER, READY_MARKER};
 
 struct PseudoFs {
     source: &'static str,
@@ -80,21 +80,195 @@ fn shape() -> String {
     format!("cpus_online={cpus} mem_total_kib={mem}")
 }
 
-pub fn run() -> ExitCode {
-    let status = match mount_basics() {
-        Ok(()) => {
-            println!("{READY_MARKER} uptime={} {}", uptime(), shape());
-            0
+/// Extra mounts every guest gets once the basics are up.
+const EXTRAS: &[PseudoFs] = &[
+    PseudoFs {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+    },
+    PseudoFs {
+        source: "shm",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+    },
+    PseudoFs {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+    },
+    PseudoFs {
+        source: "tmpfs",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+    },
+    PseudoFs {
+        source: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+    },
+];
+
+fn mount_all(list: &[PseudoFs], under: &str) -> Result<(), String> {
+    for fs in list {
+        let target = format!("{under}{}", fs.target);
+        fs::create_dir_all(&target).map_err(|e| format!("mkdir {target}: {e}"))?;
+        mount(
+            Some(fs.source),
+            target.as_str(),
+            Some(fs.fstype),
+            fs.flags,
+            None::<&str>,
+        )
+        .map_err(|e| format!("mount {} on {target}: {e}", fs.fstype))?;
+    }
+    Ok(())
+}
+
+/// `runvm.*` settings the host put on the kernel command line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BootParams {
+    /// virtio-fs tag of the container's root filesystem.
+    pub rootfs_tag: Option<String>,
+    /// Mount the root filesystem read-only.
+    pub rootfs_ro: bool,
+    /// The guest's hostname.
+    pub hostname: Option<String>,
+}
+
+impl BootParams {
+    /// Reads them from a kernel command line.
+    pub fn parse(cmdline: &str) -> Self {
+        let mut p = BootParams::default();
+        for word in cmdline.split_whitespace() {
+            match word.split_once('=') {
+                Some(("runvm.rootfs", tag)) => p.rootfs_tag = Some(tag.to_owned()),
+                Some(("runvm.hostname", h)) => p.hostname = Some(h.to_owned()),
+                None if word == "runvm.rootfs_ro" => p.rootfs_ro = true,
+                _ => {}
+            }
         }
-        Err(e) => {
-            eprintln!("runvm-agent: {e}");
-            1
-        }
+        p
+    }
+}
+
+/// Where the container's root filesystem is mounted in the guest.
+pub const ROOTFS: &str = "/run/rootfs";
+
+/// Mounts the container rootfs and the pseudo filesystems it needs inside.
+fn mount_rootfs(tag: &str, read_only: bool) -> Result<(), String> {
+    fs::create_dir_all(ROOTFS).map_err(|e| format!("mkdir {ROOTFS}: {e}"))?;
+    let flags = if read_only {
+        MsFlags::MS_RDONLY
+    } else {
+        MsFlags::empty()
     };
+    mount(Some(tag), ROOTFS, Some("virtiofs"), flags, None::<&str>)
+        .map_err(|e| format!("mount virtiofs {tag} on {ROOTFS}: {e}"))?;
+    mount_all(&BASICS[..2], ROOTFS)?;
+    let dev = format!("{ROOTFS}/dev");
+    fs::create_dir_all(&dev).map_err(|e| format!("mkdir {dev}: {e}"))?;
+    mount(
+        Some("/dev"),
+        dev.as_str(),
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("bind /dev into the rootfs: {e}"))?;
+    Ok(())
+}
+
+fn prepare() -> Result<BootParams, String> {
+    mount_basics()?;
+    mount_all(EXTRAS, "")?;
+    let params = BootParams::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if let Some(h) = &params.hostname {
+        nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h}: {e}"))?;
+    }
+    if let Some(tag) = &params.rootfs_tag {
+        mount_rootfs(tag, params.rootfs_ro)?;
+    }
+    Ok(params)
+}
+
+fn power_off() -> ! {
     let _ = std::io::stdout().flush();
+    // Whatever still runs gets no chance to write after the sync.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-1),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     nix::unistd::sync();
     // PID 1 must never return; with `reboot=k` the reset ends the VMM cleanly.
-    let Err(e) = reboot(RebootMode::RB_AUTOBOOT);
-    eprintln!("runvm-agent: reboot failed: {e}");
-    ExitCode::from(status.max(1))
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Serves the host over vsock until it asks for a shutdown.
+fn serve(params: &BootParams) -> Result<(), String> {
+    let reaper = crate::Reaper::start().map_err(|e| format!("reaper: {e}"))?;
+    let listener = crate::vsock::listen_port(runvm_protocol::AGENT_VSOCK_PORT)
+        .map_err(|e| format!("vsock listen: {e}"))?;
+    let rootfs = params.rootfs_tag.as_ref().map(|_| ROOTFS.into());
+    let agent = crate::Agent::new(reaper, rootfs, Box::new(|| power_off()));
+    println!(
+        "{LISTENING_MARKER} port={}",
+        runvm_protocol::AGENT_VSOCK_PORT
+    );
+    let _ = std::io::stdout().flush();
+    loop {
+        let conn = crate::vsock::accept(&listener).map_err(|e| format!("vsock accept: {e}"))?;
+        let out = conn.try_clone().map_err(|e| format!("dup: {e}"))?;
+        if let Err(e) = agent.serve(conn, out) {
+            eprintln!("runvm-agent: host connection ended: {e}");
+        }
+    }
+}
+
+pub fn run() -> ExitCode {
+    match prepare() {
+        Ok(params) => {
+            println!("{READY_MARKER} uptime={} {}", uptime(), shape());
+            // Without a host channel there is nothing more to do: this is
+            // the boot smoke test.
+            if crate::vsock::device_present() {
+                if let Err(e) = serve(&params) {
+                    eprintln!("runvm-agent: {e}");
+                }
+            }
+        }
+        Err(e) => eprintln!("runvm-agent: {e}"),
+    }
+    power_off()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_params_come_from_the_command_line() {
+        let p = BootParams::parse(
+            "console=ttyS0 runvm.rootfs=root runvm.rootfs_ro quiet runvm.hostname=box",
+        );
+        assert_eq!(
+            p,
+            BootParams {
+                rootfs_tag: Some("root".into()),
+                rootfs_ro: true,
+                hostname: Some("box".into()),
+            }
+        );
+        assert_eq!(BootParams::parse("quiet"), BootParams::default());
+    }
 }

@@ -1,5 +1,6 @@
-//! The guest agent's core, usable outside a guest: [`server::serve`] runs the
-//! host<->agent protocol over any byte stream (vsock in the guest, a Unix
-//! socket in tests).
+//! The guest agent's core, usable outside a guest: [`server::Agent`] runs
+//! the host<->agent protocol over any byte stream (vsock in the guest, a
+//! Unix socket in tests), and [`reaper::Reaper`] collects exit statuses.
 
+pub mod reaper;
 pub mod server;

@@ -1,15 +1,22 @@
 //! runvm-agent: init of the micro-VM.
 //!
-//! For now it prepares the guest's pseudo filesystems, reports that the guest
-//! reached userspace on the console, and resets the VM. The host channel and
-//! process management arrive with the agent protocol.
+//! It mounts the guest's pseudo filesystems and the container rootfs (a
+//! virtio-fs tag named on the kernel command line), then serves the host
+//! over vsock until told to shut down. Without a vsock device it only
+//! reports that the guest reached userspace and resets (the boot smoke test).
 
 mod init;
+mod vsock;
+
+use runvm_agent::reaper::Reaper;
+use runvm_agent::server::Agent;
 
 use std::process::ExitCode;
 
 /// Printed on the console once the agent runs as init; the host side waits for it.
 pub const READY_MARKER: &str = "RUNVM_AGENT_READY";
+/// Printed once the agent listens for the host on vsock.
+pub const LISTENING_MARKER: &str = "RUNVM_AGENT_LISTENING";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,10 +50,18 @@ fn serve_unix(path: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let reaper = match Reaper::start() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("runvm-agent: cannot start the reaper: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let agent = Agent::new(reaper, None, Box::new(|| std::process::exit(0)));
     for conn in listener.incoming() {
         let served = conn.and_then(|c| {
             let out = c.try_clone()?;
-            runvm_agent::server::serve(c, out)
+            agent.serve(c, out)
         });
         if let Err(e) = served {
             eprintln!("runvm-agent: connection ended: {e}");

@@ -1,38 +1,78 @@
-//! Serves one host connection: creates and starts processes, relays their
+//! Serves host connections: creates and starts processes, relays their
 //! stdio as stream frames, forwards signals and reports exits.
 //!
 //! The connection is a byte stream carrying frames. A frame that is well
 //! formed but holds a bad message gets an error response and the connection
 //! goes on; a broken frame (bad magic, version or size) desynchronizes the
 //! stream, so the agent answers once and ends that connection only.
+//!
+//! Processes outlive connections: when the host reconnects, output and exit
+//! events produced meanwhile (held, not dropped) go to the new connection.
 
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::io::{self, Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Pid, Uid};
 use runvm_protocol::{
     encode_json, read_frame, Event, FrameError, FrameKind, Op, Outcome, ProcessSpec, Request,
     Response, StreamChunk, StreamId,
 };
 
-/// Frames go out whole: the writer is locked for each one.
-type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+use crate::reaper::Reaper;
 
-fn send(writer: &SharedWriter, frame: &[u8]) -> io::Result<()> {
-    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-    w.write_all(frame)?;
-    w.flush()
+/// Where frames go: the current connection, if there is one. Senders wait
+/// for a connection rather than drop what they have.
+#[derive(Default)]
+struct Outbox {
+    conn: Mutex<Option<Box<dyn Write + Send>>>,
+    attached: Condvar,
 }
 
-fn respond(writer: &SharedWriter, seq: u64, result: Outcome) -> io::Result<()> {
-    let frame = encode_json(FrameKind::Response, &Response { seq, result })
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    send(writer, &frame)
+impl Outbox {
+    fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match conn.as_mut() {
+                Some(w) => {
+                    let r = w.write_all(frame).and_then(|()| w.flush());
+                    if r.is_err() {
+                        *conn = None;
+                    }
+                    return r;
+                }
+                None => {
+                    conn = self.attached.wait(conn).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+    }
+
+    /// Sends `frame`, on the next connection if the current one fails.
+    fn deliver(&self, frame: &[u8]) {
+        while self.send(frame).is_err() {}
+    }
+
+    fn attach(&self, w: Box<dyn Write + Send>) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+        self.attached.notify_all();
+    }
+
+    fn detach(&self) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+enum Proc {
+    Created(ProcessSpec),
+    Running { pid: i32, stdin: Option<ChildStdin> },
+    Exited,
 }
 
 fn error(message: impl Into<String>) -> Outcome {
@@ -41,162 +81,261 @@ fn error(message: impl Into<String>) -> Outcome {
     }
 }
 
-enum Proc {
-    Created(ProcessSpec),
-    Running { pid: i32, stdin: Option<ChildStdin> },
+/// What the agent does on [`Op::Shutdown`], after answering it.
+pub type ShutdownHook = Box<dyn Fn() + Send + Sync>;
+
+/// The agent's state, shared by every connection.
+pub struct Agent {
+    procs: Arc<Mutex<HashMap<u32, Proc>>>,
+    out: Arc<Outbox>,
+    reaper: Arc<Reaper>,
+    rootfs: Option<PathBuf>,
+    on_shutdown: ShutdownHook,
 }
 
-/// Exit status as a shell reports it: the code, or 128 + the signal.
-pub fn shell_status(status: std::process::ExitStatus) -> i32 {
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(255)
-}
-
-/// Serves `conn` (read side) / `out` (write side) until the host hangs up.
-pub fn serve(mut conn: impl Read, out: impl Write + Send + 'static) -> io::Result<()> {
-    let writer: SharedWriter = Arc::new(Mutex::new(Box::new(out)));
-    let mut procs: HashMap<u32, Proc> = HashMap::new();
-    loop {
-        let (header, payload) = match read_frame(&mut conn) {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return Ok(()),
-            Err(FrameError::Io(e)) => return Err(e),
-            Err(e) => {
-                let _ = respond(&writer, 0, error(format!("{e}; closing the connection")));
-                return Ok(());
-            }
-        };
-        match header.kind {
-            FrameKind::Request => {
-                let (seq, outcome) = match serde_json::from_slice::<Request>(&payload) {
-                    Ok(req) => (req.seq, handle(req.op, &mut procs, &writer)),
-                    Err(e) => (0, error(format!("malformed request: {e}"))),
-                };
-                respond(&writer, seq, outcome)?;
-            }
-            FrameKind::Stream => match StreamChunk::decode(&payload) {
-                Ok(chunk) if chunk.stream == StreamId::Stdin => stdin(chunk, &mut procs),
-                _ => respond(&writer, 0, error("malformed or non-stdin stream chunk"))?,
-            },
-            other => respond(&writer, 0, error(format!("unexpected {other:?} frame")))?,
-        }
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("rootfs", &self.rootfs)
+            .finish_non_exhaustive()
     }
 }
 
-fn stdin(chunk: StreamChunk, procs: &mut HashMap<u32, Proc>) {
-    if let Some(Proc::Running { stdin, .. }) = procs.get_mut(&chunk.handle) {
-        if chunk.data.is_empty() {
-            *stdin = None;
-        } else if let Some(pipe) = stdin {
-            // A process that closed its stdin just does not get the bytes.
-            if pipe.write_all(&chunk.data).is_err() {
-                *stdin = None;
-            }
+impl Agent {
+    /// An agent whose processes run chrooted into `rootfs` (or in the
+    /// agent's own root).
+    pub fn new(reaper: Arc<Reaper>, rootfs: Option<PathBuf>, on_shutdown: ShutdownHook) -> Self {
+        Agent {
+            procs: Arc::default(),
+            out: Arc::new(Outbox::default()),
+            reaper,
+            rootfs,
+            on_shutdown,
         }
     }
-}
 
-fn handle(op: Op, procs: &mut HashMap<u32, Proc>, writer: &SharedWriter) -> Outcome {
-    match op {
-        Op::Ping => Outcome::Ok { pid: None },
-        Op::Create { handle, process } => {
-            if procs.contains_key(&handle) {
-                return error(format!("handle {handle} is already in use"));
-            }
-            if process.args.is_empty() {
-                return error("process.args is empty");
-            }
-            if process.terminal {
-                return error("terminal mode is not supported by this agent yet");
-            }
-            procs.insert(handle, Proc::Created(process));
-            Outcome::Ok { pid: None }
-        }
-        Op::Start { handle } => match procs.remove(&handle) {
-            Some(Proc::Created(spec)) => match start(handle, &spec, writer) {
-                Ok((pid, stdin)) => {
-                    procs.insert(handle, Proc::Running { pid, stdin });
-                    Outcome::Ok { pid: Some(pid) }
+    fn respond(&self, seq: u64, result: Outcome) -> io::Result<()> {
+        let frame = encode_json(FrameKind::Response, &Response { seq, result })
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.out.send(&frame)
+    }
+
+    /// Serves one connection until the host hangs up.
+    pub fn serve(&self, mut conn: impl Read, out: impl Write + Send + 'static) -> io::Result<()> {
+        self.out.attach(Box::new(out));
+        let result = self.serve_frames(&mut conn);
+        self.out.detach();
+        result
+    }
+
+    fn serve_frames(&self, conn: &mut impl Read) -> io::Result<()> {
+        loop {
+            let (header, payload) = match read_frame(conn) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(FrameError::Io(e)) => return Err(e),
+                Err(e) => {
+                    let _ = self.respond(0, error(format!("{e}; closing the connection")));
+                    return Ok(());
                 }
-                Err(e) => error(format!("cannot start {:?}: {e}", spec.args[0])),
-            },
-            Some(running) => {
-                procs.insert(handle, running);
-                error(format!("process {handle} was already started"))
+            };
+            match header.kind {
+                FrameKind::Request => match serde_json::from_slice::<Request>(&payload) {
+                    Ok(Request {
+                        seq,
+                        op: Op::Shutdown,
+                    }) => {
+                        self.respond(seq, Outcome::Ok { pid: None })?;
+                        (self.on_shutdown)();
+                    }
+                    Ok(req) => {
+                        let outcome = self.handle(req.op);
+                        self.respond(req.seq, outcome)?;
+                    }
+                    Err(e) => self.respond(0, error(format!("malformed request: {e}")))?,
+                },
+                FrameKind::Stream => match StreamChunk::decode(&payload) {
+                    Ok(chunk) if chunk.stream == StreamId::Stdin => self.stdin(chunk),
+                    _ => self.respond(0, error("malformed or non-stdin stream chunk"))?,
+                },
+                other => self.respond(0, error(format!("unexpected {other:?} frame")))?,
             }
-            None => error(format!("no process with handle {handle}")),
-        },
-        Op::Signal { handle, signal } => match procs.get(&handle) {
-            Some(Proc::Running { pid, .. }) => {
-                match Signal::try_from(signal)
+        }
+    }
+
+    fn procs(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Proc>> {
+        // A poisoned lock only means a panicking thread held it; the map
+        // itself is always consistent.
+        self.procs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stdin(&self, chunk: StreamChunk) {
+        if let Some(Proc::Running { stdin, .. }) = self.procs().get_mut(&chunk.handle) {
+            if chunk.data.is_empty() {
+                *stdin = None;
+            } else if let Some(pipe) = stdin {
+                // A process that closed its stdin just does not get the bytes.
+                if pipe.write_all(&chunk.data).is_err() {
+                    *stdin = None;
+                }
+            }
+        }
+    }
+
+    fn handle(&self, op: Op) -> Outcome {
+        let mut procs = self.procs();
+        match op {
+            Op::Ping | Op::Shutdown => Outcome::Ok { pid: None },
+            Op::Create { handle, process } => {
+                if procs.contains_key(&handle) {
+                    return error(format!("handle {handle} is already in use"));
+                }
+                if process.args.is_empty() {
+                    return error("process.args is empty");
+                }
+                if process.terminal {
+                    return error("terminal mode is not supported by this agent yet");
+                }
+                procs.insert(handle, Proc::Created(process));
+                Outcome::Ok { pid: None }
+            }
+            Op::Start { handle } => match procs.remove(&handle) {
+                Some(Proc::Created(spec)) => match self.start(handle, &spec) {
+                    Ok((pid, stdin)) => {
+                        procs.insert(handle, Proc::Running { pid, stdin });
+                        Outcome::Ok { pid: Some(pid) }
+                    }
+                    Err(e) => error(format!("cannot start {:?}: {e}", spec.args[0])),
+                },
+                Some(other) => {
+                    procs.insert(handle, other);
+                    error(format!("process {handle} was already started"))
+                }
+                None => error(format!("no process with handle {handle}")),
+            },
+            Op::Signal { handle, signal } => match procs.get(&handle) {
+                Some(Proc::Running { pid, .. }) => match Signal::try_from(signal)
                     .map_err(|e| e.to_string())
                     .and_then(|sig| kill(Pid::from_raw(*pid), sig).map_err(|e| e.to_string()))
                 {
                     Ok(()) => Outcome::Ok { pid: None },
                     Err(e) => error(format!("signal {signal} to process {handle}: {e}")),
+                },
+                _ => error(format!("no running process with handle {handle}")),
+            },
+            Op::CloseStdin { handle } => match procs.get_mut(&handle) {
+                Some(Proc::Running { stdin, .. }) => {
+                    *stdin = None;
+                    Outcome::Ok { pid: None }
                 }
+                _ => error(format!("no running process with handle {handle}")),
+            },
+        }
+    }
+
+    fn start(&self, handle: u32, spec: &ProcessSpec) -> io::Result<(i32, Option<ChildStdin>)> {
+        let mut cmd = Command::new(&spec.args[0]);
+        cmd.args(&spec.args[1..])
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for kv in &spec.env {
+            if let Some((k, v)) = kv.split_once('=') {
+                cmd.env(k, v);
             }
-            _ => error(format!("no running process with handle {handle}")),
-        },
-        Op::CloseStdin { handle } => match procs.get_mut(&handle) {
-            Some(Proc::Running { stdin, .. }) => {
-                *stdin = None;
-                Outcome::Ok { pid: None }
+        }
+        let setup = ChildSetup::new(self.rootfs.clone(), spec)?;
+        // SAFETY: the hook only makes async-signal-safe system calls
+        // (chroot, chdir, setsid, setgroups, setgid, setuid) on data
+        // prepared before the fork.
+        unsafe { cmd.pre_exec(move || setup.apply()) };
+        let mut child = cmd.spawn()?;
+        let pid = child.id() as i32;
+        let exited = self.reaper.watch(pid);
+        let stdin = child.stdin.take();
+        let pumps = [
+            pump(
+                handle,
+                StreamId::Stdout,
+                child.stdout.take(),
+                self.out.clone(),
+            ),
+            pump(
+                handle,
+                StreamId::Stderr,
+                child.stderr.take(),
+                self.out.clone(),
+            ),
+        ];
+        let (out, procs) = (self.out.clone(), self.procs.clone());
+        thread::spawn(move || {
+            // Exit is reported only after both streams reached EOF, so the
+            // host has every byte before it sees the status.
+            let status = exited.recv().unwrap_or(255);
+            for p in pumps {
+                let _ = p.join();
             }
-            _ => error(format!("no running process with handle {handle}")),
-        },
+            // Its PID may be reused from now on: no more signals to it.
+            if let Some(p) = procs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&handle)
+            {
+                *p = Proc::Exited;
+            }
+            if let Ok(frame) = encode_json(FrameKind::Event, &Event::Exited { handle, status }) {
+                out.deliver(&frame);
+            }
+        });
+        Ok((pid, stdin))
     }
 }
 
-fn start(
-    handle: u32,
-    spec: &ProcessSpec,
-    writer: &SharedWriter,
-) -> io::Result<(i32, Option<ChildStdin>)> {
-    let mut cmd = Command::new(&spec.args[0]);
-    cmd.args(&spec.args[1..])
-        .env_clear()
-        .current_dir(&spec.cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for kv in &spec.env {
-        if let Some((k, v)) = kv.split_once('=') {
-            cmd.env(k, v);
+/// What a new process does between fork and exec, prepared in the parent
+/// so the child only makes system calls.
+struct ChildSetup {
+    root: Option<CString>,
+    cwd: CString,
+    ids: Option<(Uid, Gid)>,
+}
+
+impl ChildSetup {
+    fn new(root: Option<PathBuf>, spec: &ProcessSpec) -> io::Result<Self> {
+        let cstr = |s: &str| CString::new(s).map_err(|_| io::Error::other("NUL byte in a path"));
+        let root = match root {
+            Some(r) => Some(cstr(&r.to_string_lossy())?),
+            None => None,
+        };
+        let same_ids = spec.uid == nix::unistd::getuid().as_raw()
+            && spec.gid == nix::unistd::getgid().as_raw();
+        Ok(ChildSetup {
+            root,
+            cwd: cstr(&spec.cwd)?,
+            ids: (!same_ids).then(|| (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid))),
+        })
+    }
+
+    fn apply(&self) -> io::Result<()> {
+        let _ = nix::unistd::setsid();
+        if let Some(root) = &self.root {
+            nix::unistd::chroot(root.as_c_str())?;
         }
+        nix::unistd::chdir(self.cwd.as_c_str())?;
+        if let Some((uid, gid)) = self.ids {
+            nix::unistd::setgroups(&[])?;
+            nix::unistd::setgid(gid)?;
+            nix::unistd::setuid(uid)?;
+        }
+        Ok(())
     }
-    if spec.uid != nix::unistd::getuid().as_raw() || spec.gid != nix::unistd::getgid().as_raw() {
-        cmd.uid(spec.uid).gid(spec.gid);
-    }
-    let mut child = cmd.spawn()?;
-    let pid = child.id() as i32;
-    let stdin = child.stdin.take();
-    let pumps = [
-        pump(
-            handle,
-            StreamId::Stdout,
-            child.stdout.take(),
-            writer.clone(),
-        ),
-        pump(
-            handle,
-            StreamId::Stderr,
-            child.stderr.take(),
-            writer.clone(),
-        ),
-    ];
-    let writer = writer.clone();
-    thread::spawn(move || wait(handle, child, pumps, writer));
-    Ok((pid, stdin))
 }
 
 fn pump(
     handle: u32,
     stream: StreamId,
     source: Option<impl Read + Send + 'static>,
-    writer: SharedWriter,
+    out: Arc<Outbox>,
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         let Some(mut source) = source else { return };
@@ -212,25 +351,12 @@ fn pump(
                 stream,
                 data: buf[..n].to_vec(),
             };
-            let sent = chunk
-                .encode()
-                .ok()
-                .is_some_and(|frame| send(&writer, &frame).is_ok());
-            if n == 0 || !sent {
+            if let Ok(frame) = chunk.encode() {
+                out.deliver(&frame);
+            }
+            if n == 0 {
                 return;
             }
         }
     })
-}
-
-/// Reports the exit only after both output streams reached EOF, so the host
-/// has every byte before it sees the status.
-fn wait(handle: u32, mut child: Child, pumps: [thread::JoinHandle<()>; 2], writer: SharedWriter) {
-    let status = child.wait().map(shell_status).unwrap_or(255);
-    for p in pumps {
-        let _ = p.join();
-    }
-    if let Ok(frame) = encode_json(FrameKind::Event, &Event::Exited { handle, status }) {
-        let _ = send(&writer, &frame);
-    }
 }

@@ -334,3 +334,41 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
     let mut again = Client::connect(&a);
     assert_eq!(again.call(Op::Ping), Outcome::Ok { pid: None });
 }
+
+#[test]
+fn output_produced_while_the_host_is_away_reaches_the_next_connection() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    c.spawn(1, sh("sleep 1; echo late; echo err >&2; exit 4"));
+    drop(c);
+    let mut c = Client::connect(&a);
+    assert_eq!(c.wait(1), 4);
+    assert_eq!(c.output(1, StreamId::Stdout), "late\n");
+    assert_eq!(c.output(1, StreamId::Stderr), "err\n");
+    // The ended process takes no more signals: its PID may be reused.
+    let Outcome::Error { message } = c.call(Op::Signal {
+        handle: 1,
+        signal: 15,
+    }) else {
+        panic!("signal to an exited process succeeded")
+    };
+    assert!(message.contains("no running process"), "{message}");
+}
+
+#[test]
+fn orphans_are_reaped_and_do_not_disturb_exit_statuses() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    // The shell leaves a background child behind and exits first.
+    assert_eq!(c.run(1, sh("sleep 0.2 & exit 5")), 5);
+    assert_eq!(c.run(2, sh("exit 6")), 6);
+}
+
+#[test]
+fn shutdown_is_answered_then_ends_the_agent() {
+    let mut a = agent();
+    let mut c = Client::connect(&a);
+    assert_eq!(c.call(Op::Shutdown), Outcome::Ok { pid: None });
+    let status = a.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}

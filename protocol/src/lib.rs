@@ -5,6 +5,7 @@
 //! protocol version and the frame kind, so either side can reject a peer that
 //! speaks something else before it reads a single payload byte.
 
+pub mod client;
 mod frame;
 mod message;
 
@@ -13,6 +14,9 @@ pub use message::{
     encode_json, Event, MessageError, Op, Outcome, ProcessSpec, Request, Response, StreamChunk,
     StreamId,
 };
+
+/// The vsock port the agent listens on inside the guest.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Version of the wire format; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u16 = 1;

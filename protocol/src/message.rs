@@ -74,6 +74,8 @@ pub enum Op {
     },
     /// Check the agent is alive.
     Ping,
+    /// Sync the guest's filesystems and end the VM (processes are killed).
+    Shutdown,
 }
 
 /// The agent's answer to one request.

@@ -1,0 +1,194 @@
+//! The agent as PID 1 of a real micro-VM: the container rootfs arrives over
+//! virtio-fs, the host drives processes over vsock.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use runvm_protocol::client::{connect_vsock, Client, Notice};
+use runvm_protocol::{Event, Op, Outcome, ProcessSpec, StreamId, AGENT_VSOCK_PORT};
+use runvm_tests::artifacts::{vmm_command, Initrd};
+use runvm_tests::guest::GuestProcess;
+use runvm_tests::kvm_test;
+
+/// A busybox root filesystem: /bin/busybox and a link per applet.
+fn busybox_rootfs(dir: &Path) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8(list.stdout).unwrap().lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+    }
+    for d in ["tmp", "proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+}
+
+fn sh(script: &str) -> ProcessSpec {
+    ProcessSpec {
+        args: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin".into()],
+        cwd: "/".into(),
+        uid: 0,
+        gid: 0,
+        terminal: false,
+    }
+}
+
+/// Output and exit status per process handle.
+#[derive(Default)]
+struct Host {
+    out: HashMap<(u32, u8), Vec<u8>>,
+    exits: HashMap<u32, i32>,
+}
+
+impl Host {
+    fn start(&mut self, c: &mut Client<UnixStream>, handle: u32, p: ProcessSpec) {
+        assert_eq!(
+            c.call(Op::Create { handle, process: p }).unwrap(),
+            Outcome::Ok { pid: None }
+        );
+        let started = c.call(Op::Start { handle }).unwrap();
+        assert!(
+            matches!(started, Outcome::Ok { pid: Some(_) }),
+            "{started:?}"
+        );
+    }
+
+    fn pump(&mut self, c: &mut Client<UnixStream>) {
+        match c.next_notice().unwrap() {
+            Notice::Output(chunk) => self
+                .out
+                .entry((chunk.handle, chunk.stream as u8))
+                .or_default()
+                .extend_from_slice(&chunk.data),
+            Notice::Event(Event::Exited { handle, status }) => {
+                self.exits.insert(handle, status);
+            }
+        }
+    }
+
+    fn wait(&mut self, c: &mut Client<UnixStream>, handle: u32) -> i32 {
+        while !self.exits.contains_key(&handle) {
+            self.pump(c);
+        }
+        self.exits[&handle]
+    }
+
+    fn run(&mut self, c: &mut Client<UnixStream>, handle: u32, p: ProcessSpec) -> i32 {
+        self.start(c, handle, p);
+        self.wait(c, handle)
+    }
+
+    fn stderr(&self, handle: u32) -> String {
+        let bytes = self.out.get(&(handle, StreamId::Stderr as u8));
+        String::from_utf8_lossy(bytes.map_or(&[][..], |v| v)).into_owned()
+    }
+
+    fn stdout(&self, handle: u32) -> String {
+        let bytes = self.out.get(&(handle, StreamId::Stdout as u8));
+        String::from_utf8_lossy(bytes.map_or(&[][..], |v| v)).into_owned()
+    }
+}
+
+kvm_test!(
+    fn the_agent_runs_container_processes_in_a_virtio_fs_rootfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        busybox_rootfs(&rootfs);
+        let uds = dir.path().join("v.sock");
+        let initrd = Initrd::agent();
+        let mut cmd = vmm_command("vmlinux", &initrd);
+        cmd.args(["--mem-mib", "256", "--boot-timeout", "900"])
+            .args(["--cmdline", "quiet runvm.rootfs=rootfs runvm.hostname=box"])
+            .args(["--vsock-cid", "3", "--vsock-uds"])
+            .arg(&uds)
+            .arg("--fs")
+            .arg(format!("tag=rootfs,path={}", rootfs.display()));
+        let guest = GuestProcess::spawn(cmd);
+        let conn = match connect_vsock(&uds, AGENT_VSOCK_PORT, Duration::from_secs(300)) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}\n{}", guest.finish(Duration::from_secs(5)).output),
+        };
+        let mut c = Client::new(conn);
+        let mut h = Host::default();
+
+        assert_eq!(h.run(&mut c, 1, sh("echo hello from the container")), 0);
+        assert_eq!(h.stdout(1), "hello from the container\n");
+        assert_eq!(h.run(&mut c, 2, sh("exit 1")), 1);
+        assert_eq!(h.run(&mut c, 3, sh("kill -9 $$")), 137);
+
+        // env, cwd, user, hostname; writes land in the shared rootfs.
+        let mut p = sh("id -u; id -g; pwd; echo $FOO; hostname; echo made > /tmp/by-container");
+        p.env.push("FOO=bar".into());
+        p.cwd = "/tmp".into();
+        (p.uid, p.gid) = (1000, 1001);
+        assert_eq!(h.run(&mut c, 4, p), 0, "{}", h.stderr(4));
+        assert_eq!(
+            h.stdout(4),
+            "1000\n1001\n/tmp\nbar\nbox\n",
+            "{}",
+            h.stderr(4)
+        );
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("tmp/by-container")).unwrap(),
+            "made\n"
+        );
+
+        // stdin, then EOF.
+        h.start(&mut c, 5, sh("cat; echo done"));
+        c.send_stdin(5, b"piped in\n").unwrap();
+        c.send_stdin(5, b"").unwrap();
+        assert_eq!(h.wait(&mut c, 5), 0);
+        assert_eq!(h.stdout(5), "piped in\ndone\n");
+
+        // SIGTERM reaches a process that handles it.
+        h.start(
+            &mut c,
+            6,
+            sh("trap 'echo term; exit 7' TERM; echo ready; while :; do sleep 0.1; done"),
+        );
+        while !h.stdout(6).contains("ready") {
+            h.pump(&mut c);
+        }
+        assert_eq!(
+            c.call(Op::Signal {
+                handle: 6,
+                signal: 15
+            })
+            .unwrap(),
+            Outcome::Ok { pid: None }
+        );
+        assert_eq!(h.wait(&mut c, 6), 7);
+        assert!(h.stdout(6).ends_with("term\n"));
+
+        // 100 MiB of output arrives intact.
+        assert_eq!(
+            h.run(&mut c, 7, sh("yes 0123456789abcdef | head -c 104857600")),
+            0
+        );
+        let out = &h.out[&(7, StreamId::Stdout as u8)];
+        assert_eq!(out.len(), 100 << 20);
+        assert!(out
+            .chunks(17)
+            .all(|l| l == b"0123456789abcdef\n" || l.len() < 17));
+
+        assert_eq!(c.call(Op::Shutdown).unwrap(), Outcome::Ok { pid: None });
+        let run = guest.finish(Duration::from_secs(120));
+        assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{}", run.output);
+        assert!(
+            run.output.contains("RUNVM_AGENT_LISTENING"),
+            "{}",
+            run.output
+        );
+    }
+);
