@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Runs a benchmark that prints figures: tests/bench.sh boot
+# Runs a benchmark that prints figures: tests/bench.sh boot|devices
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 case "${1:-}" in
-    boot) ;;
-    *) echo "usage: $0 boot" >&2; exit 2 ;;
+    boot | devices) ;;
+    *) echo "usage: $0 boot|devices" >&2; exit 2 ;;
 esac
 RUNVM_GUEST_KERNEL_DIR=$(kernel-config/build.sh)
 RUNVM_AGENT_BIN=$(guest-agent/build-static.sh)
-export RUNVM_GUEST_KERNEL_DIR RUNVM_AGENT_BIN
+RUNVM_GUEST_TOOL_BIN=$(guest-agent/build-static.sh runvm-guest-tool)
+export RUNVM_GUEST_KERNEL_DIR RUNVM_AGENT_BIN RUNVM_GUEST_TOOL_BIN
 cargo build --quiet --release -p runvm-vmm
 cargo bench --quiet -p runvm-tests --bench "$1"

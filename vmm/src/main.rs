@@ -52,7 +52,7 @@ struct Args {
     #[arg(long, requires = "vsock_cid")]
     vsock_uds: Option<PathBuf>,
     /// Share a host directory over virtio-fs (repeatable):
-    /// tag=T,path=DIR[,ro][,cache=never|auto|always]
+    /// `tag=T,path=DIR[,ro][,cache=never|auto|always]`
     #[arg(long = "fs", value_name = "SHARE")]
     fs: Vec<FsConfig>,
     /// Print how long each VM build phase took (stderr) once the vCPUs run.

@@ -5,6 +5,9 @@
 //!   each until EOF, then exit.
 //! - `send-host PORT BYTES CONNS`: open CONNS concurrent connections to the
 //!   host's PORT, send BYTES on each while reading the echo back, check it.
+//! - `fs-bench DIR MIB FILES`: sequential write then read of a MIB-sized
+//!   file, then create/stat/read/delete FILES small files, in DIR; prints
+//!   the figures (the same binary runs natively for the baseline).
 
 mod vsock;
 
@@ -110,6 +113,71 @@ fn send_host(port: u32, bytes: usize, conns: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn drop_caches() {
+    // Only root can; without it the read may come from the page cache,
+    // which the caller sees in the figures.
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn fs_bench(dir: &std::path::Path, mib: usize, files: usize) -> anyhow::Result<()> {
+    use std::fs::{self, File};
+    let chunk: Vec<u8> = (0..1 << 20).map(pattern).collect();
+    let big = dir.join("fs-bench.big");
+    let start = Instant::now();
+    let mut f = File::create(&big).context("create the big file")?;
+    for _ in 0..mib {
+        f.write_all(&chunk).context("write")?;
+    }
+    f.sync_all().context("fsync")?;
+    drop(f);
+    let write_s = start.elapsed().as_secs_f64();
+    drop_caches();
+    let start = Instant::now();
+    let mut f = File::open(&big).context("open the big file")?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = f.read(&mut buf).context("read")?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    let read_s = start.elapsed().as_secs_f64();
+    if total != mib << 20 {
+        bail!("read {total} bytes of {}", mib << 20);
+    }
+    fs::remove_file(&big).context("remove the big file")?;
+
+    let tree = dir.join("fs-bench.small");
+    fs::create_dir_all(&tree).context("mkdir")?;
+    let start = Instant::now();
+    let name = |i: usize| tree.join(format!("f{i}"));
+    for i in 0..files {
+        fs::write(name(i), &chunk[..100]).context("create a small file")?;
+    }
+    for i in 0..files {
+        fs::metadata(name(i)).context("stat")?;
+    }
+    for i in 0..files {
+        if fs::read(name(i)).context("read a small file")?.len() != 100 {
+            bail!("small file {i} has the wrong size");
+        }
+    }
+    for i in 0..files {
+        fs::remove_file(name(i)).context("delete")?;
+    }
+    let meta_s = start.elapsed().as_secs_f64();
+    fs::remove_dir(&tree).context("rmdir")?;
+    println!(
+        "FSBENCH dir={} mib={mib} write_s={write_s:.3} read_s={read_s:.3} write_mib_s={:.1} read_mib_s={:.1} files={files} meta_s={meta_s:.3}",
+        dir.display(),
+        mib as f64 / write_s,
+        mib as f64 / read_s
+    );
+    Ok(())
+}
+
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> anyhow::Result<T> {
     args.get(i)
         .with_context(|| format!("missing {what}"))?
@@ -127,7 +195,14 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             arg(args, 2, "byte count")?,
             arg(args, 3, "connection count")?,
         ),
-        _ => bail!("usage: runvm-guest-tool echo-server PORT CONNS | send-host PORT BYTES CONNS"),
+        Some("fs-bench") => fs_bench(
+            std::path::Path::new(&arg::<String>(args, 1, "directory")?),
+            arg(args, 2, "size in MiB")?,
+            arg(args, 3, "file count")?,
+        ),
+        _ => bail!(
+            "usage: runvm-guest-tool echo-server PORT CONNS | send-host PORT BYTES CONNS | fs-bench DIR MIB FILES"
+        ),
     }
 }
 

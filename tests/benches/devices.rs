@@ -1,0 +1,134 @@
+//! Device benchmark (issue: virtio devices): virtio-fs against the test
+//! host's own filesystem, and vsock throughput, in one run of the KVM host.
+//!
+//! The same static `runvm-guest-tool fs-bench` runs natively on the host's
+//! /tmp and inside a guest on a virtio-fs share of a host /tmp directory:
+//! sequential write and read of a `RUNVM_BENCH_FS_MIB` (default 512) MiB
+//! file and create/stat/read/delete of 10,000 small files. Then the guest
+//! streams 64 MiB through vsock to a host echo server. Prints figures and
+//! ratios. Run it with `tests/bench.sh devices`.
+
+use std::os::unix::net::UnixListener;
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use runvm_tests::artifacts::{guest_tool_binary, vmm_command, Initrd};
+use runvm_tests::guest::GuestProcess;
+use runvm_tests::kvm::{self, KvmPlace};
+
+const FILES: usize = 10_000;
+
+/// `key=value` fields of the first line starting with `tag`.
+fn fields(output: &str, tag: &str) -> Vec<(String, String)> {
+    let line = output
+        .lines()
+        .find(|l| l.contains(tag))
+        .unwrap_or_else(|| panic!("no {tag} line in:\n{output}"));
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn field(f: &[(String, String)], key: &str) -> f64 {
+    f.iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {f:?}"))
+}
+
+fn main() {
+    if std::env::args().skip(1).any(|a| a != "--bench") {
+        eprintln!("usage: devices [--bench]   (RUNVM_BENCH_FS_MIB=N sets the file size)");
+        std::process::exit(2);
+    }
+    if kvm::place() == KvmPlace::TestHost {
+        let exe = std::env::current_exe().expect("bench executable");
+        let status = kvm::testhost_run(&exe, "1800")
+            .status()
+            .expect("run the test host");
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let mib: usize = std::env::var("RUNVM_BENCH_FS_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+
+    // Native baseline on the host's own filesystem.
+    let native_dir = tempfile::tempdir().unwrap();
+    let native = Command::new(guest_tool_binary())
+        .args(["fs-bench"])
+        .arg(native_dir.path())
+        .args([mib.to_string(), FILES.to_string()])
+        .output()
+        .expect("run fs-bench natively");
+    assert!(native.status.success(), "{native:?}");
+    let native = String::from_utf8(native.stdout).unwrap();
+    let native = fields(&native, "FSBENCH");
+
+    // The same workload in a guest on a virtio-fs share of a host directory.
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let uds = dir.path().join("v.sock");
+    let echo = UnixListener::bind(dir.path().join("v.sock_6000")).unwrap();
+    thread::spawn(move || {
+        for conn in echo.incoming() {
+            let Ok(mut conn) = conn else { break };
+            thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut conn, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let initrd = Initrd::busybox_with_tool(&format!(
+        "bb=/bin/busybox\n\
+         $bb mount -t proc proc /proc\n\
+         $bb mkdir -p /mnt\n\
+         $bb mount -t virtiofs bench /mnt\n\
+         /bin/runvm-guest-tool fs-bench /mnt {mib} {FILES}\n\
+         /bin/runvm-guest-tool send-host 6000 67108864 1\n\
+         $bb umount /mnt\n\
+         $bb reboot -f"
+    ));
+    let mut cmd = vmm_command("vmlinux", &initrd);
+    cmd.args([
+        "--vcpus",
+        "2",
+        "--mem-mib",
+        "1024",
+        "--boot-timeout",
+        "1500",
+    ])
+    .args(["--cmdline", "quiet", "--vsock-cid", "3", "--vsock-uds"])
+    .arg(&uds)
+    .arg("--fs")
+    .arg(format!("tag=bench,path={},cache=always", share.display()));
+    let run = GuestProcess::spawn(cmd).finish(Duration::from_secs(1600));
+    assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{}", run.output);
+    let guest = fields(&run.output, "FSBENCH");
+    let vsock = fields(&run.output, "SENT-OK");
+
+    let (nw, nr, nm) = (
+        field(&native, "write_mib_s"),
+        field(&native, "read_mib_s"),
+        field(&native, "meta_s"),
+    );
+    let (gw, gr, gm) = (
+        field(&guest, "write_mib_s"),
+        field(&guest, "read_mib_s"),
+        field(&guest, "meta_s"),
+    );
+    println!("devices benchmark (one test host run; host fs = test host /tmp, tmpfs)");
+    println!("{mib} MiB sequential write   native {nw:8.1} MiB/s   virtio-fs {gw:8.1} MiB/s   ratio {:.2}", gw / nw);
+    println!("{mib} MiB sequential read    native {nr:8.1} MiB/s   virtio-fs {gr:8.1} MiB/s   ratio {:.2}", gr / nr);
+    println!("{FILES} files create/stat/read/delete   native {nm:.2} s   virtio-fs {gm:.2} s   ratio {:.2}x", gm / nm);
+    println!(
+        "vsock 64 MiB guest->host echo: {:.1} MiB/s (both directions counted), {:.2} s",
+        field(&vsock, "mib_per_s"),
+        field(&vsock, "secs")
+    );
+    println!("TCP guest<->host: not measured (no virtio-net yet)");
+}
