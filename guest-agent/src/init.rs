@@ -186,7 +186,33 @@ fn mount_rootfs(tag: &str, read_only: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Leaves the initramfs for a tmpfs root (what switch_root does): the
+/// kernel's initial rootfs can never be pivot_root'ed away, so the
+/// container's mount namespace could not detach the agent's files.
+fn leave_initramfs() -> Result<(), String> {
+    const NEW: &str = "/.runvm-root";
+    fs::create_dir_all(NEW).map_err(|e| format!("mkdir {NEW}: {e}"))?;
+    mount(
+        Some("tmpfs"),
+        NEW,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )
+    .map_err(|e| format!("mount the root tmpfs: {e}"))?;
+    fs::copy("/proc/self/exe", format!("{NEW}/init"))
+        .or_else(|_| fs::copy("/init", format!("{NEW}/init")))
+        .map_err(|e| format!("copy the agent: {e}"))?;
+    nix::unistd::chdir(NEW).map_err(|e| format!("chdir {NEW}: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("move the root tmpfs to /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
 fn prepare() -> Result<BootParams, String> {
+    leave_initramfs()?;
     mount_basics()?;
     mount_all(EXTRAS, "")?;
     let params = BootParams::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
@@ -219,7 +245,13 @@ fn serve(params: &BootParams) -> Result<(), String> {
     let reaper = crate::Reaper::start().map_err(|e| format!("reaper: {e}"))?;
     let listener = crate::vsock::listen_port(runvm_protocol::AGENT_VSOCK_PORT)
         .map_err(|e| format!("vsock listen: {e}"))?;
-    let rootfs = params.rootfs_tag.as_ref().map(|_| ROOTFS.into());
+    let rootfs = match params.rootfs_tag {
+        Some(_) => Some(crate::Root::Namespace(
+            runvm_agent::mount_ns::MountNs::create(std::path::Path::new(ROOTFS))
+                .map_err(|e| format!("container mount namespace: {e}"))?,
+        )),
+        None => None,
+    };
     let agent = crate::Agent::new(reaper, rootfs, Box::new(|| power_off()));
     println!(
         "{LISTENING_MARKER} port={}",

@@ -2,5 +2,6 @@
 //! the host<->agent protocol over any byte stream (vsock in the guest, a
 //! Unix socket in tests), and [`reaper::Reaper`] collects exit statuses.
 
+pub mod mount_ns;
 pub mod reaper;
 pub mod server;

@@ -9,7 +9,7 @@ mod init;
 mod vsock;
 
 use runvm_agent::reaper::Reaper;
-use runvm_agent::server::Agent;
+use runvm_agent::server::{Agent, Root};
 
 use std::process::ExitCode;
 
@@ -31,6 +31,15 @@ fn main() -> ExitCode {
     if let [flag, path] = args.as_slice() {
         if flag == "--serve-unix" {
             return serve_unix(path);
+        }
+        if flag == "--hold-mount-ns" {
+            return match runvm_agent::mount_ns::hold(std::path::Path::new(path)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("runvm-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
     }
     if std::process::id() != 1 {

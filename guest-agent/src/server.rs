@@ -89,8 +89,17 @@ pub struct Agent {
     procs: Arc<Mutex<HashMap<u32, Proc>>>,
     out: Arc<Outbox>,
     reaper: Arc<Reaper>,
-    rootfs: Option<PathBuf>,
+    rootfs: Option<Root>,
     on_shutdown: ShutdownHook,
+}
+
+/// Where container processes find their root.
+#[derive(Debug)]
+pub enum Root {
+    /// chroot into a directory (host tests, no privileges needed beyond root).
+    Chroot(PathBuf),
+    /// Join a mount namespace whose root is the container's (the guest).
+    Namespace(crate::mount_ns::MountNs),
 }
 
 impl std::fmt::Debug for Agent {
@@ -104,7 +113,7 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     /// An agent whose processes run chrooted into `rootfs` (or in the
     /// agent's own root).
-    pub fn new(reaper: Arc<Reaper>, rootfs: Option<PathBuf>, on_shutdown: ShutdownHook) -> Self {
+    pub fn new(reaper: Arc<Reaper>, rootfs: Option<Root>, on_shutdown: ShutdownHook) -> Self {
         Agent {
             procs: Arc::default(),
             out: Arc::new(Outbox::default()),
@@ -245,10 +254,10 @@ impl Agent {
                 cmd.env(k, v);
             }
         }
-        let setup = ChildSetup::new(self.rootfs.clone(), spec)?;
+        let setup = ChildSetup::new(self.rootfs.as_ref(), spec)?;
         // SAFETY: the hook only makes async-signal-safe system calls
-        // (chroot, chdir, setsid, setgroups, setgid, setuid) on data
-        // prepared before the fork.
+        // (setns or chroot, chdir, setsid, setgroups, setgid, setuid) on
+        // data prepared before the fork.
         unsafe { cmd.pre_exec(move || setup.apply()) };
         let mut child = cmd.spawn()?;
         let pid = child.id() as i32;
@@ -295,22 +304,26 @@ impl Agent {
 /// What a new process does between fork and exec, prepared in the parent
 /// so the child only makes system calls.
 struct ChildSetup {
-    root: Option<CString>,
+    chroot: Option<CString>,
+    mount_ns: Option<std::os::fd::RawFd>,
     cwd: CString,
     ids: Option<(Uid, Gid)>,
 }
 
 impl ChildSetup {
-    fn new(root: Option<PathBuf>, spec: &ProcessSpec) -> io::Result<Self> {
+    fn new(root: Option<&Root>, spec: &ProcessSpec) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
         let cstr = |s: &str| CString::new(s).map_err(|_| io::Error::other("NUL byte in a path"));
-        let root = match root {
-            Some(r) => Some(cstr(&r.to_string_lossy())?),
-            None => None,
+        let (chroot, mount_ns) = match root {
+            Some(Root::Chroot(dir)) => (Some(cstr(&dir.to_string_lossy())?), None),
+            Some(Root::Namespace(ns)) => (None, Some(ns.fd().as_raw_fd())),
+            None => (None, None),
         };
         let same_ids = spec.uid == nix::unistd::getuid().as_raw()
             && spec.gid == nix::unistd::getgid().as_raw();
         Ok(ChildSetup {
-            root,
+            chroot,
+            mount_ns,
             cwd: cstr(&spec.cwd)?,
             ids: (!same_ids).then(|| (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid))),
         })
@@ -318,7 +331,13 @@ impl ChildSetup {
 
     fn apply(&self) -> io::Result<()> {
         let _ = nix::unistd::setsid();
-        if let Some(root) = &self.root {
+        if let Some(fd) = self.mount_ns {
+            // SAFETY: the descriptor stays open in the agent for as long as
+            // it runs; the child got a copy at fork.
+            let ns = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
+        }
+        if let Some(root) = &self.chroot {
             nix::unistd::chroot(root.as_c_str())?;
         }
         nix::unistd::chdir(self.cwd.as_c_str())?;

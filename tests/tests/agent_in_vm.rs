@@ -100,6 +100,84 @@ impl Host {
     }
 }
 
+/// Everything the container test checks, given a connected client.
+fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
+    let mut h = Host::default();
+
+    assert_eq!(h.run(c, 1, sh("echo hello from the container")), 0);
+    assert_eq!(h.stdout(1), "hello from the container\n");
+    assert_eq!(h.run(c, 2, sh("exit 1")), 1);
+    assert_eq!(h.run(c, 3, sh("kill -9 $$")), 137);
+
+    // env, cwd, user, hostname; writes land in the shared rootfs.
+    let mut p = sh("id -u; id -g; pwd; echo $FOO; hostname; echo made > /tmp/by-container");
+    p.env.push("FOO=bar".into());
+    p.cwd = "/tmp".into();
+    (p.uid, p.gid) = (1000, 1001);
+    assert_eq!(h.run(c, 4, p), 0, "{}", h.stderr(4));
+    assert_eq!(
+        h.stdout(4),
+        "1000\n1001\n/tmp\nbar\nbox\n",
+        "{}",
+        h.stderr(4)
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("tmp/by-container")).unwrap(),
+        "made\n"
+    );
+
+    // The rootfs is the process's `/` in its own mount namespace: the
+    // agent's initramfs is not reachable, not even through `..`.
+    let probe = "test -e /init && echo agent-visible || echo agent-hidden; \
+                     cd /; cd ../../..; pwd; ls /; grep -c rootfs /proc/self/mountinfo; \
+                     awk '$5 == \"/\" {print $8}' /proc/self/mountinfo";
+    assert_eq!(h.run(c, 8, sh(probe)), 0, "{}", h.stderr(8));
+    assert_eq!(
+        h.stdout(8),
+        "agent-hidden\n/\nbin\ndev\netc\nproc\nsys\ntmp\n1\nvirtiofs\n",
+        "{}",
+        h.stderr(8)
+    );
+
+    // stdin, then EOF.
+    h.start(c, 5, sh("cat; echo done"));
+    c.send_stdin(5, b"piped in\n").unwrap();
+    c.send_stdin(5, b"").unwrap();
+    assert_eq!(h.wait(c, 5), 0);
+    assert_eq!(h.stdout(5), "piped in\ndone\n");
+
+    // SIGTERM reaches a process that handles it.
+    h.start(
+        c,
+        6,
+        sh("trap 'echo term; exit 7' TERM; echo ready; while :; do sleep 0.1; done"),
+    );
+    while !h.stdout(6).contains("ready") {
+        h.pump(c);
+    }
+    assert_eq!(
+        c.call(Op::Signal {
+            handle: 6,
+            signal: 15
+        })
+        .unwrap(),
+        Outcome::Ok { pid: None }
+    );
+    assert_eq!(h.wait(c, 6), 7);
+    assert!(h.stdout(6).ends_with("term\n"));
+
+    // 100 MiB of output arrives intact.
+    assert_eq!(
+        h.run(c, 7, sh("yes 0123456789abcdef | head -c 104857600")),
+        0
+    );
+    let out = &h.out[&(7, StreamId::Stdout as u8)];
+    assert_eq!(out.len(), 100 << 20);
+    assert!(out
+        .chunks(17)
+        .all(|l| l == b"0123456789abcdef\n" || l.len() < 17));
+}
+
 kvm_test!(
     fn the_agent_runs_container_processes_in_a_virtio_fs_rootfs() {
         let dir = tempfile::tempdir().unwrap();
@@ -120,68 +198,16 @@ kvm_test!(
             Err(e) => panic!("{e}\n{}", guest.finish(Duration::from_secs(5)).output),
         };
         let mut c = Client::new(conn);
-        let mut h = Host::default();
-
-        assert_eq!(h.run(&mut c, 1, sh("echo hello from the container")), 0);
-        assert_eq!(h.stdout(1), "hello from the container\n");
-        assert_eq!(h.run(&mut c, 2, sh("exit 1")), 1);
-        assert_eq!(h.run(&mut c, 3, sh("kill -9 $$")), 137);
-
-        // env, cwd, user, hostname; writes land in the shared rootfs.
-        let mut p = sh("id -u; id -g; pwd; echo $FOO; hostname; echo made > /tmp/by-container");
-        p.env.push("FOO=bar".into());
-        p.cwd = "/tmp".into();
-        (p.uid, p.gid) = (1000, 1001);
-        assert_eq!(h.run(&mut c, 4, p), 0, "{}", h.stderr(4));
-        assert_eq!(
-            h.stdout(4),
-            "1000\n1001\n/tmp\nbar\nbox\n",
-            "{}",
-            h.stderr(4)
-        );
-        assert_eq!(
-            std::fs::read_to_string(rootfs.join("tmp/by-container")).unwrap(),
-            "made\n"
-        );
-
-        // stdin, then EOF.
-        h.start(&mut c, 5, sh("cat; echo done"));
-        c.send_stdin(5, b"piped in\n").unwrap();
-        c.send_stdin(5, b"").unwrap();
-        assert_eq!(h.wait(&mut c, 5), 0);
-        assert_eq!(h.stdout(5), "piped in\ndone\n");
-
-        // SIGTERM reaches a process that handles it.
-        h.start(
-            &mut c,
-            6,
-            sh("trap 'echo term; exit 7' TERM; echo ready; while :; do sleep 0.1; done"),
-        );
-        while !h.stdout(6).contains("ready") {
-            h.pump(&mut c);
+        // On any failure, show what the guest printed.
+        let checks =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exercise(&mut c, &rootfs)));
+        if let Err(e) = checks {
+            eprintln!(
+                "guest output:\n{}",
+                guest.finish(Duration::from_secs(5)).output
+            );
+            std::panic::resume_unwind(e);
         }
-        assert_eq!(
-            c.call(Op::Signal {
-                handle: 6,
-                signal: 15
-            })
-            .unwrap(),
-            Outcome::Ok { pid: None }
-        );
-        assert_eq!(h.wait(&mut c, 6), 7);
-        assert!(h.stdout(6).ends_with("term\n"));
-
-        // 100 MiB of output arrives intact.
-        assert_eq!(
-            h.run(&mut c, 7, sh("yes 0123456789abcdef | head -c 104857600")),
-            0
-        );
-        let out = &h.out[&(7, StreamId::Stdout as u8)];
-        assert_eq!(out.len(), 100 << 20);
-        assert!(out
-            .chunks(17)
-            .all(|l| l == b"0123456789abcdef\n" || l.len() < 17));
-
         assert_eq!(c.call(Op::Shutdown).unwrap(), Outcome::Ok { pid: None });
         let run = guest.finish(Duration::from_secs(120));
         assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{}", run.output);

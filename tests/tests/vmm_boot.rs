@@ -124,7 +124,9 @@ kvm_test!(
         let initrd =
             Initrd::busybox("echo hanging-forever\nwhile true; do /bin/busybox sleep 1; done");
         let mut cmd = vmm("vmlinux", &initrd, 2, 128, "quiet");
-        cmd.args(["--boot-timeout", "25"]);
+        // Long enough for a slow boot in a loaded nested test host: the
+        // guest must reach its loop before the timeout ends it.
+        cmd.args(["--boot-timeout", "90"]);
         let mut guest = GuestProcess::spawn(cmd);
         let hung = guest.wait_for("hanging-forever", BOOT);
         let run = guest.finish(Duration::from_secs(60));
