@@ -104,9 +104,12 @@ impl Host {
 fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
     let mut h = Host::default();
 
+    eprintln!("stage: process 1");
     assert_eq!(h.run(c, 1, sh("echo hello from the container")), 0);
     assert_eq!(h.stdout(1), "hello from the container\n");
+    eprintln!("stage: process 2");
     assert_eq!(h.run(c, 2, sh("exit 1")), 1);
+    eprintln!("stage: process 3");
     assert_eq!(h.run(c, 3, sh("kill -9 $$")), 137);
 
     // env, cwd, user, hostname; writes land in the shared rootfs.
@@ -114,6 +117,7 @@ fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
     p.env.push("FOO=bar".into());
     p.cwd = "/tmp".into();
     (p.uid, p.gid) = (1000, 1001);
+    eprintln!("stage: process 4");
     assert_eq!(h.run(c, 4, p), 0, "{}", h.stderr(4));
     assert_eq!(
         h.stdout(4),
@@ -131,6 +135,7 @@ fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
     let probe = "test -e /init && echo agent-visible || echo agent-hidden; \
                      cd /; cd ../../..; pwd; ls /; grep -c rootfs /proc/self/mountinfo; \
                      awk '$5 == \"/\" {print $8}' /proc/self/mountinfo";
+    eprintln!("stage: process 8");
     assert_eq!(h.run(c, 8, sh(probe)), 0, "{}", h.stderr(8));
     assert_eq!(
         h.stdout(8),
@@ -140,6 +145,7 @@ fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
     );
 
     // stdin, then EOF.
+    eprintln!("stage: process 5");
     h.start(c, 5, sh("cat; echo done"));
     c.send_stdin(5, b"piped in\n").unwrap();
     c.send_stdin(5, b"").unwrap();
@@ -147,6 +153,7 @@ fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
     assert_eq!(h.stdout(5), "piped in\ndone\n");
 
     // SIGTERM reaches a process that handles it.
+    eprintln!("stage: process 6");
     h.start(
         c,
         6,
@@ -167,6 +174,7 @@ fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
     assert!(h.stdout(6).ends_with("term\n"));
 
     // 100 MiB of output arrives intact.
+    eprintln!("stage: process 7");
     assert_eq!(
         h.run(c, 7, sh("yes 0123456789abcdef | head -c 104857600")),
         0
@@ -197,6 +205,10 @@ kvm_test!(
             Ok(c) => c,
             Err(e) => panic!("{e}\n{}", guest.finish(Duration::from_secs(5)).output),
         };
+        // A stuck guest fails the test (with its console output) instead of
+        // hanging it.
+        conn.set_read_timeout(Some(Duration::from_secs(300)))
+            .unwrap();
         let mut c = Client::new(conn);
         // On any failure, show what the guest printed.
         let checks =

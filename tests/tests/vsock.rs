@@ -105,7 +105,7 @@ kvm_test!(
              $bb reboot -f",
         );
         let mut cmd = vmm_command("vmlinux", &initrd);
-        cmd.args(["--vcpus", "2", "--mem-mib", "512", "--boot-timeout", "900"])
+        cmd.args(["--mem-mib", "512", "--boot-timeout", "900"])
             .args(["--cmdline", "quiet", "--vsock-cid", "3", "--vsock-uds"])
             .arg(&uds);
         let mut guest = GuestProcess::spawn(cmd);
