@@ -17,5 +17,12 @@ echo "==> cargo clippy" >&2
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 echo "==> cargo doc" >&2
 RUSTDOCFLAGS="-D warnings" cargo doc --quiet --workspace --no-deps
-echo "==> cargo test (KVM tests run in: $(tests/testhost/testhost.sh mode))" >&2
+mode=$(tests/testhost/testhost.sh mode)
+echo "==> cargo test (KVM tests run in: $mode)" >&2
+if [ "$mode" = testhost ]; then
+    # Each KVM test boots its own 2-vCPU QEMU TCG test host; two at once on a
+    # small machine starve the nested guests (heavy vsock tests then stalled or
+    # triple-faulted in CI), so tests run one at a time there.
+    export RUST_TEST_THREADS=1
+fi
 cargo test --workspace --no-fail-fast
