@@ -4,7 +4,8 @@
 //! The same static `runvm-guest-tool fs-bench` runs natively on the host's
 //! /tmp and inside a guest on a virtio-fs share of a host /tmp directory:
 //! sequential write and read of a `RUNVM_BENCH_FS_MIB` (default 512) MiB
-//! file and create/stat/read/delete of 10,000 small files. Then the guest
+//! file and create/stat/read/delete of `RUNVM_BENCH_FS_FILES` (default
+//! 10,000) small files. Then the guest
 //! streams 64 MiB through vsock to a host echo server. Prints figures and
 //! ratios. Run it with `tests/bench.sh devices`.
 
@@ -16,8 +17,6 @@ use std::time::Duration;
 use runvm_tests::artifacts::{guest_tool_binary, vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
 use runvm_tests::kvm::{self, KvmPlace};
-
-const FILES: usize = 10_000;
 
 /// `key=value` fields of the first line starting with `tag`.
 fn fields(output: &str, tag: &str) -> Vec<(String, String)> {
@@ -40,7 +39,7 @@ fn field(f: &[(String, String)], key: &str) -> f64 {
 
 fn main() {
     if std::env::args().skip(1).any(|a| a != "--bench") {
-        eprintln!("usage: devices [--bench]   (RUNVM_BENCH_FS_MIB=N sets the file size)");
+        eprintln!("usage: devices [--bench]   (RUNVM_BENCH_FS_MIB=N, RUNVM_BENCH_FS_FILES=N)");
         std::process::exit(2);
     }
     if kvm::place() == KvmPlace::TestHost {
@@ -54,17 +53,22 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(512);
+    let files: usize = std::env::var("RUNVM_BENCH_FS_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
 
     // Native baseline on the host's own filesystem.
     let native_dir = tempfile::tempdir().unwrap();
     let native = Command::new(guest_tool_binary())
         .args(["fs-bench"])
         .arg(native_dir.path())
-        .args([mib.to_string(), FILES.to_string()])
+        .args([mib.to_string(), files.to_string()])
         .output()
         .expect("run fs-bench natively");
     assert!(native.status.success(), "{native:?}");
     let native = String::from_utf8(native.stdout).unwrap();
+    eprintln!("native: {}", native.trim());
     let native = fields(&native, "FSBENCH");
 
     // The same workload in a guest on a virtio-fs share of a host directory.
@@ -88,7 +92,7 @@ fn main() {
          $bb mount -t proc proc /proc\n\
          $bb mkdir -p /mnt\n\
          $bb mount -t virtiofs bench /mnt\n\
-         /bin/runvm-guest-tool fs-bench /mnt {mib} {FILES}\n\
+         /bin/runvm-guest-tool fs-bench /mnt {mib} {files}\n\
          /bin/runvm-guest-tool send-host 6000 67108864 1\n\
          $bb umount /mnt\n\
          $bb reboot -f"
@@ -124,7 +128,7 @@ fn main() {
     println!("devices benchmark (one test host run; host fs = test host /tmp, tmpfs)");
     println!("{mib} MiB sequential write   native {nw:8.1} MiB/s   virtio-fs {gw:8.1} MiB/s   ratio {:.2}", gw / nw);
     println!("{mib} MiB sequential read    native {nr:8.1} MiB/s   virtio-fs {gr:8.1} MiB/s   ratio {:.2}", gr / nr);
-    println!("{FILES} files create/stat/read/delete   native {nm:.2} s   virtio-fs {gm:.2} s   ratio {:.2}x", gm / nm);
+    println!("{files} files create/stat/read/delete   native {nm:.2} s   virtio-fs {gm:.2} s   ratio {:.2}x", gm / nm);
     println!(
         "vsock 64 MiB guest->host echo: {:.1} MiB/s (both directions counted), {:.2} s",
         field(&vsock, "mib_per_s"),
