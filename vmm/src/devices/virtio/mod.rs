@@ -10,6 +10,19 @@ pub mod vsock;
 #[cfg(test)]
 pub(crate) mod test_ring;
 
+#[cfg(test)]
+mod config_tests {
+    #[test]
+    fn config_reads_are_bounded_and_zero_filled() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut out = [9u8; 4];
+        super::read_config_bytes(&cfg, 2, &mut out);
+        assert_eq!(out, [3, 4, 0, 0]);
+        super::read_config_bytes(&cfg, u64::MAX, &mut out);
+        assert_eq!(out, [0; 4]);
+    }
+}
+
 pub use rng::EntropySource;
 
 use std::io;
@@ -112,6 +125,18 @@ pub struct ActivateContext {
     pub queue_evts: Vec<EventFd>,
     /// The device's interrupt.
     pub interrupt: std::sync::Arc<Interrupt>,
+}
+
+/// Copies the part of a device's configuration space `cfg` that a guest read
+/// at `offset` covers into `data`; bytes beyond the space read as zero.
+pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| cfg.get(o).copied())
+            .unwrap_or(0);
+    }
 }
 
 /// A virtio device, independent of its transport.

@@ -164,14 +164,7 @@ impl<H: VsockHost + 'static> VirtioDevice for Vsock<H> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| cfg.get(o).copied())
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
