@@ -41,21 +41,6 @@ const BASICS: &[PseudoFs] = &[
     },
 ];
 
-fn mount_basics() -> Result<(), String> {
-    for fs in BASICS {
-        fs::create_dir_all(fs.target).map_err(|e| format!("mkdir {}: {e}", fs.target))?;
-        mount(
-            Some(fs.source),
-            fs.target,
-            Some(fs.fstype),
-            fs.flags,
-            None::<&str>,
-        )
-        .map_err(|e| format!("mount {} on {}: {e}", fs.fstype, fs.target))?;
-    }
-    Ok(())
-}
-
 /// Seconds since the guest kernel started, as the guest sees them.
 fn uptime() -> String {
     fs::read_to_string("/proc/uptime")
@@ -213,7 +198,7 @@ fn leave_initramfs() -> Result<(), String> {
 
 fn prepare() -> Result<BootParams, String> {
     leave_initramfs()?;
-    mount_basics()?;
+    mount_all(BASICS, "")?;
     mount_all(EXTRAS, "")?;
     let params = BootParams::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
     if let Some(h) = &params.hostname {
@@ -245,13 +230,12 @@ fn serve(params: &BootParams) -> Result<(), String> {
     let reaper = crate::Reaper::start().map_err(|e| format!("reaper: {e}"))?;
     let listener = crate::vsock::listen_port(runvm_protocol::AGENT_VSOCK_PORT)
         .map_err(|e| format!("vsock listen: {e}"))?;
-    let rootfs = match params.rootfs_tag {
-        Some(_) => Some(crate::Root::Namespace(
-            runvm_agent::mount_ns::MountNs::create(std::path::Path::new(ROOTFS))
-                .map_err(|e| format!("container mount namespace: {e}"))?,
-        )),
-        None => None,
-    };
+    let rootfs = params
+        .rootfs_tag
+        .as_ref()
+        .map(|_| runvm_agent::mount_ns::MountNs::create(std::path::Path::new(ROOTFS)))
+        .transpose()
+        .map_err(|e| format!("container mount namespace: {e}"))?;
     let agent = crate::Agent::new(reaper, rootfs, Box::new(|| power_off()));
     println!(
         "{LISTENING_MARKER} port={}",

@@ -9,7 +9,7 @@ mod init;
 mod vsock;
 
 use runvm_agent::reaper::Reaper;
-use runvm_agent::server::{Agent, Root};
+use runvm_agent::server::Agent;
 
 use std::process::ExitCode;
 

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -25,6 +24,7 @@ use runvm_protocol::{
     Response, StreamChunk, StreamId,
 };
 
+use crate::mount_ns::MountNs;
 use crate::reaper::Reaper;
 
 /// Where frames go: the current connection, if there is one. Senders wait
@@ -89,17 +89,8 @@ pub struct Agent {
     procs: Arc<Mutex<HashMap<u32, Proc>>>,
     out: Arc<Outbox>,
     reaper: Arc<Reaper>,
-    rootfs: Option<Root>,
+    rootfs: Option<MountNs>,
     on_shutdown: ShutdownHook,
-}
-
-/// Where container processes find their root.
-#[derive(Debug)]
-pub enum Root {
-    /// chroot into a directory (host tests, no privileges needed beyond root).
-    Chroot(PathBuf),
-    /// Join a mount namespace whose root is the container's (the guest).
-    Namespace(crate::mount_ns::MountNs),
 }
 
 impl std::fmt::Debug for Agent {
@@ -111,9 +102,9 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// An agent whose processes run chrooted into `rootfs` (or in the
-    /// agent's own root).
-    pub fn new(reaper: Arc<Reaper>, rootfs: Option<Root>, on_shutdown: ShutdownHook) -> Self {
+    /// An agent whose processes join the container mount namespace `rootfs`
+    /// (or run in the agent's own root).
+    pub fn new(reaper: Arc<Reaper>, rootfs: Option<MountNs>, on_shutdown: ShutdownHook) -> Self {
         Agent {
             procs: Arc::default(),
             out: Arc::new(Outbox::default()),
@@ -256,7 +247,7 @@ impl Agent {
         }
         let setup = ChildSetup::new(self.rootfs.as_ref(), spec)?;
         // SAFETY: the hook only makes async-signal-safe system calls
-        // (setns or chroot, chdir, setsid, setgroups, setgid, setuid) on
+        // (setns, chdir, setsid, setgroups, setgid, setuid) on
         // data prepared before the fork.
         unsafe { cmd.pre_exec(move || setup.apply()) };
         let mut child = cmd.spawn()?;
@@ -304,27 +295,20 @@ impl Agent {
 /// What a new process does between fork and exec, prepared in the parent
 /// so the child only makes system calls.
 struct ChildSetup {
-    chroot: Option<CString>,
     mount_ns: Option<std::os::fd::RawFd>,
     cwd: CString,
     ids: Option<(Uid, Gid)>,
 }
 
 impl ChildSetup {
-    fn new(root: Option<&Root>, spec: &ProcessSpec) -> io::Result<Self> {
+    fn new(root: Option<&MountNs>, spec: &ProcessSpec) -> io::Result<Self> {
         use std::os::fd::AsRawFd;
-        let cstr = |s: &str| CString::new(s).map_err(|_| io::Error::other("NUL byte in a path"));
-        let (chroot, mount_ns) = match root {
-            Some(Root::Chroot(dir)) => (Some(cstr(&dir.to_string_lossy())?), None),
-            Some(Root::Namespace(ns)) => (None, Some(ns.fd().as_raw_fd())),
-            None => (None, None),
-        };
         let same_ids = spec.uid == nix::unistd::getuid().as_raw()
             && spec.gid == nix::unistd::getgid().as_raw();
         Ok(ChildSetup {
-            chroot,
-            mount_ns,
-            cwd: cstr(&spec.cwd)?,
+            mount_ns: root.map(|ns| ns.fd().as_raw_fd()),
+            cwd: CString::new(spec.cwd.as_str())
+                .map_err(|_| io::Error::other("NUL byte in the working directory"))?,
             ids: (!same_ids).then(|| (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid))),
         })
     }
@@ -336,9 +320,6 @@ impl ChildSetup {
             // it runs; the child got a copy at fork.
             let ns = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
             nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
-        }
-        if let Some(root) = &self.chroot {
-            nix::unistd::chroot(root.as_c_str())?;
         }
         nix::unistd::chdir(self.cwd.as_c_str())?;
         if let Some((uid, gid)) = self.ids {

@@ -136,12 +136,11 @@ impl<S: Read + Write> Client<S> {
         loop {
             match self.read_one()? {
                 Incoming::Response(r) if r.seq == seq => return Ok(r.result),
-                // A response to something else: the agent answers frames it
-                // could not attribute with seq 0.
-                Incoming::Response(r) => {
-                    if let Outcome::Error { message } = r.result {
-                        return Ok(Outcome::Error { message });
-                    }
+                // One request is outstanding at a time, so any other answer
+                // (the agent's seq 0 for a frame it could not parse) means
+                // the two sides disagree about the stream.
+                Incoming::Response(_) => {
+                    return Err(ClientError::Unexpected("a response to another request"))
                 }
                 Incoming::Notice(n) => self.pending.push_back(n),
             }

@@ -11,11 +11,11 @@
 
 use std::os::unix::net::UnixListener;
 use std::process::Command;
-use std::thread;
 use std::time::Duration;
 
 use runvm_tests::artifacts::{guest_tool_binary, vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
+use runvm_tests::host::echo_server;
 use runvm_tests::kvm::{self, KvmPlace};
 
 /// `key=value` fields of the first line starting with `tag`.
@@ -76,17 +76,7 @@ fn main() {
     let share = dir.path().join("share");
     std::fs::create_dir(&share).unwrap();
     let uds = dir.path().join("v.sock");
-    let echo = UnixListener::bind(dir.path().join("v.sock_6000")).unwrap();
-    thread::spawn(move || {
-        for conn in echo.incoming() {
-            let Ok(mut conn) = conn else { break };
-            thread::spawn(move || {
-                let mut w = conn.try_clone().unwrap();
-                let _ = std::io::copy(&mut conn, &mut w);
-                let _ = w.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
+    echo_server(UnixListener::bind(dir.path().join("v.sock_6000")).unwrap());
     let initrd = Initrd::busybox_with_tool(&format!(
         "bb=/bin/busybox\n\
          $bb mount -t proc proc /proc\n\

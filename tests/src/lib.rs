@@ -7,6 +7,7 @@
 
 pub mod artifacts;
 pub mod guest;
+pub mod host;
 pub mod kvm;
 
 /// Declares a test that runs where KVM can boot a Linux guest.

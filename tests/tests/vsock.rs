@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use runvm_tests::artifacts::{vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
+use runvm_tests::host::echo_server;
 use runvm_tests::kvm_test;
 
 const MIB: usize = 1 << 20;
@@ -74,26 +75,12 @@ fn connect_guest(uds: &Path, port: u32) -> UnixStream {
     s
 }
 
-/// Echoes every connection to `listener` until the test process ends.
-fn host_echo_server(listener: UnixListener) {
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { break };
-            thread::spawn(move || {
-                let mut w = conn.try_clone().unwrap();
-                let _ = std::io::copy(&mut conn, &mut w);
-                let _ = w.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-}
-
 kvm_test!(
     fn vsock_carries_64_mib_each_way_and_100_concurrent_connections() {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("v.sock");
         // Guest-initiated connections to port 6000 land here.
-        host_echo_server(UnixListener::bind(dir.path().join("v.sock_6000")).unwrap());
+        echo_server(UnixListener::bind(dir.path().join("v.sock_6000")).unwrap());
 
         let initrd = Initrd::busybox_with_tool(
             "bb=/bin/busybox\n\

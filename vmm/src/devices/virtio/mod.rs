@@ -6,6 +6,7 @@ pub mod fs;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
+pub mod worker;
 
 #[cfg(test)]
 pub(crate) mod test_ring;

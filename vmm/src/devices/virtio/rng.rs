@@ -5,13 +5,13 @@
 use std::fs::File;
 use std::io::Read;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker::DeviceWorker;
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_VRING, TYPE_RNG};
 
 const QUEUE_SIZE: u16 = 256;
@@ -27,7 +27,7 @@ type SourceFactory = Box<dyn Fn() -> std::io::Result<Box<dyn EntropySource>> + S
 /// The virtio-rng device.
 pub struct Rng {
     source: SourceFactory,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<DeviceWorker<()>>,
 }
 
 impl std::fmt::Debug for Rng {
@@ -58,9 +58,8 @@ impl Rng {
     }
 
     fn stop(&mut self) {
-        if let Some((kill, handle)) = self.worker.take() {
-            let _ = kill.write(1);
-            let _ = handle.join();
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
         }
     }
 }
@@ -171,11 +170,11 @@ impl VirtioDevice for Rng {
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Io)?;
         let kill_worker = kill.try_clone().map_err(ActivateError::Io)?;
         let (queue, queue_evt) = (queues.remove(0), queue_evts.remove(0));
-        let handle = thread::Builder::new()
-            .name("virtio-rng".into())
-            .spawn(move || worker(mem, queue, queue_evt, kill_worker, interrupt, source))
-            .map_err(ActivateError::Io)?;
-        self.worker = Some((kill, handle));
+        let worker = DeviceWorker::spawn("virtio-rng", kill, move || {
+            worker(mem, queue, queue_evt, kill_worker, interrupt, source)
+        })
+        .map_err(ActivateError::Io)?;
+        self.worker = Some(worker);
         Ok(())
     }
 

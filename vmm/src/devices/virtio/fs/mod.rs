@@ -8,7 +8,6 @@ pub mod read_only;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
@@ -21,6 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker::DeviceWorker;
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_VRING};
 use read_only::ReadOnly;
 
@@ -97,7 +97,7 @@ pub fn passthrough(
 pub struct Fs<F: FileSystem + Send + Sync + 'static> {
     config: [u8; TAG_LEN + 4],
     server: Arc<Server<F>>,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<DeviceWorker<()>>,
 }
 
 impl<F: FileSystem + Send + Sync + 'static> std::fmt::Debug for Fs<F> {
@@ -130,9 +130,8 @@ impl<F: FileSystem + Send + Sync + 'static> Fs<F> {
     }
 
     fn stop(&mut self) {
-        if let Some((kill, handle)) = self.worker.take() {
-            let _ = kill.write(1);
-            let _ = handle.join();
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
         }
     }
 }
@@ -250,11 +249,11 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for Fs<F> {
                 .map_err(ActivateError::Io)?;
         }
         let server = self.server.clone();
-        let handle = thread::Builder::new()
-            .name("virtio-fs".into())
-            .spawn(move || worker(epoll, server, mem, queues, queue_evts, interrupt))
-            .map_err(ActivateError::Io)?;
-        self.worker = Some((kill, handle));
+        let worker = DeviceWorker::spawn("virtio-fs", kill, move || {
+            worker(epoll, server, mem, queues, queue_evts, interrupt)
+        })
+        .map_err(ActivateError::Io)?;
+        self.worker = Some(worker);
         Ok(())
     }
 

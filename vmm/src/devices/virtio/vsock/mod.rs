@@ -11,13 +11,13 @@ pub use host::{UnixHost, VsockHost};
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker::DeviceWorker;
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_VRING};
 use muxer::Muxer;
 
@@ -32,7 +32,7 @@ const MAX_ROUNDS: usize = 64;
 pub struct Vsock<H: VsockHost + 'static> {
     guest_cid: u64,
     host: Option<H>,
-    worker: Option<(EventFd, JoinHandle<H>)>,
+    worker: Option<DeviceWorker<H>>,
 }
 
 impl<H: VsockHost + 'static> std::fmt::Debug for Vsock<H> {
@@ -55,11 +55,8 @@ impl<H: VsockHost + 'static> Vsock<H> {
     }
 
     fn stop(&mut self) {
-        if let Some((kill, handle)) = self.worker.take() {
-            let _ = kill.write(1);
-            if let Ok(host) = handle.join() {
-                self.host = Some(host);
-            }
+        if let Some(host) = self.worker.take().and_then(DeviceWorker::stop) {
+            self.host = Some(host);
         }
     }
 }
@@ -210,11 +207,11 @@ impl<H: VsockHost + 'static> VirtioDevice for Vsock<H> {
                 return Err(ActivateError::Io(e));
             }
         };
-        let handle = thread::Builder::new()
-            .name("virtio-vsock".into())
-            .spawn(move || worker(epoll, mem, q, queue_evts, interrupt, muxer))
-            .map_err(ActivateError::Io)?;
-        self.worker = Some((kill, handle));
+        let worker = DeviceWorker::spawn("virtio-vsock", kill, move || {
+            worker(epoll, mem, q, queue_evts, interrupt, muxer)
+        })
+        .map_err(ActivateError::Io)?;
+        self.worker = Some(worker);
         Ok(())
     }
 
