@@ -120,6 +120,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 );
             }) as vm::StartedHook
         }),
+        on_timeout: Some(Box::new(|devices: &[String]| {
+            for d in devices {
+                eprintln!("runvm-vmm: at timeout, {d}");
+            }
+        })),
     };
     let reason = vm::run(&kvm, &resources, opts)?;
     eprintln!("runvm-vmm: {reason}");

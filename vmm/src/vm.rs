@@ -84,7 +84,13 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Called once the vCPUs run, with how long each build phase took.
     pub on_started: Option<StartedHook>,
+    /// Called when the timeout ends the VM, with one line per virtio device
+    /// on how far its queues got (the post-mortem of a stuck guest).
+    pub on_timeout: Option<TimeoutHook>,
 }
+
+/// See [`RunOptions::on_timeout`].
+pub type TimeoutHook = Box<dyn FnOnce(&[String]) + Send>;
 
 /// See [`RunOptions::on_started`].
 pub type StartedHook = Box<dyn FnOnce(&BuildTimes) + Send>;
@@ -116,6 +122,7 @@ impl std::fmt::Debug for RunOptions {
             .field("console_input", &self.console_input.is_some())
             .field("timeout", &self.timeout)
             .field("on_started", &self.on_started.is_some())
+            .field("on_timeout", &self.on_timeout.is_some())
             .finish()
     }
 }
@@ -230,6 +237,11 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
         Some(r) => r,
         None => ExitReason::Timeout,
     };
+    if reason == ExitReason::Timeout {
+        if let Some(report) = opts.on_timeout {
+            report(&mmio.describe());
+        }
+    }
     mmio.shutdown();
     drop(vm);
     drop(ram);

@@ -31,6 +31,9 @@ fn addr(cid: u32, port: u32) -> libc::sockaddr_vm {
     a
 }
 
+/// linux/vm_sockets.h (libc does not export it); a timeval on 64-bit.
+const SO_VM_SOCKETS_CONNECT_TIMEOUT: libc::c_int = 6;
+
 const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
 
 /// A listening socket.
@@ -73,6 +76,23 @@ impl Stream {
     /// Connects to `port` on the host (CID 2).
     pub fn connect_host(port: u32) -> anyhow::Result<Self> {
         let fd = socket().context("vsock socket")?;
+        // The kernel gives up on a connect after 2 s; under nested emulation
+        // with many connections in flight the answer can take longer.
+        let timeout = libc::timeval {
+            tv_sec: 120,
+            tv_usec: 0,
+        };
+        // SAFETY: `timeout` is a valid timeval of the length passed.
+        cvt(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::AF_VSOCK,
+                SO_VM_SOCKETS_CONNECT_TIMEOUT,
+                std::ptr::from_ref(&timeout).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        })
+        .context("setting the vsock connect timeout")?;
         let a = addr(libc::VMADDR_CID_HOST, port);
         // SAFETY: `a` is a valid sockaddr_vm of ADDR_LEN bytes.
         cvt(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&a).cast(), ADDR_LEN) })

@@ -58,6 +58,22 @@ impl MmioBus {
             .collect()
     }
 
+    /// One line per device on its queues and interrupt (see
+    /// [`MmioTransport::describe`]).
+    pub fn describe(&self) -> Vec<String> {
+        self.slots
+            .iter()
+            .map(|s| {
+                format!(
+                    "virtio-mmio@{:#x} irq {}: {}",
+                    s.base,
+                    s.irq,
+                    lock(&s.transport).describe()
+                )
+            })
+            .collect()
+    }
+
     /// Stops every device's host-side work (worker threads), so guest memory
     /// can be released afterwards.
     pub fn shutdown(&self) {

@@ -247,6 +247,28 @@ impl MmioTransport {
         }
     }
 
+    /// One line on the device's state for a stuck guest's post-mortem: how
+    /// far the driver (avail) and the device (used) got on each queue, and
+    /// whether an interrupt is still waiting for the guest's acknowledgement.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut out = format!(
+            "type {} status {:#x} interrupt status {:#x}",
+            self.device.device_type(),
+            self.status,
+            self.interrupt.status()
+        );
+        for (i, q) in self.queues.iter().enumerate().filter(|(_, q)| q.ready()) {
+            let avail = q.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire);
+            let used = q.used_idx(&self.mem, std::sync::atomic::Ordering::Acquire);
+            let _ = match (avail, used) {
+                (Ok(a), Ok(u)) => write!(out, ", queue {i}: avail {} used {}", a.0, u.0),
+                _ => write!(out, ", queue {i}: rings outside guest memory"),
+            };
+        }
+        out
+    }
+
     /// Stops the device's host-side work and returns it to its initial
     /// state, as a guest's reset would.
     pub fn shutdown(&mut self) {
