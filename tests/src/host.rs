@@ -1,5 +1,7 @@
 //! Host-side peers for guests under test.
 
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::thread;
 
@@ -9,12 +11,31 @@ use std::thread;
 pub fn echo_server(listener: UnixListener) {
     thread::spawn(move || {
         for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { break };
+            let Ok(conn) = conn else { break };
             thread::spawn(move || {
-                let Ok(mut w) = conn.try_clone() else { return };
-                let _ = std::io::copy(&mut conn, &mut w);
-                let _ = w.shutdown(std::net::Shutdown::Write);
+                if let Ok(w) = conn.try_clone() {
+                    echo(conn, w, |w| w.shutdown(std::net::Shutdown::Write));
+                }
             });
         }
     });
+}
+
+/// [`echo_server`] for TCP (a guest reaching the host over its NIC).
+pub fn tcp_echo_server(listener: TcpListener) {
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { break };
+            thread::spawn(move || {
+                if let Ok(w) = conn.try_clone() {
+                    echo(conn, w, |w| w.shutdown(std::net::Shutdown::Write));
+                }
+            });
+        }
+    });
+}
+
+fn echo<R: Read, W: Write>(mut r: R, mut w: W, close: impl FnOnce(&W) -> std::io::Result<()>) {
+    let _ = std::io::copy(&mut r, &mut w);
+    let _ = close(&w);
 }

@@ -207,6 +207,14 @@ kvm_test!(
                 vec!["--kernel", vmlinux, "--console", "tcp:1"],
                 "--console must be",
             ),
+            (
+                vec!["--kernel", vmlinux, "--net", "fd=987"],
+                "not an open file descriptor",
+            ),
+            (
+                vec!["--kernel", vmlinux, "--net", "tap=../etc"],
+                "interface name",
+            ),
         ];
         for (args, expect) in cases {
             let out = Command::new(vmm_binary()).args(&args).output().unwrap();

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use crate::devices::virtio::fs::CacheMode;
+pub use crate::devices::virtio::net::MacAddr;
 
 /// A micro-VM as requested by the runtime or a config file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +32,62 @@ pub struct VmConfig {
     /// Host directories shared over virtio-fs, one device each.
     #[serde(default)]
     pub fs: Vec<FsConfig>,
+    /// virtio-net NICs, each on a host TAP device.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+}
+
+/// Which TAP device a NIC's frames go through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TapSource {
+    /// The interface of that name, created when it does not exist (and
+    /// then gone when the VM ends).
+    Name(String),
+    /// A TAP fd the caller opened and passed down (IFF_TAP, IFF_NO_PI,
+    /// IFF_VNET_HDR); the VMM takes it over.
+    Fd(i32),
+}
+
+/// A virtio-net NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Where its frames go.
+    pub tap: TapSource,
+    /// The guest's address; a random locally administered one when absent.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    /// `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut tap, mut mac) = (None, None);
+        for part in s.split(',') {
+            let source = match part.split_once('=') {
+                Some(("tap", v)) => TapSource::Name(v.to_owned()),
+                Some(("fd", v)) => TapSource::Fd(
+                    v.parse()
+                        .map_err(|_| format!("fd={v:?} is not a file descriptor number"))?,
+                ),
+                Some(("mac", v)) => {
+                    mac = Some(v.parse()?);
+                    continue;
+                }
+                _ => return Err(format!("unknown NIC option {part:?}")),
+            };
+            if tap.replace(source).is_some() {
+                return Err("a NIC takes one of tap= or fd=".into());
+            }
+        }
+        Ok(NetConfig {
+            tap: tap.ok_or("a NIC needs tap=NAME or fd=N")?,
+            mac,
+        })
+    }
 }
 
 /// A host directory the guest mounts with `mount -t virtiofs TAG DIR`.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use vmm::config::{FsConfig, VmConfig, VsockConfig};
+use vmm::config::{FsConfig, NetConfig, VmConfig, VsockConfig};
 use vmm::resources::VmResources;
 use vmm::vm::{self, RunOptions};
 
@@ -55,6 +55,11 @@ struct Args {
     /// `tag=T,path=DIR[,ro][,cache=never|auto|always]`
     #[arg(long = "fs", value_name = "SHARE")]
     fs: Vec<FsConfig>,
+    /// Give the guest a virtio-net NIC (repeatable): `tap=NAME[,mac=MAC]`
+    /// attaches to (or creates) a TAP interface, `fd=N[,mac=MAC]` takes over
+    /// an open TAP fd (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR).
+    #[arg(long = "net", value_name = "NIC")]
+    net: Vec<NetConfig>,
     /// Print how long each VM build phase took (stderr) once the vCPUs run.
     #[arg(long)]
     report_timing: bool,
@@ -91,6 +96,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 uds_path,
             }),
         fs: args.fs,
+        net: args.net,
     };
     let kvm = vm::open_kvm()?;
     let resources = VmResources::validate(&config, vm::host_limits(&kvm))?;

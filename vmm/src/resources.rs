@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::config::{FsConfig, VmConfig, VsockConfig};
+use crate::config::{FsConfig, MacAddr, NetConfig, TapSource, VmConfig, VsockConfig};
 
 /// Smallest guest that can boot the runvm kernel with an initramfs.
 pub const MIN_MEM_MIB: u64 = 32;
@@ -71,6 +71,14 @@ pub enum ConfigError {
         /// What is wrong.
         why: &'static str,
     },
+    /// A NIC that cannot be used.
+    #[error("NIC {nic}: {why}")]
+    Nic {
+        /// `tap=NAME` or `fd=N`.
+        nic: String,
+        /// What is wrong.
+        why: String,
+    },
     /// The kernel file is neither format the loader takes.
     #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
     UnknownKernelFormat(PathBuf),
@@ -126,7 +134,21 @@ pub struct VmResources {
     pub vsock: Option<VsockConfig>,
     /// virtio-fs shares.
     pub fs: Vec<FsConfig>,
+    /// virtio-net NICs, each with its address settled.
+    pub net: Vec<NicResources>,
 }
+
+/// A validated NIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicResources {
+    /// Its TAP device.
+    pub tap: TapSource,
+    /// The guest's address.
+    pub mac: MacAddr,
+}
+
+/// Most NICs per VM.
+pub const MAX_NICS: usize = 8;
 
 impl VmResources {
     /// Checks everything that can be checked before touching KVM.
@@ -172,6 +194,7 @@ impl VmResources {
         for (i, share) in config.fs.iter().enumerate() {
             validate_share(share, &config.fs[..i])?;
         }
+        let net = validate_nics(&config.net)?;
         Ok(VmResources {
             vcpus: config.vcpus,
             mem_bytes: config.mem_mib << 20,
@@ -182,8 +205,66 @@ impl VmResources {
             rng: config.rng,
             vsock: config.vsock.clone(),
             fs: config.fs.clone(),
+            net,
         })
     }
+}
+
+fn nic_name(tap: &TapSource) -> String {
+    match tap {
+        TapSource::Name(n) => format!("tap={n}"),
+        TapSource::Fd(fd) => format!("fd={fd}"),
+    }
+}
+
+fn validate_nics(nics: &[NetConfig]) -> Result<Vec<NicResources>, ConfigError> {
+    let mut out: Vec<NicResources> = Vec::with_capacity(nics.len());
+    for nic in nics {
+        let bad = |why: &str| ConfigError::Nic {
+            nic: nic_name(&nic.tap),
+            why: why.to_owned(),
+        };
+        if out.len() == MAX_NICS {
+            return Err(bad(&format!("at most {MAX_NICS} NICs per VM")));
+        }
+        match &nic.tap {
+            TapSource::Name(name) => {
+                let valid = (1..=crate::devices::virtio::net::tap::MAX_NAME).contains(&name.len())
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if !valid {
+                    return Err(bad(
+                        "an interface name is 1 to 15 letters, digits, '-', '_' or '.'",
+                    ));
+                }
+            }
+            TapSource::Fd(fd) => {
+                // SAFETY: F_GETFD only reads the descriptor's flags.
+                if *fd < 3 || unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                    return Err(bad("not an open file descriptor (3 or above)"));
+                }
+            }
+        }
+        if out.iter().any(|o| o.tap == nic.tap) {
+            return Err(bad("the same TAP is given twice"));
+        }
+        let mac = match nic.mac {
+            Some(mac) if !mac.is_unicast() || mac.0 == [0; 6] => {
+                return Err(bad(&format!("{mac} is not a unicast address")));
+            }
+            Some(mac) => mac,
+            None => MacAddr::random().map_err(|e| bad(&format!("no random MAC: {e}")))?,
+        };
+        if out.iter().any(|o| o.mac == mac) {
+            return Err(bad(&format!("MAC {mac} is used twice")));
+        }
+        out.push(NicResources {
+            tap: nic.tap.clone(),
+            mac,
+        });
+    }
+    Ok(out)
 }
 
 fn validate_share(share: &FsConfig, earlier: &[FsConfig]) -> Result<(), ConfigError> {
@@ -285,6 +366,54 @@ mod tests {
             rng: false,
             vsock: None,
             fs: Vec::new(),
+            net: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn nics_need_a_valid_tap_and_unique_unicast_macs() {
+        let k = elf();
+        let mut c = config(k.path());
+        let nic = |s: &str| s.parse::<NetConfig>().unwrap();
+        c.net = vec![nic("tap=rvm0,mac=02:00:00:00:00:01"), nic("tap=rvm1")];
+        let r = VmResources::validate(&c, LIMITS).unwrap();
+        assert_eq!(r.net[0].mac.to_string(), "02:00:00:00:00:01");
+        assert!(r.net[1].mac.is_unicast(), "a random address is made up");
+        let cases = [
+            (vec![nic("tap=a/b")], "interface name"),
+            (
+                vec![nic(&format!("tap={}", "x".repeat(16)))],
+                "interface name",
+            ),
+            (vec![nic("fd=1")], "not an open file descriptor"),
+            (vec![nic("fd=99999")], "not an open file descriptor"),
+            (vec![nic("tap=t0"), nic("tap=t0")], "twice"),
+            (vec![nic("tap=t0,mac=01:00:00:00:00:01")], "unicast"),
+            (
+                vec![
+                    nic("tap=t0,mac=02:00:00:00:00:01"),
+                    nic("tap=t1,mac=02:00:00:00:00:01"),
+                ],
+                "used twice",
+            ),
+            (
+                (0..9).map(|i| nic(&format!("tap=t{i}"))).collect(),
+                "at most 8",
+            ),
+        ];
+        for (net, why) in cases {
+            c.net = net;
+            let err = VmResources::validate(&c, LIMITS).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
+        for bad in [
+            "",
+            "tap=a,fd=3",
+            "fd=x",
+            "mac=02:00:00:00:00:01",
+            "tap=a,mtu=9000",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }
     }
 

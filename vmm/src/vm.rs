@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::{self, JoinHandle};
@@ -18,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::{self, BootError};
+use crate::config::TapSource;
 use crate::cpu::{self, CpuError};
 use crate::devices::legacy::{
     ConsoleSink, EventFdTrigger, PioBus, ResetTrigger, SerialDevice, SERIAL_IRQ,
@@ -25,6 +27,7 @@ use crate::devices::legacy::{
 use crate::devices::mmio_bus::{MmioBus, MmioSlot};
 use crate::devices::virtio::fs;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{UnixHost, Vsock};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -267,6 +270,16 @@ fn build_mmio_devices(
         let device = fs::passthrough(&share.tag, &share.path, share.read_only, share.cache)
             .map_err(|e| VmError::Io("opening a virtio-fs share", e))?;
         devices.push(device);
+    }
+    for nic in &res.net {
+        let tap = match &nic.tap {
+            TapSource::Name(name) => Tap::open(name),
+            // SAFETY: validation checked the fd is open; the caller handed
+            // it to this VM, which takes sole ownership of it here.
+            TapSource::Fd(fd) => Tap::from_fd(unsafe { OwnedFd::from_raw_fd(*fd) }),
+        }
+        .map_err(|e| VmError::Io("opening a TAP device", e))?;
+        devices.push(Box::new(Net::new(nic.mac, tap)));
     }
     let mut bus = MmioBus::default();
     for (i, device) in devices.into_iter().enumerate() {

@@ -5,6 +5,7 @@
 //!   each until EOF, then exit.
 //! - `send-host PORT BYTES CONNS`: open CONNS concurrent connections to the
 //!   host's PORT, send BYTES on each while reading the echo back, check it.
+//! - `send-tcp ADDR:PORT BYTES CONNS`: the same over TCP (the NIC).
 //! - `fs-bench DIR MIB FILES`: sequential write then read of a MIB-sized
 //!   file, then create/stat/read/delete FILES small files, in DIR; prints
 //!   the figures (the same binary runs natively for the baseline).
@@ -55,9 +56,34 @@ fn echo_server(port: u32, conns: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn send_one(port: u32, bytes: usize) -> anyhow::Result<()> {
-    let conn = vsock::Stream::connect_host(port)?;
-    let mut writer = conn.try_clone()?;
+/// A connected byte stream of either kind the tool speaks.
+trait Duplex: Read + Write + Send + Sized + 'static {
+    /// A second handle, for writing while another thread reads.
+    fn split(&self) -> anyhow::Result<Self>;
+    /// Half-closes: the peer reads EOF.
+    fn close_write(&self) -> anyhow::Result<()>;
+}
+
+impl Duplex for vsock::Stream {
+    fn split(&self) -> anyhow::Result<Self> {
+        self.try_clone()
+    }
+    fn close_write(&self) -> anyhow::Result<()> {
+        self.shutdown_write()
+    }
+}
+
+impl Duplex for std::net::TcpStream {
+    fn split(&self) -> anyhow::Result<Self> {
+        Ok(self.try_clone()?)
+    }
+    fn close_write(&self) -> anyhow::Result<()> {
+        Ok(self.shutdown(std::net::Shutdown::Write)?)
+    }
+}
+
+fn send_one<S: Duplex>(conn: S, bytes: usize) -> anyhow::Result<()> {
+    let mut writer = conn.split()?;
     let sender = thread::spawn(move || -> anyhow::Result<()> {
         // A whole number of pattern periods, so every full chunk starts
         // where the pattern does.
@@ -68,7 +94,7 @@ fn send_one(port: u32, bytes: usize) -> anyhow::Result<()> {
             writer.write_all(&chunk[..n]).context("send")?;
             sent += n;
         }
-        writer.shutdown_write()
+        writer.close_write()
     });
     let mut reader = conn;
     let mut buf = vec![0u8; 64 * 1024];
@@ -94,10 +120,20 @@ fn send_one(port: u32, bytes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn send_host(port: u32, bytes: usize, conns: usize) -> anyhow::Result<()> {
+/// Opens `conns` connections with `connect` at once, sends `bytes` on each
+/// and checks the echo; prints the combined throughput of both directions.
+fn send_all<S: Duplex>(
+    connect: impl Fn() -> anyhow::Result<S> + Send + Sync + 'static,
+    bytes: usize,
+    conns: usize,
+) -> anyhow::Result<()> {
+    let connect = std::sync::Arc::new(connect);
     let start = Instant::now();
     let workers: Vec<_> = (0..conns)
-        .map(|_| thread::spawn(move || send_one(port, bytes)))
+        .map(|_| {
+            let connect = connect.clone();
+            thread::spawn(move || send_one(connect()?, bytes))
+        })
         .collect();
     for (i, w) in workers.into_iter().enumerate() {
         w.join()
@@ -190,18 +226,32 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         Some("echo-server") => {
             echo_server(arg(args, 1, "port")?, arg(args, 2, "connection count")?)
         }
-        Some("send-host") => send_host(
-            arg(args, 1, "port")?,
-            arg(args, 2, "byte count")?,
-            arg(args, 3, "connection count")?,
-        ),
+        Some("send-host") => {
+            let port: u32 = arg(args, 1, "port")?;
+            send_all(
+                move || vsock::Stream::connect_host(port),
+                arg(args, 2, "byte count")?,
+                arg(args, 3, "connection count")?,
+            )
+        }
+        Some("send-tcp") => {
+            let addr: std::net::SocketAddr = arg(args, 1, "address")?;
+            send_all(
+                move || {
+                    std::net::TcpStream::connect(addr)
+                        .with_context(|| format!("connect to {addr}"))
+                },
+                arg(args, 2, "byte count")?,
+                arg(args, 3, "connection count")?,
+            )
+        }
         Some("fs-bench") => fs_bench(
             std::path::Path::new(&arg::<String>(args, 1, "directory")?),
             arg(args, 2, "size in MiB")?,
             arg(args, 3, "file count")?,
         ),
         _ => bail!(
-            "usage: runvm-guest-tool echo-server PORT CONNS | send-host PORT BYTES CONNS | fs-bench DIR MIB FILES"
+            "usage: runvm-guest-tool echo-server PORT CONNS | send-host PORT BYTES CONNS | send-tcp ADDR:PORT BYTES CONNS | fs-bench DIR MIB FILES"
         ),
     }
 }

@@ -235,6 +235,7 @@ impl MmioTransport {
                     queues,
                     queue_evts,
                     interrupt: self.interrupt.clone(),
+                    acked_features: self.driver_features,
                 })
                 .is_ok(),
             _ => false,

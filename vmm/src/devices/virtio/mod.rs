@@ -4,6 +4,7 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 pub mod worker;
@@ -126,6 +127,8 @@ pub struct ActivateContext {
     pub queue_evts: Vec<EventFd>,
     /// The device's interrupt.
     pub interrupt: std::sync::Arc<Interrupt>,
+    /// The feature bits the driver accepted (a subset of those offered).
+    pub acked_features: u64,
 }
 
 /// Copies the part of a device's configuration space `cfg` that a guest read

@@ -158,6 +158,7 @@ impl VirtioDevice for Rng {
             mut queues,
             mut queue_evts,
             interrupt,
+            ..
         } = ctx;
         if queues.len() != 1 || queue_evts.len() != 1 {
             return Err(ActivateError::QueueCount {

@@ -224,6 +224,7 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for Fs<F> {
             queues,
             queue_evts,
             interrupt,
+            ..
         } = ctx;
         if queues.len() != 2 || queue_evts.len() != 2 {
             return Err(ActivateError::QueueCount {

@@ -170,6 +170,7 @@ impl<H: VsockHost + 'static> VirtioDevice for Vsock<H> {
             queues,
             queue_evts,
             interrupt,
+            ..
         } = ctx;
         if queues.len() != 3 || queue_evts.len() != 3 {
             return Err(ActivateError::QueueCount {
