@@ -230,7 +230,13 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     if let Some(report) = opts.on_started {
         report(&times);
     }
-    let ended = event_loop(&exit, serial, opts.console_input, opts.timeout);
+    let ended = event_loop(
+        &exit,
+        serial,
+        opts.console_input,
+        opts.timeout,
+        &mmio.interrupts(),
+    );
     stop_vcpus(&stop, threads);
     let signalled = ended?;
     // The VM, then guest RAM, go only after the vCPU threads have stopped.
@@ -380,11 +386,16 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
 }
 
 /// Runs the event loop until the VM ends (true) or `timeout` passes (false).
+/// How long an interrupt may stay unacknowledged before it is raised again
+/// (see [`Interrupt`]).
+const INTERRUPT_WATCHDOG: Duration = Duration::from_millis(500);
+
 fn event_loop(
     exit: &Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
     console_input: Option<File>,
     timeout: Option<Duration>,
+    interrupts: &[(u32, Arc<Interrupt>)],
 ) -> Result<bool, VmError> {
     let mut events: EventManager<Box<dyn MutEventSubscriber + Send>> =
         EventManager::new().map_err(|e| VmError::EventLoop("creating the event loop", e))?;
@@ -402,7 +413,20 @@ fn event_loop(
         }));
     }
     let deadline = timeout.map(|t| Instant::now() + t);
+    let mut next_watch = Instant::now() + INTERRUPT_WATCHDOG;
     while !ended.load(Ordering::Acquire) {
+        let now = Instant::now();
+        if now >= next_watch {
+            for (irq, interrupt) in interrupts {
+                if interrupt.reraise_if_stale() && interrupt.reraised() == 1 {
+                    eprintln!(
+                        "runvm-vmm: irq {irq}: the guest left an interrupt unacknowledged for {} ms; raised it again",
+                        INTERRUPT_WATCHDOG.as_millis()
+                    );
+                }
+            }
+            next_watch = now + INTERRUPT_WATCHDOG;
+        }
         let mut wait = match deadline {
             None => Duration::MAX,
             Some(d) => {
@@ -416,6 +440,9 @@ fn event_loop(
         if !crate::devices::legacy::lock(&pending).is_empty() {
             ConsoleInput::flush(&serial, &pending);
             wait = wait.min(Duration::from_millis(5));
+        }
+        if !interrupts.is_empty() {
+            wait = wait.min(next_watch.saturating_duration_since(Instant::now()));
         }
         let ms = if wait == Duration::MAX {
             -1

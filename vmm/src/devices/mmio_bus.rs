@@ -4,6 +4,7 @@ use std::sync::Mutex;
 
 use super::legacy::lock;
 use super::virtio::mmio::{MmioTransport, MMIO_WINDOW};
+use super::virtio::Interrupt;
 
 /// One device's window.
 #[derive(Debug)]
@@ -71,6 +72,15 @@ impl MmioBus {
                     lock(&s.transport).describe()
                 )
             })
+            .collect()
+    }
+
+    /// The interrupts of every device, for the watchdog that raises again
+    /// those the guest leaves unacknowledged.
+    pub fn interrupts(&self) -> Vec<(u32, std::sync::Arc<Interrupt>)> {
+        self.slots
+            .iter()
+            .map(|s| (s.irq, lock(&s.transport).interrupt().clone()))
             .collect()
     }
 

@@ -254,10 +254,11 @@ impl MmioTransport {
     pub fn describe(&self) -> String {
         use std::fmt::Write;
         let mut out = format!(
-            "type {} status {:#x} interrupt status {:#x}",
+            "type {} status {:#x} interrupt status {:#x} (raised again {} times)",
             self.device.device_type(),
             self.status,
-            self.interrupt.status()
+            self.interrupt.status(),
+            self.interrupt.reraised()
         );
         for (i, q) in self.queues.iter().enumerate().filter(|(_, q)| q.ready()) {
             let avail = q.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire);
@@ -268,6 +269,11 @@ impl MmioTransport {
             };
         }
         out
+    }
+
+    /// The device's interrupt.
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
     }
 
     /// Stops the device's host-side work and returns it to its initial

@@ -13,6 +13,35 @@ pub mod worker;
 pub(crate) mod test_ring;
 
 #[cfg(test)]
+mod interrupt_tests {
+    use super::*;
+
+    #[test]
+    fn an_unacknowledged_interrupt_is_raised_again_after_a_whole_period() {
+        let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        assert!(!irq.reraise_if_stale(), "nothing pending");
+        irq.trigger(INT_VRING).unwrap();
+        assert_eq!(irq.eventfd().read().unwrap(), 1);
+        assert!(!irq.reraise_if_stale(), "pending for less than a period");
+        assert!(irq.reraise_if_stale(), "a whole period without an ack");
+        assert_eq!(
+            irq.eventfd().read().unwrap(),
+            1,
+            "the irqfd was written again"
+        );
+        // The guest acknowledges; a new interrupt follows before the next look.
+        irq.ack(INT_VRING);
+        irq.trigger(INT_VRING).unwrap();
+        assert!(!irq.reraise_if_stale(), "the guest is acknowledging");
+        assert!(irq.reraise_if_stale());
+        irq.ack(INT_VRING);
+        assert!(!irq.reraise_if_stale());
+        assert!(!irq.reraise_if_stale());
+        assert_eq!(irq.reraised(), 2);
+    }
+}
+
+#[cfg(test)]
 mod config_tests {
     #[test]
     fn config_reads_are_bounded_and_zero_filled() {
@@ -28,7 +57,7 @@ mod config_tests {
 pub use rng::EntropySource;
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use thiserror::Error;
 use virtio_queue::Queue;
@@ -63,10 +92,21 @@ pub mod status {
 
 /// The device side of a virtio interrupt: the MMIO interrupt status register
 /// and the irqfd KVM injects from.
+///
+/// virtio-mmio's interrupt is level-like (asserted while the status is not
+/// zero) but reaches KVM as an edge. An edge that gets lost on the way
+/// (seen under nested virtualization: the device had answered every
+/// request, the status bit stayed set, and the guest waited forever) would
+/// hang the guest, so [`Interrupt::reraise_if_stale`] raises again an
+/// interrupt the guest has left unacknowledged for a whole watchdog period.
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
     evt: EventFd,
+    acks: AtomicU64,
+    /// (acknowledgements seen, status was set) at the last watchdog look.
+    watch: std::sync::Mutex<(u64, bool)>,
+    reraised: AtomicU64,
 }
 
 impl Interrupt {
@@ -75,7 +115,35 @@ impl Interrupt {
         Interrupt {
             status: AtomicU32::new(0),
             evt,
+            acks: AtomicU64::new(0),
+            watch: std::sync::Mutex::new((0, false)),
+            reraised: AtomicU64::new(0),
         }
+    }
+
+    /// Called every watchdog period: raises the interrupt again when its
+    /// status was already set at the previous call and the guest has not
+    /// acknowledged anything since. Returns whether it did. A guest that
+    /// was merely slow sees one extra interrupt, which it handles as usual.
+    pub fn reraise_if_stale(&self) -> bool {
+        let pending = self.status() != 0;
+        let acks = self.acks.load(Ordering::Acquire);
+        let mut watch = match self.watch.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let stale = pending && watch.1 && watch.0 == acks;
+        *watch = (acks, pending);
+        if stale && self.evt.write(1).is_ok() {
+            self.reraised.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// How often [`Interrupt::reraise_if_stale`] raised the interrupt again.
+    pub fn reraised(&self) -> u64 {
+        self.reraised.load(Ordering::Relaxed)
     }
 
     /// Sets `why` in the status register and raises the interrupt.
@@ -92,6 +160,7 @@ impl Interrupt {
     /// The guest acknowledges `bits`.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
+        self.acks.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The eventfd behind the interrupt.
