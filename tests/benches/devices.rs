@@ -5,9 +5,11 @@
 //! /tmp and inside a guest on a virtio-fs share of a host /tmp directory:
 //! sequential write and read of a `RUNVM_BENCH_FS_MIB` (default 512) MiB
 //! file and create/stat/read/delete of `RUNVM_BENCH_FS_FILES` (default
-//! 10,000) small files. Then the guest
-//! streams 64 MiB through vsock to a host echo server. Prints figures and
-//! ratios. Run it with `tests/bench.sh devices`.
+//! 10,000) small files. Then the guest streams 64 MiB through vsock to a
+//! host echo server, and 64 MiB over TCP through its virtio-net NIC and a
+//! TAP to a host echo server (compared with the same tool over the test
+//! host's loopback). Prints figures and ratios. Run it with
+//! `tests/bench.sh devices`.
 
 use std::os::unix::net::UnixListener;
 use std::process::Command;
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use runvm_tests::artifacts::{guest_tool_binary, vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
-use runvm_tests::host::echo_server;
+use runvm_tests::host::{echo_server, tcp_echo_server};
 use runvm_tests::kvm::{self, KvmPlace};
 
 /// `key=value` fields of the first line starting with `tag`.
@@ -35,6 +37,31 @@ fn field(f: &[(String, String)], key: &str) -> f64 {
         .find(|(k, _)| k == key)
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key} in {f:?}"))
+}
+
+/// A persistent TAP with an address on the host end, deleted on drop.
+struct Tap(&'static str);
+
+impl Tap {
+    fn new(name: &'static str, addr: &str) -> Self {
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("run ip");
+            assert!(st.success(), "ip {}", args.join(" "));
+        };
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+        let tap = Tap(name);
+        ip(&["addr", "add", addr, "dev", name]);
+        ip(&["link", "set", name, "up"]);
+        tap
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", "dev", self.0])
+            .status();
+    }
 }
 
 fn main() {
@@ -71,6 +98,22 @@ fn main() {
     eprintln!("native: {}", native.trim());
     let native = fields(&native, "FSBENCH");
 
+    // TCP over the host's loopback: the ceiling for the guest's NIC.
+    let lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let lo_addr = lo.local_addr().unwrap();
+    tcp_echo_server(lo);
+    let native_tcp = Command::new(guest_tool_binary())
+        .args(["send-tcp", &lo_addr.to_string(), "67108864", "1"])
+        .output()
+        .expect("run send-tcp natively");
+    assert!(native_tcp.status.success(), "{native_tcp:?}");
+    let native_tcp = String::from_utf8(native_tcp.stdout).unwrap();
+    let native_tcp = fields(&native_tcp, "SENT-OK");
+
+    // The guest's NIC: a TAP with the host end at 172.31.9.1.
+    let _tap = Tap::new("rvmbench0", "172.31.9.1/24");
+    tcp_echo_server(std::net::TcpListener::bind("172.31.9.1:7001").unwrap());
+
     // The same workload in a guest on a virtio-fs share of a host directory.
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
@@ -84,6 +127,8 @@ fn main() {
          $bb mount -t virtiofs bench /mnt\n\
          /bin/runvm-guest-tool fs-bench /mnt {mib} {files}\n\
          /bin/runvm-guest-tool send-host 6000 67108864 1\n\
+         $bb ip link set eth0 up && $bb ip addr add 172.31.9.2/24 dev eth0\n\
+         /bin/runvm-guest-tool send-tcp 172.31.9.1:7001 67108864 1\n\
          $bb umount /mnt\n\
          $bb reboot -f"
     ));
@@ -99,11 +144,19 @@ fn main() {
     .args(["--cmdline", "quiet", "--vsock-cid", "3", "--vsock-uds"])
     .arg(&uds)
     .arg("--fs")
-    .arg(format!("tag=bench,path={},cache=always", share.display()));
+    .arg(format!("tag=bench,path={},cache=always", share.display()))
+    .args(["--net", "tap=rvmbench0"]);
     let run = GuestProcess::spawn(cmd).finish(Duration::from_secs(1600));
     assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{}", run.output);
     let guest = fields(&run.output, "FSBENCH");
-    let vsock = fields(&run.output, "SENT-OK");
+    let sent: Vec<&str> = run
+        .output
+        .lines()
+        .filter(|l| l.contains("SENT-OK"))
+        .collect();
+    assert_eq!(sent.len(), 2, "{}", run.output);
+    let vsock = fields(sent[0], "SENT-OK");
+    let tcp = fields(sent[1], "SENT-OK");
 
     let (nw, nr, nm) = (
         field(&native, "write_mib_s"),
@@ -124,5 +177,10 @@ fn main() {
         field(&vsock, "mib_per_s"),
         field(&vsock, "secs")
     );
-    println!("TCP guest<->host: not measured (no virtio-net yet)");
+    let (gt, nt) = (field(&tcp, "mib_per_s"), field(&native_tcp, "mib_per_s"));
+    println!(
+        "TCP 64 MiB guest->host echo over virtio-net: {gt:.1} MiB/s (both directions counted), {:.2} s; test host loopback {nt:.1} MiB/s; ratio {:.2}",
+        field(&tcp, "secs"),
+        gt / nt
+    );
 }
