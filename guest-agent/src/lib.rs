@@ -2,6 +2,7 @@
 //! the host<->agent protocol over any byte stream (vsock in the guest, a
 //! Unix socket in tests), and [`reaper::Reaper`] collects exit statuses.
 
+pub mod child_setup;
 pub mod mount_ns;
 pub mod reaper;
 pub mod server;

@@ -10,7 +10,6 @@
 //! events produced meanwhile (held, not dropped) go to the new connection.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{ChildStdin, Command, Stdio};
@@ -18,12 +17,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::{Gid, Pid, Uid};
+use nix::unistd::Pid;
 use runvm_protocol::{
     encode_json, read_frame, Event, FrameError, FrameKind, Op, Outcome, ProcessSpec, Request,
     Response, StreamChunk, StreamId,
 };
 
+use crate::child_setup::ChildSetup;
 use crate::mount_ns::MountNs;
 use crate::reaper::Reaper;
 
@@ -70,7 +70,7 @@ impl Outbox {
 }
 
 enum Proc {
-    Created(ProcessSpec),
+    Created(Box<ProcessSpec>),
     Running { pid: i32, stdin: Option<ChildStdin> },
     Exited,
 }
@@ -246,9 +246,8 @@ impl Agent {
             }
         }
         let setup = ChildSetup::new(self.rootfs.as_ref(), spec)?;
-        // SAFETY: the hook only makes async-signal-safe system calls
-        // (setns, chdir, setsid, setgroups, setgid, setuid) on
-        // data prepared before the fork.
+        // SAFETY: the hook only makes async-signal-safe system calls on
+        // data prepared before the fork (see child_setup).
         unsafe { cmd.pre_exec(move || setup.apply()) };
         let mut child = cmd.spawn()?;
         let pid = child.id() as i32;
@@ -289,45 +288,6 @@ impl Agent {
             }
         });
         Ok((pid, stdin))
-    }
-}
-
-/// What a new process does between fork and exec, prepared in the parent
-/// so the child only makes system calls.
-struct ChildSetup {
-    mount_ns: Option<std::os::fd::RawFd>,
-    cwd: CString,
-    ids: Option<(Uid, Gid)>,
-}
-
-impl ChildSetup {
-    fn new(root: Option<&MountNs>, spec: &ProcessSpec) -> io::Result<Self> {
-        use std::os::fd::AsRawFd;
-        let same_ids = spec.uid == nix::unistd::getuid().as_raw()
-            && spec.gid == nix::unistd::getgid().as_raw();
-        Ok(ChildSetup {
-            mount_ns: root.map(|ns| ns.fd().as_raw_fd()),
-            cwd: CString::new(spec.cwd.as_str())
-                .map_err(|_| io::Error::other("NUL byte in the working directory"))?,
-            ids: (!same_ids).then(|| (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid))),
-        })
-    }
-
-    fn apply(&self) -> io::Result<()> {
-        let _ = nix::unistd::setsid();
-        if let Some(fd) = self.mount_ns {
-            // SAFETY: the descriptor stays open in the agent for as long as
-            // it runs; the child got a copy at fork.
-            let ns = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
-        }
-        nix::unistd::chdir(self.cwd.as_c_str())?;
-        if let Some((uid, gid)) = self.ids {
-            nix::unistd::setgroups(&[])?;
-            nix::unistd::setgid(gid)?;
-            nix::unistd::setuid(uid)?;
-        }
-        Ok(())
     }
 }
 

@@ -123,7 +123,10 @@ impl Client {
     /// Creates and starts a process.
     fn spawn(&mut self, handle: u32, process: ProcessSpec) {
         assert_eq!(
-            self.call(Op::Create { handle, process }),
+            self.call(Op::Create {
+                handle,
+                process: process.into()
+            }),
             Outcome::Ok { pid: None }
         );
         let Outcome::Ok { pid: Some(_) } = self.call(Op::Start { handle }) else {
@@ -167,6 +170,7 @@ fn sh(script: &str) -> ProcessSpec {
         uid: current_uid(),
         gid: current_gid(),
         terminal: false,
+        ..Default::default()
     }
 }
 
@@ -291,27 +295,27 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
     empty.args.clear();
     assert!(is_err(&c.call(Op::Create {
         handle: 1,
-        process: empty
+        process: empty.into()
     })));
     let mut tty = sh("true");
     tty.terminal = true;
     assert!(is_err(&c.call(Op::Create {
         handle: 1,
-        process: tty
+        process: tty.into()
     })));
     c.call(Op::Create {
         handle: 2,
-        process: sh("true"),
+        process: sh("true").into(),
     });
     assert!(is_err(&c.call(Op::Create {
         handle: 2,
-        process: sh("true")
+        process: sh("true").into()
     })));
     let mut missing = sh("true");
     missing.args = vec!["/nonexistent/binary".into()];
     c.call(Op::Create {
         handle: 3,
-        process: missing,
+        process: missing.into(),
     });
     assert!(is_err(&c.call(Op::Start { handle: 3 })));
 
@@ -371,4 +375,102 @@ fn shutdown_is_answered_then_ends_the_agent() {
     assert_eq!(c.call(Op::Shutdown), Outcome::Ok { pid: None });
     let status = a.child.wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// `Name:\tvalue` lines of a process's /proc status, as the process saw them.
+fn status_lines(out: &str) -> HashMap<String, String> {
+    out.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn user_groups_umask_rlimits_capabilities_and_no_new_privs_apply() {
+    if current_uid() != 0 {
+        panic!("this test needs root (it switches users and drops capabilities)");
+    }
+    let a = agent();
+    let mut c = Client::connect(&a);
+    let mut p = sh("grep -E '^(Uid|Gid|Groups|Umask|NoNewPrivs|Cap(Inh|Prm|Eff|Bnd|Amb)):' /proc/self/status; \
+         grep 'Max open files' /proc/self/limits | tr -s ' ' | sed 's/Max open files/Nofile:/'");
+    p.uid = 1000;
+    p.gid = 1001;
+    p.additional_gids = vec![10, 20];
+    p.umask = Some(0o027);
+    p.rlimits = vec![runvm_protocol::Rlimit {
+        kind: "RLIMIT_NOFILE".into(),
+        soft: 123,
+        hard: 456,
+    }];
+    p.no_new_privileges = true;
+    let bind = vec!["CAP_NET_BIND_SERVICE".to_owned()];
+    p.capabilities = Some(runvm_protocol::Capabilities {
+        bounding: vec![
+            "CAP_CHOWN".into(),
+            "CAP_KILL".into(),
+            "CAP_NET_BIND_SERVICE".into(),
+        ],
+        effective: bind.clone(),
+        permitted: bind.clone(),
+        inheritable: bind.clone(),
+        ambient: bind,
+    });
+    assert_eq!(c.run(1, p), 0, "{}", c.output(1, StreamId::Stderr));
+    let st = status_lines(&c.output(1, StreamId::Stdout));
+    let first = |k: &str| st[k].split_whitespace().next().unwrap().to_owned();
+    assert_eq!(first("Uid"), "1000", "{st:?}");
+    assert_eq!(first("Gid"), "1001", "{st:?}");
+    assert_eq!(st["Groups"], "10 20", "{st:?}");
+    assert_eq!(st["Umask"], "0027", "{st:?}");
+    assert_eq!(st["NoNewPrivs"], "1", "{st:?}");
+    // CAP_CHOWN is bit 0, CAP_KILL bit 5, CAP_NET_BIND_SERVICE bit 10;
+    // grep, an unprivileged exec, keeps exactly the ambient set.
+    assert_eq!(st["CapBnd"], "0000000000000421", "{st:?}");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(st[set], "0000000000000400", "{set}: {st:?}");
+    }
+    assert_eq!(st["Nofile"], "123 456 files", "{st:?}");
+
+    // Without a capabilities object root keeps its full set.
+    assert_eq!(c.run(2, sh("grep CapEff /proc/self/status")), 0);
+    assert_ne!(
+        c.output(2, StreamId::Stdout).trim(),
+        "CapEff:\t0000000000000000"
+    );
+}
+
+#[test]
+fn unknown_capabilities_and_rlimits_are_refused_at_start() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    let mut p = sh("true");
+    p.capabilities = Some(runvm_protocol::Capabilities {
+        bounding: vec!["CAP_TELEPORT".into()],
+        ..Default::default()
+    });
+    c.call(Op::Create {
+        handle: 1,
+        process: p.into(),
+    });
+    let Outcome::Error { message } = c.call(Op::Start { handle: 1 }) else {
+        panic!("an unknown capability started")
+    };
+    assert!(message.contains("CAP_TELEPORT"), "{message}");
+    let mut p = sh("true");
+    p.rlimits = vec![runvm_protocol::Rlimit {
+        kind: "RLIMIT_NOFILE".into(),
+        soft: 10,
+        hard: 5,
+    }];
+    c.call(Op::Create {
+        handle: 2,
+        process: p.into(),
+    });
+    let Outcome::Error { message } = c.call(Op::Start { handle: 2 }) else {
+        panic!("a soft limit above the hard one started")
+    };
+    assert!(message.contains("above hard"), "{message}");
+    // The agent still serves.
+    assert_eq!(c.run(3, sh("exit 4")), 4);
 }

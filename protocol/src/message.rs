@@ -8,7 +8,7 @@ use crate::frame::{encode_frame, FrameError, FrameKind};
 
 /// The process to run, as the host hands it over (a subset of the OCI
 /// `process` object that grows with the agent).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessSpec {
     /// argv; the first element is resolved against PATH in `env`.
@@ -28,6 +28,57 @@ pub struct ProcessSpec {
     /// Allocate a terminal (stdout and stderr are then one stream).
     #[serde(default)]
     pub terminal: bool,
+    /// Supplementary group IDs (none when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub additional_gids: Vec<u32>,
+    /// File mode creation mask; the agent's own (0o022) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub umask: Option<u32>,
+    /// Resource limits, applied before the process starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rlimits: Vec<Rlimit>,
+    /// Sets no_new_privs: exec can never grant privileges (setuid bits,
+    /// file capabilities).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_new_privileges: bool,
+    /// The capability sets; when absent the process keeps what its user
+    /// gets by default (everything for root, nothing otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+}
+
+/// One resource limit, as in the OCI spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rlimit {
+    /// `RLIMIT_NOFILE`, `RLIMIT_NPROC`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Hard limit.
+    pub hard: u64,
+    /// Soft limit.
+    pub soft: u64,
+}
+
+/// Capability sets by OCI name (`CAP_NET_BIND_SERVICE`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    /// The bounding set: what the process and its children can ever have.
+    #[serde(default)]
+    pub bounding: Vec<String>,
+    /// Effective.
+    #[serde(default)]
+    pub effective: Vec<String>,
+    /// Inheritable.
+    #[serde(default)]
+    pub inheritable: Vec<String>,
+    /// Permitted.
+    #[serde(default)]
+    pub permitted: Vec<String>,
+    /// Ambient (kept across exec of unprivileged programs).
+    #[serde(default)]
+    pub ambient: Vec<String>,
 }
 
 fn root_dir() -> String {
@@ -53,7 +104,7 @@ pub enum Op {
         /// Handle the host uses for it from now on (stream frames carry it).
         handle: u32,
         /// What to run.
-        process: ProcessSpec,
+        process: Box<ProcessSpec>,
     },
     /// Start a created process.
     Start {
@@ -204,14 +255,15 @@ mod tests {
             seq: 7,
             op: Op::Create {
                 handle: 1,
-                process: ProcessSpec {
+                process: Box::new(ProcessSpec {
                     args: vec!["sh".into()],
                     env: vec![],
                     cwd: "/".into(),
                     uid: 0,
                     gid: 0,
                     terminal: false,
-                },
+                    ..Default::default()
+                }),
             },
         };
         assert_eq!(

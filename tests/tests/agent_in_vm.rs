@@ -41,6 +41,7 @@ fn sh(script: &str) -> ProcessSpec {
         uid: 0,
         gid: 0,
         terminal: false,
+        ..Default::default()
     }
 }
 
@@ -54,7 +55,11 @@ struct Host {
 impl Host {
     fn start(&mut self, c: &mut Client<UnixStream>, handle: u32, p: ProcessSpec) {
         assert_eq!(
-            c.call(Op::Create { handle, process: p }).unwrap(),
+            c.call(Op::Create {
+                handle,
+                process: p.into()
+            })
+            .unwrap(),
             Outcome::Ok { pid: None }
         );
         let started = c.call(Op::Start { handle }).unwrap();

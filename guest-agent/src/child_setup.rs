@@ -1,0 +1,325 @@
+//! What a new process does between fork and exec: join the container's
+//! mount namespace, set limits, umask, groups, user, capabilities and
+//! no_new_privs. Everything is worked out in the parent ([`ChildSetup::new`],
+//! where bad input becomes an error reply); the child only makes system
+//! calls, since it is a fork of a multi-threaded process and must not
+//! allocate.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::RawFd;
+use std::str::FromStr;
+
+use runvm_protocol::{Capabilities, ProcessSpec};
+
+use crate::mount_ns::MountNs;
+
+/// Capability masks as the kernel takes them (bit n = capability n).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapMasks {
+    /// Bounding set.
+    pub bounding: u64,
+    /// Effective set.
+    pub effective: u64,
+    /// Permitted set.
+    pub permitted: u64,
+    /// Inheritable set.
+    pub inheritable: u64,
+    /// Ambient set.
+    pub ambient: u64,
+}
+
+impl CapMasks {
+    /// Parses OCI capability names; capabilities this kernel does not know
+    /// (beyond `last_cap`) are left out, as runc does.
+    pub fn from_spec(caps: &Capabilities, last_cap: u8) -> io::Result<Self> {
+        let mask = |names: &[String]| -> io::Result<u64> {
+            let mut m = 0u64;
+            for name in names {
+                let cap = caps::Capability::from_str(name).map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("unknown capability {name:?}"),
+                    )
+                })?;
+                if cap.index() <= last_cap {
+                    m |= 1 << cap.index();
+                }
+            }
+            Ok(m)
+        };
+        Ok(CapMasks {
+            bounding: mask(&caps.bounding)?,
+            effective: mask(&caps.effective)?,
+            permitted: mask(&caps.permitted)?,
+            inheritable: mask(&caps.inheritable)?,
+            ambient: mask(&caps.ambient)?,
+        })
+    }
+}
+
+/// The highest capability number this kernel knows.
+pub fn last_cap() -> u8 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| caps::all().iter().map(|c| c.index()).max().unwrap_or(40))
+}
+
+/// The OCI rlimit name's resource number.
+fn rlimit_resource(name: &str) -> io::Result<libc::__rlimit_resource_t> {
+    Ok(match name {
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unknown rlimit {name:?}"),
+            ))
+        }
+    })
+}
+
+/// Everything the child applies, prepared in the parent.
+#[derive(Debug)]
+pub struct ChildSetup {
+    mount_ns: Option<RawFd>,
+    cwd: CString,
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    umask: Option<libc::mode_t>,
+    /// (uid, gid, supplementary groups) when they differ from the agent's.
+    ids: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    caps: Option<CapMasks>,
+    last_cap: u8,
+    no_new_privs: bool,
+}
+
+fn os_err(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+impl ChildSetup {
+    /// Checks and converts `spec`; `root` is the container's mount namespace.
+    pub fn new(root: Option<&MountNs>, spec: &ProcessSpec) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+        let mut rlimits = Vec::with_capacity(spec.rlimits.len());
+        for r in &spec.rlimits {
+            if r.soft > r.hard {
+                return Err(invalid(format!(
+                    "{}: soft limit {} above hard limit {}",
+                    r.kind, r.soft, r.hard
+                )));
+            }
+            let lim = libc::rlimit {
+                rlim_cur: r.soft,
+                rlim_max: r.hard,
+            };
+            rlimits.push((rlimit_resource(&r.kind)?, lim));
+        }
+        let umask = match spec.umask {
+            Some(m) if m > 0o777 => return Err(invalid(format!("umask {m:o} is not a mode"))),
+            m => m,
+        };
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        let same_ids = spec.uid == uid && spec.gid == gid && spec.additional_gids.is_empty();
+        let last_cap = last_cap();
+        let caps = spec
+            .capabilities
+            .as_ref()
+            .map(|c| CapMasks::from_spec(c, last_cap))
+            .transpose()?;
+        Ok(ChildSetup {
+            mount_ns: root.map(|ns| ns.fd().as_raw_fd()),
+            cwd: CString::new(spec.cwd.as_str())
+                .map_err(|_| invalid("NUL byte in the working directory".into()))?,
+            rlimits,
+            umask,
+            ids: (!same_ids).then(|| (spec.uid, spec.gid, spec.additional_gids.clone())),
+            caps,
+            last_cap,
+            no_new_privs: spec.no_new_privileges,
+        })
+    }
+
+    /// Runs in the child between fork and exec: system calls only.
+    pub fn apply(&self) -> io::Result<()> {
+        // SAFETY: setsid has no memory effects; failure (already a leader)
+        // is harmless.
+        unsafe { libc::setsid() };
+        if let Some(fd) = self.mount_ns {
+            // SAFETY: the descriptor stays open in the agent for as long as
+            // it runs; the child got a copy at fork.
+            os_err(unsafe { libc::setns(fd, libc::CLONE_NEWNS) })?;
+        }
+        // SAFETY: `cwd` is a valid NUL-terminated string.
+        os_err(unsafe { libc::chdir(self.cwd.as_ptr()) })?;
+        for (resource, lim) in &self.rlimits {
+            // SAFETY: `lim` is a valid rlimit.
+            os_err(unsafe { libc::setrlimit(*resource, lim) })?;
+        }
+        if let Some(mask) = self.umask {
+            // SAFETY: umask cannot fail.
+            unsafe { libc::umask(mask) };
+        }
+        if let Some(caps) = &self.caps {
+            for cap in 0..=self.last_cap {
+                if caps.bounding & (1 << cap) == 0 {
+                    // SAFETY: prctl with integer arguments.
+                    os_err(unsafe {
+                        libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap))
+                    })?;
+                }
+            }
+            // Keep the permitted set across the switch to a non-root user.
+            // SAFETY: prctl with integer arguments.
+            os_err(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong) })?;
+        }
+        if let Some((uid, gid, groups)) = &self.ids {
+            // SAFETY: `groups` holds groups.len() gids.
+            os_err(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+            // SAFETY: plain system calls.
+            os_err(unsafe { libc::setgid(*gid) })?;
+            // SAFETY: plain system call.
+            os_err(unsafe { libc::setuid(*uid) })?;
+        }
+        if let Some(caps) = &self.caps {
+            self.set_caps(caps)?;
+        }
+        if self.no_new_privs {
+            // SAFETY: prctl with integer arguments.
+            os_err(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })?;
+        }
+        Ok(())
+    }
+
+    fn set_caps(&self, caps: &CapMasks) -> io::Result<()> {
+        // SAFETY: prctl with integer arguments.
+        os_err(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0 as libc::c_ulong) })?;
+        let mut header = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        let half = |m: u64, i: u32| (m >> (32 * i)) as u32;
+        let data = [0, 1].map(|i| CapData {
+            effective: half(caps.effective, i),
+            permitted: half(caps.permitted, i),
+            inheritable: half(caps.inheritable, i),
+        });
+        // SAFETY: capset reads a version 3 header and two data structs.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_capset,
+                std::ptr::from_mut(&mut header),
+                data.as_ptr(),
+            )
+        };
+        os_err(rc as libc::c_int)?;
+        for cap in 0..=self.last_cap {
+            if caps.ambient & (1 << cap) != 0 {
+                // SAFETY: prctl with integer arguments.
+                os_err(unsafe {
+                    libc::prctl(
+                        libc::PR_CAP_AMBIENT,
+                        libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                        libc::c_ulong::from(cap),
+                        0 as libc::c_ulong,
+                        0 as libc::c_ulong,
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_names_become_masks() {
+        let caps = Capabilities {
+            bounding: vec!["CAP_CHOWN".into(), "CAP_NET_BIND_SERVICE".into()],
+            effective: vec!["CAP_CHOWN".into()],
+            ..Default::default()
+        };
+        let m = CapMasks::from_spec(&caps, 40).unwrap();
+        assert_eq!(m.bounding, 1 | 1 << 10);
+        assert_eq!(m.effective, 1);
+        assert_eq!(m.ambient, 0);
+        // Beyond what the kernel knows: left out.
+        let m = CapMasks::from_spec(&caps, 5).unwrap();
+        assert_eq!(m.bounding, 1);
+        let bad = Capabilities {
+            permitted: vec!["CAP_FLY".into()],
+            ..Default::default()
+        };
+        let err = CapMasks::from_spec(&bad, 40).unwrap_err();
+        assert!(err.to_string().contains("CAP_FLY"), "{err}");
+    }
+
+    #[test]
+    fn bad_limits_and_umasks_are_refused_in_the_parent() {
+        let spec = |f: &dyn Fn(&mut ProcessSpec)| {
+            let mut s = ProcessSpec {
+                args: vec!["/bin/true".into()],
+                cwd: "/".into(),
+                ..Default::default()
+            };
+            f(&mut s);
+            ChildSetup::new(None, &s)
+        };
+        let rl = |kind: &str, soft, hard| runvm_protocol::Rlimit {
+            kind: kind.into(),
+            soft,
+            hard,
+        };
+        assert!(spec(&|s| s.rlimits = vec![rl("RLIMIT_NOFILE", 10, 20)]).is_ok());
+        let err = spec(&|s| s.rlimits = vec![rl("RLIMIT_WINGS", 1, 1)]).unwrap_err();
+        assert!(err.to_string().contains("RLIMIT_WINGS"), "{err}");
+        let err = spec(&|s| s.rlimits = vec![rl("RLIMIT_NOFILE", 30, 20)]).unwrap_err();
+        assert!(err.to_string().contains("above hard"), "{err}");
+        let err = spec(&|s| s.umask = Some(0o1777)).unwrap_err();
+        assert!(err.to_string().contains("umask"), "{err}");
+        let err = spec(&|s| s.cwd = "/a\0b".into()).unwrap_err();
+        assert!(err.to_string().contains("NUL"), "{err}");
+    }
+}
