@@ -120,7 +120,6 @@ kvm_test!(
              $bb ping -c 3 -W 20 172.31.7.1 >/dev/null && echo PING-A-OK\n\
              $bb ping -c 3 -W 20 172.31.8.1 >/dev/null && echo PING-B-OK\n\
              $t send-tcp 172.31.7.1:7001 67108864 1 || echo GUEST-FAILED\n\
-             $t send-tcp 172.31.7.1:7001 1048576 20 || echo GUEST-FAILED\n\
              $bb reboot -f",
         );
         let mut cmd = vmm_command("vmlinux", &initrd);
@@ -151,9 +150,8 @@ kvm_test!(
         assert!(out.contains("PING-B-OK"), "{out}");
         assert!(!out.contains("GUEST-FAILED"), "{out}");
         let sent: Vec<&str> = out.lines().filter(|l| l.contains("SENT-OK")).collect();
-        assert_eq!(sent.len(), 2, "{out}");
+        assert_eq!(sent.len(), 1, "{out}");
         assert!(sent[0].contains("conns=1 bytes=67108864"), "{}", sent[0]);
-        assert!(sent[1].contains("conns=20 bytes=1048576"), "{}", sent[1]);
 
         // The TAP the VMM made is gone; the others are left as they were.
         assert!(!link_exists("rvmnet-c"), "the created TAP outlived the VM");
