@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use runvm_tests::artifacts::{guest_tool_binary, vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
-use runvm_tests::host::{echo_server, tcp_echo_server};
+use runvm_tests::host::echo_server;
 use runvm_tests::kvm::{self, KvmPlace};
 
 /// `key=value` fields of the first line starting with `tag`.
@@ -101,7 +101,7 @@ fn main() {
     // TCP over the host's loopback: the ceiling for the guest's NIC.
     let lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let lo_addr = lo.local_addr().unwrap();
-    tcp_echo_server(lo);
+    echo_server(lo);
     let native_tcp = Command::new(guest_tool_binary())
         .args(["send-tcp", &lo_addr.to_string(), "67108864", "1"])
         .output()
@@ -112,7 +112,7 @@ fn main() {
 
     // The guest's NIC: a TAP with the host end at 172.31.9.1.
     let _tap = Tap::new("rvmbench0", "172.31.9.1/24");
-    tcp_echo_server(std::net::TcpListener::bind("172.31.9.1:7001").unwrap());
+    echo_server(std::net::TcpListener::bind("172.31.9.1:7001").unwrap());
 
     // The same workload in a guest on a virtio-fs share of a host directory.
     let dir = tempfile::tempdir().unwrap();

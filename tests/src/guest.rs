@@ -124,3 +124,13 @@ impl GuestProcess {
         }
     }
 }
+
+/// The value of the first `KEY[...]` a guest printed.
+pub fn marked<'a>(output: &'a str, key: &str) -> &'a str {
+    let open = format!("{key}[");
+    output
+        .split(&open)
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .unwrap_or_else(|| panic!("no {key}[...] in:\n{output}"))
+}

@@ -1,41 +1,61 @@
 //! Host-side peers for guests under test.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::os::unix::net::UnixListener;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread;
 
+/// A listening socket whose connections can be echoed.
+pub trait EchoListener: Send + 'static {
+    /// A connection.
+    type Conn: Read + Write + Send + 'static;
+    /// The next connection.
+    fn next(&self) -> std::io::Result<Self::Conn>;
+    /// A second handle on `c` and a way to shut its write side.
+    fn split(c: &Self::Conn) -> std::io::Result<Self::Conn>;
+    /// Shuts the write side.
+    fn close_write(c: &Self::Conn);
+}
+
+impl EchoListener for UnixListener {
+    type Conn = UnixStream;
+    fn next(&self) -> std::io::Result<UnixStream> {
+        self.accept().map(|(c, _)| c)
+    }
+    fn split(c: &UnixStream) -> std::io::Result<UnixStream> {
+        c.try_clone()
+    }
+    fn close_write(c: &UnixStream) {
+        let _ = c.shutdown(Shutdown::Write);
+    }
+}
+
+impl EchoListener for TcpListener {
+    type Conn = TcpStream;
+    fn next(&self) -> std::io::Result<TcpStream> {
+        self.accept().map(|(c, _)| c)
+    }
+    fn split(c: &TcpStream) -> std::io::Result<TcpStream> {
+        c.try_clone()
+    }
+    fn close_write(c: &TcpStream) {
+        let _ = c.shutdown(Shutdown::Write);
+    }
+}
+
 /// Echoes every connection to `listener` (a guest reaching a vsock port
-/// through the hybrid socket's `_PORT` listener) until the process ends;
-/// each connection's write side is shut once its guest stops sending.
-pub fn echo_server(listener: UnixListener) {
+/// through the hybrid socket's `_PORT` listener, or a TCP port over its
+/// NIC) until the process ends; each connection's write side is shut once
+/// its guest stops sending.
+pub fn echo_server<L: EchoListener>(listener: L) {
     thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { break };
+        while let Ok(mut conn) = listener.next() {
             thread::spawn(move || {
-                if let Ok(w) = conn.try_clone() {
-                    echo(conn, w, |w| w.shutdown(std::net::Shutdown::Write));
+                if let Ok(mut w) = L::split(&conn) {
+                    let _ = std::io::copy(&mut conn, &mut w);
+                    L::close_write(&w);
                 }
             });
         }
     });
-}
-
-/// [`echo_server`] for TCP (a guest reaching the host over its NIC).
-pub fn tcp_echo_server(listener: TcpListener) {
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { break };
-            thread::spawn(move || {
-                if let Ok(w) = conn.try_clone() {
-                    echo(conn, w, |w| w.shutdown(std::net::Shutdown::Write));
-                }
-            });
-        }
-    });
-}
-
-fn echo<R: Read, W: Write>(mut r: R, mut w: W, close: impl FnOnce(&W) -> std::io::Result<()>) {
-    let _ = std::io::copy(&mut r, &mut w);
-    let _ = close(&w);
 }

@@ -6,7 +6,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
 use runvm_tests::artifacts::{vmm_command, Initrd};
-use runvm_tests::guest::GuestProcess;
+use runvm_tests::guest::{marked, GuestProcess};
 use runvm_tests::kvm_test;
 
 fn sha256(path: &std::path::Path) -> String {
@@ -16,16 +16,6 @@ fn sha256(path: &std::path::Path) -> String {
         .unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()[..64].to_owned()
-}
-
-/// The value of the first `KEY[...]` the guest printed.
-fn marked<'a>(output: &'a str, key: &str) -> &'a str {
-    let open = format!("{key}[");
-    output
-        .split(&open)
-        .nth(1)
-        .and_then(|rest| rest.split(']').next())
-        .unwrap_or_else(|| panic!("no {key}[...] in:\n{output}"))
 }
 
 kvm_test!(

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use runvm_tests::artifacts::{vmm_command, Initrd};
-use runvm_tests::guest::GuestProcess;
-use runvm_tests::host::tcp_echo_server;
+use runvm_tests::guest::{marked, GuestProcess};
+use runvm_tests::host::echo_server;
 use runvm_tests::kvm_test;
 
 fn ip(args: &[&str]) -> std::process::Output {
@@ -68,15 +68,6 @@ fn inheritable(fd: &OwnedFd) {
     assert_eq!(rc, 0);
 }
 
-fn marked<'a>(output: &'a str, key: &str) -> &'a str {
-    let open = format!("{key}[");
-    output
-        .split(&open)
-        .nth(1)
-        .and_then(|rest| rest.split(']').next())
-        .unwrap_or_else(|| panic!("no {key}[...] in:\n{output}"))
-}
-
 kvm_test!(
     fn the_guest_reaches_the_host_over_tap_devices() {
         let _links = Links(vec!["rvmnet-a", "rvmnet-b", "rvmnet-c"]);
@@ -106,7 +97,7 @@ kvm_test!(
         drop(null);
 
         let listener = TcpListener::bind("172.31.7.1:7001").unwrap();
-        tcp_echo_server(listener);
+        echo_server(listener);
 
         let initrd = Initrd::busybox_with_tool(
             "bb=/bin/busybox\n\

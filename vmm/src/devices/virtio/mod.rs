@@ -200,6 +200,17 @@ pub struct ActivateContext {
     pub acked_features: u64,
 }
 
+/// Checks that the driver set up the `n` queues a device has.
+pub fn expect_queues(queues: &[Queue], evts: &[EventFd], n: usize) -> Result<(), ActivateError> {
+    if queues.len() != n || evts.len() != n {
+        return Err(ActivateError::QueueCount {
+            expected: n,
+            got: queues.len(),
+        });
+    }
+    Ok(())
+}
+
 /// Copies the part of a device's configuration space `cfg` that a guest read
 /// at `offset` covers into `data`; bytes beyond the space read as zero.
 pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {

@@ -160,12 +160,7 @@ impl VirtioDevice for Rng {
             interrupt,
             ..
         } = ctx;
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
+        super::expect_queues(&queues, &queue_evts, 1)?;
         self.stop();
         let source = (self.source)().map_err(ActivateError::Io)?;
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Io)?;

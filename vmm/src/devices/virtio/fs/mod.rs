@@ -226,12 +226,7 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for Fs<F> {
             interrupt,
             ..
         } = ctx;
-        if queues.len() != 2 || queue_evts.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
+        super::expect_queues(&queues, &queue_evts, 2)?;
         self.stop();
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Io)?;
         let epoll = Epoll::new().map_err(ActivateError::Io)?;

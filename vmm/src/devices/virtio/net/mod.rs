@@ -233,12 +233,7 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
             interrupt,
             acked_features,
         } = ctx;
-        if queues.len() != 2 || queue_evts.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
+        super::expect_queues(&queues, &queue_evts, 2)?;
         self.stop();
         let mut backend = self
             .backend

@@ -172,12 +172,7 @@ impl<H: VsockHost + 'static> VirtioDevice for Vsock<H> {
             interrupt,
             ..
         } = ctx;
-        if queues.len() != 3 || queue_evts.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: queues.len(),
-            });
-        }
+        super::expect_queues(&queues, &queue_evts, 3)?;
         self.stop();
         let host = self.host.take().ok_or_else(|| {
             ActivateError::Io(std::io::Error::other("the vsock host side was lost"))
