@@ -236,7 +236,14 @@ fn serve(params: &BootParams) -> Result<(), String> {
         .map(|_| runvm_agent::mount_ns::MountNs::create(std::path::Path::new(ROOTFS)))
         .transpose()
         .map_err(|e| format!("container mount namespace: {e}"))?;
-    let agent = crate::Agent::new(reaper, rootfs, Box::new(|| power_off()));
+    let resolv_conf = match params.rootfs_tag {
+        Some(_) => std::path::Path::new(ROOTFS).join("etc/resolv.conf"),
+        None => "/etc/resolv.conf".into(),
+    };
+    let net = runvm_agent::network::LinuxNet::new(resolv_conf)
+        .map_err(|e| format!("network control socket: {e}"))?;
+    let agent =
+        crate::Agent::new(reaper, rootfs, Box::new(|| power_off())).with_network(Box::new(net));
     println!(
         "{LISTENING_MARKER} port={}",
         runvm_protocol::AGENT_VSOCK_PORT

@@ -4,5 +4,6 @@
 
 pub mod child_setup;
 pub mod mount_ns;
+pub mod network;
 pub mod reaper;
 pub mod server;

@@ -25,6 +25,7 @@ use runvm_protocol::{
 
 use crate::child_setup::ChildSetup;
 use crate::mount_ns::MountNs;
+use crate::network::NetSys;
 use crate::reaper::Reaper;
 
 /// Where frames go: the current connection, if there is one. Senders wait
@@ -91,6 +92,7 @@ pub struct Agent {
     reaper: Arc<Reaper>,
     rootfs: Option<MountNs>,
     on_shutdown: ShutdownHook,
+    network: Option<Box<dyn NetSys + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -111,7 +113,15 @@ impl Agent {
             reaper,
             rootfs,
             on_shutdown,
+            network: None,
         }
+    }
+
+    /// Lets the host configure the guest's network through `net` (only the
+    /// agent as the guest's init does; elsewhere the request is refused).
+    pub fn with_network(mut self, net: Box<dyn NetSys + Send + Sync>) -> Self {
+        self.network = Some(net);
+        self
     }
 
     fn respond(&self, seq: u64, result: Outcome) -> io::Result<()> {
@@ -186,6 +196,13 @@ impl Agent {
         let mut procs = self.procs();
         match op {
             Op::Ping | Op::Shutdown => Outcome::Ok { pid: None },
+            Op::ConfigureNetwork { network } => match &self.network {
+                None => error("network configuration needs the agent running as the guest's init"),
+                Some(net) => match crate::network::configure(&network, net.as_ref()) {
+                    Ok(()) => Outcome::Ok { pid: None },
+                    Err(e) => error(format!("network: {e}")),
+                },
+            },
             Op::Create { handle, process } => {
                 if procs.contains_key(&handle) {
                     return error(format!("handle {handle} is already in use"));

@@ -474,3 +474,15 @@ fn unknown_capabilities_and_rlimits_are_refused_at_start() {
     // The agent still serves.
     assert_eq!(c.run(3, sh("exit 4")), 4);
 }
+
+#[test]
+fn network_configuration_is_refused_outside_the_guest() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    let Outcome::Error { message } = c.call(Op::ConfigureNetwork {
+        network: Box::default(),
+    }) else {
+        panic!("a host-side agent touched the network")
+    };
+    assert!(message.contains("guest's init"), "{message}");
+}

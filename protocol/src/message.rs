@@ -47,6 +47,67 @@ pub struct ProcessSpec {
     pub capabilities: Option<Capabilities>,
 }
 
+/// The guest's network as the host decided it (from CNI, a bridge, or the
+/// user's flags).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Interfaces to bring up.
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceConfig>,
+    /// Routes, added after every interface is up.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Resolver configuration, written to the container's
+    /// `/etc/resolv.conf`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsConfig>,
+}
+
+/// One NIC, identified by the MAC the VMM gave it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    /// `02:00:00:00:00:01`
+    pub mac: String,
+    /// IPv4 address with prefix length (`10.0.0.2/24`); none leaves the
+    /// interface up without an address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// MTU; the driver's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+/// An IPv4 route.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `default` or a network with prefix length (`10.1.0.0/16`).
+    pub destination: String,
+    /// Next hop; none for a directly connected network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// MAC of the interface to use; the kernel picks one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// resolv.conf contents.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name server addresses.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Search domains.
+    #[serde(default)]
+    pub search: Vec<String>,
+    /// Resolver options (`ndots:2`).
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
 /// One resource limit, as in the OCI spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +183,12 @@ pub enum Op {
     CloseStdin {
         /// Its handle.
         handle: u32,
+    },
+    /// Configure the guest's network: interfaces (found by MAC), routes,
+    /// DNS. The VM is the sandbox, so this is the guest's own network.
+    ConfigureNetwork {
+        /// What to set up.
+        network: Box<NetworkConfig>,
     },
     /// Check the agent is alive.
     Ping,
@@ -277,6 +344,31 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&resp).unwrap(),
             r#"{"seq":7,"result":"ok","pid":42}"#
+        );
+        let net = Request {
+            seq: 8,
+            op: Op::ConfigureNetwork {
+                network: Box::new(NetworkConfig {
+                    interfaces: vec![InterfaceConfig {
+                        mac: "02:00:00:00:00:01".into(),
+                        address: Some("10.0.0.2/24".into()),
+                        mtu: None,
+                    }],
+                    routes: vec![RouteConfig {
+                        destination: "default".into(),
+                        gateway: Some("10.0.0.1".into()),
+                        mac: None,
+                    }],
+                    dns: Some(DnsConfig {
+                        servers: vec!["10.0.0.1".into()],
+                        ..Default::default()
+                    }),
+                }),
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&net).unwrap(),
+            r#"{"seq":8,"op":"configure_network","network":{"interfaces":[{"mac":"02:00:00:00:00:01","address":"10.0.0.2/24"}],"routes":[{"destination":"default","gateway":"10.0.0.1"}],"dns":{"servers":["10.0.0.1"],"search":[],"options":[]}}}"#
         );
         let ev = Event::Exited {
             handle: 1,

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use runvm_tests::artifacts::{guest_tool_binary, vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
-use runvm_tests::host::echo_server;
+use runvm_tests::host::{echo_server, HostTap};
 use runvm_tests::kvm::{self, KvmPlace};
 
 /// `key=value` fields of the first line starting with `tag`.
@@ -37,31 +37,6 @@ fn field(f: &[(String, String)], key: &str) -> f64 {
         .find(|(k, _)| k == key)
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key} in {f:?}"))
-}
-
-/// A persistent TAP with an address on the host end, deleted on drop.
-struct Tap(&'static str);
-
-impl Tap {
-    fn new(name: &'static str, addr: &str) -> Self {
-        let ip = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().expect("run ip");
-            assert!(st.success(), "ip {}", args.join(" "));
-        };
-        ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
-        let tap = Tap(name);
-        ip(&["addr", "add", addr, "dev", name]);
-        ip(&["link", "set", name, "up"]);
-        tap
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", "dev", self.0])
-            .status();
-    }
 }
 
 fn main() {
@@ -111,7 +86,7 @@ fn main() {
     let native_tcp = fields(&native_tcp, "SENT-OK");
 
     // The guest's NIC: a TAP with the host end at 172.31.9.1.
-    let _tap = Tap::new("rvmbench0", "172.31.9.1/24");
+    let _tap = HostTap::create("rvmbench0", "172.31.9.1/24");
     echo_server(std::net::TcpListener::bind("172.31.9.1:7001").unwrap());
 
     // The same workload in a guest on a virtio-fs share of a host directory.

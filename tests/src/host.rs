@@ -59,3 +59,49 @@ pub fn echo_server<L: EchoListener>(listener: L) {
         }
     });
 }
+
+/// Runs `ip ARGS`, panicking with its stderr when it fails.
+pub fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether network interface `name` exists.
+pub fn link_exists(name: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["link", "show", "dev", name])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A persistent TAP interface with `addr` (CIDR) on the host end, up,
+/// deleted when dropped; a VMM attaches to it by name.
+#[derive(Debug)]
+pub struct HostTap(String);
+
+impl HostTap {
+    /// Creates `name` (which must not exist).
+    pub fn create(name: &str, addr: &str) -> Self {
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+        let tap = HostTap(name.to_owned());
+        ip(&["addr", "add", addr, "dev", name]);
+        ip(&["link", "set", name, "up"]);
+        tap
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", "dev", &self.0])
+            .output();
+    }
+}

@@ -7,10 +7,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use runvm_protocol::client::{connect_vsock, Client, Notice};
-use runvm_protocol::{Event, Op, Outcome, ProcessSpec, StreamId, AGENT_VSOCK_PORT};
+use runvm_protocol::{
+    DnsConfig, Event, InterfaceConfig, NetworkConfig, Op, Outcome, ProcessSpec, RouteConfig,
+    StreamId, AGENT_VSOCK_PORT,
+};
 use runvm_tests::artifacts::{vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
+use runvm_tests::host::HostTap;
 use runvm_tests::kvm_test;
+
+/// The container's NIC.
+const AGENT_MAC: &str = "02:00:00:00:0a:02";
 
 /// A busybox root filesystem: /bin/busybox and a link per applet.
 fn busybox_rootfs(dir: &Path) {
@@ -109,6 +116,63 @@ impl Host {
 fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
     let mut h = Host::default();
 
+    // The host configures the guest's NIC, route and DNS; the container
+    // sees them and reaches the host.
+    eprintln!("stage: network");
+    let network = NetworkConfig {
+        interfaces: vec![InterfaceConfig {
+            mac: AGENT_MAC.into(),
+            address: Some("172.31.10.2/24".into()),
+            mtu: Some(1400),
+        }],
+        routes: vec![RouteConfig {
+            destination: "default".into(),
+            gateway: Some("172.31.10.1".into()),
+            mac: None,
+        }],
+        dns: Some(DnsConfig {
+            servers: vec!["172.31.10.1".into()],
+            search: vec!["example.test".into()],
+            options: vec![],
+        }),
+    };
+    assert_eq!(
+        c.call(Op::ConfigureNetwork {
+            network: network.into()
+        })
+        .unwrap(),
+        Outcome::Ok { pid: None }
+    );
+    let probe = "ip -4 addr show; ip route; cat /sys/class/net/eth0/mtu; \
+                 ping -c 1 -W 30 172.31.10.1 >/dev/null && echo ping-ok";
+    assert_eq!(h.run(c, 9, sh(probe)), 0, "{}", h.stderr(9));
+    let out = h.stdout(9);
+    assert!(out.contains("inet 172.31.10.2/24"), "{out}");
+    assert!(out.contains("default via 172.31.10.1"), "{out}");
+    assert!(out.contains("\n1400\n"), "{out}");
+    assert!(out.contains("ping-ok"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/resolv.conf")).unwrap(),
+        "nameserver 172.31.10.1\nsearch example.test\n"
+    );
+    // A bad request is an error reply and changes nothing.
+    let bad = NetworkConfig {
+        interfaces: vec![InterfaceConfig {
+            mac: "02:00:00:00:99:99".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let Outcome::Error { message } = c
+        .call(Op::ConfigureNetwork {
+            network: bad.into(),
+        })
+        .unwrap()
+    else {
+        panic!("an unknown MAC was configured")
+    };
+    assert!(message.contains("02:00:00:00:99:99"), "{message}");
+
     eprintln!("stage: process 1");
     assert_eq!(h.run(c, 1, sh("echo hello from the container")), 0);
     assert_eq!(h.stdout(1), "hello from the container\n");
@@ -197,6 +261,7 @@ kvm_test!(
         let rootfs = dir.path().join("rootfs");
         busybox_rootfs(&rootfs);
         let uds = dir.path().join("v.sock");
+        let _tap = HostTap::create("rvmagent0", "172.31.10.1/24");
         let initrd = Initrd::agent();
         let mut cmd = vmm_command("vmlinux", &initrd);
         cmd.args(["--mem-mib", "256", "--boot-timeout", "900"])
@@ -204,7 +269,9 @@ kvm_test!(
             .args(["--vsock-cid", "3", "--vsock-uds"])
             .arg(&uds)
             .arg("--fs")
-            .arg(format!("tag=rootfs,path={}", rootfs.display()));
+            .arg(format!("tag=rootfs,path={}", rootfs.display()))
+            .arg("--net")
+            .arg(format!("tap=rvmagent0,mac={AGENT_MAC}"));
         let guest = GuestProcess::spawn(cmd);
         let conn = match connect_vsock(&uds, AGENT_VSOCK_PORT, Duration::from_secs(300)) {
             Ok(c) => c,

@@ -10,34 +10,17 @@ use std::time::Duration;
 
 use runvm_tests::artifacts::{vmm_command, Initrd};
 use runvm_tests::guest::{marked, GuestProcess};
-use runvm_tests::host::echo_server;
+use runvm_tests::host::{echo_server, ip, link_exists, HostTap};
 use runvm_tests::kvm_test;
 
-fn ip(args: &[&str]) -> std::process::Output {
-    Command::new("ip").args(args).output().expect("running ip")
-}
-
-fn must_ip(args: &[&str]) {
-    let out = ip(args);
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn link_exists(name: &str) -> bool {
-    ip(&["link", "show", "dev", name]).status.success()
-}
-
-/// Deletes the interfaces a test made, whatever happens to the test.
+/// Deletes interfaces a test made that no [`HostTap`] owns, whatever
+/// happens to the test.
 struct Links(Vec<&'static str>);
 
 impl Drop for Links {
     fn drop(&mut self) {
         for l in &self.0 {
-            let _ = ip(&["link", "del", "dev", l]);
+            let _ = Command::new("ip").args(["link", "del", "dev", l]).output();
         }
     }
 }
@@ -70,16 +53,14 @@ fn inheritable(fd: &OwnedFd) {
 
 kvm_test!(
     fn the_guest_reaches_the_host_over_tap_devices() {
-        let _links = Links(vec!["rvmnet-a", "rvmnet-b", "rvmnet-c"]);
+        let _links = Links(vec!["rvmnet-b", "rvmnet-c"]);
         // A: an administrator's persistent TAP, attached by name.
-        must_ip(&["tuntap", "add", "dev", "rvmnet-a", "mode", "tap"]);
-        must_ip(&["addr", "add", "172.31.7.1/24", "dev", "rvmnet-a"]);
-        must_ip(&["link", "set", "rvmnet-a", "up"]);
+        let _a = HostTap::create("rvmnet-a", "172.31.7.1/24");
         // B: a TAP this process opened and hands over as an fd.
         let fd = open_tap_fd("rvmnet-b");
         inheritable(&fd);
-        must_ip(&["addr", "add", "172.31.8.1/24", "dev", "rvmnet-b"]);
-        must_ip(&["link", "set", "rvmnet-b", "up"]);
+        ip(&["addr", "add", "172.31.8.1/24", "dev", "rvmnet-b"]);
+        ip(&["link", "set", "rvmnet-b", "up"]);
         // C: does not exist; the VMM creates it and it goes with the VM.
         assert!(!link_exists("rvmnet-c"));
 
