@@ -106,6 +106,8 @@ pub struct ChildSetup {
     caps: Option<CapMasks>,
     last_cap: u8,
     no_new_privs: bool,
+    /// Make stdin (a terminal's slave side) the controlling terminal.
+    controlling_tty: bool,
 }
 
 fn os_err(rc: libc::c_int) -> io::Result<()> {
@@ -176,6 +178,7 @@ impl ChildSetup {
             caps,
             last_cap,
             no_new_privs: spec.no_new_privileges,
+            controlling_tty: spec.terminal,
         })
     }
 
@@ -184,6 +187,10 @@ impl ChildSetup {
         // SAFETY: setsid has no memory effects; failure (already a leader)
         // is harmless.
         unsafe { libc::setsid() };
+        if self.controlling_tty {
+            // SAFETY: TIOCSCTTY takes an integer; stdin is the terminal.
+            os_err(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })?;
+        }
         if let Some(fd) = self.mount_ns {
             // SAFETY: the descriptor stays open in the agent for as long as
             // it runs; the child got a copy at fork.

@@ -7,3 +7,4 @@ pub mod mount_ns;
 pub mod network;
 pub mod reaper;
 pub mod server;
+pub mod tty;

@@ -10,9 +10,11 @@
 //! events produced meanwhile (held, not dropped) go to the new connection.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
@@ -72,8 +74,21 @@ impl Outbox {
 
 enum Proc {
     Created(Box<ProcessSpec>),
-    Running { pid: i32, stdin: Option<ChildStdin> },
+    Running {
+        pid: i32,
+        stdin: Option<File>,
+        /// The terminal's master side, for resizes; `None` with pipes.
+        tty: Option<OwnedFd>,
+    },
     Exited,
+}
+
+/// What a started process hands back: its pid, where its input goes and
+/// its terminal, if it has one.
+struct Started {
+    pid: i32,
+    stdin: Option<File>,
+    tty: Option<OwnedFd>,
 }
 
 fn error(message: impl Into<String>) -> Outcome {
@@ -180,9 +195,9 @@ impl Agent {
     }
 
     fn stdin(&self, chunk: StreamChunk) {
-        if let Some(Proc::Running { stdin, .. }) = self.procs().get_mut(&chunk.handle) {
+        if let Some(Proc::Running { stdin, tty, .. }) = self.procs().get_mut(&chunk.handle) {
             if chunk.data.is_empty() {
-                *stdin = None;
+                close_stdin(stdin, tty.is_some());
             } else if let Some(pipe) = stdin {
                 // A process that closed its stdin just does not get the bytes.
                 if pipe.write_all(&chunk.data).is_err() {
@@ -210,16 +225,13 @@ impl Agent {
                 if process.args.is_empty() {
                     return error("process.args is empty");
                 }
-                if process.terminal {
-                    return error("terminal mode is not supported by this agent yet");
-                }
                 procs.insert(handle, Proc::Created(process));
                 Outcome::Ok { pid: None }
             }
             Op::Start { handle } => match procs.remove(&handle) {
                 Some(Proc::Created(spec)) => match self.start(handle, &spec) {
-                    Ok((pid, stdin)) => {
-                        procs.insert(handle, Proc::Running { pid, stdin });
+                    Ok(Started { pid, stdin, tty }) => {
+                        procs.insert(handle, Proc::Running { pid, stdin, tty });
                         Outcome::Ok { pid: Some(pid) }
                     }
                     Err(e) => error(format!("cannot start {:?}: {e}", spec.args[0])),
@@ -241,48 +253,80 @@ impl Agent {
                 _ => error(format!("no running process with handle {handle}")),
             },
             Op::CloseStdin { handle } => match procs.get_mut(&handle) {
-                Some(Proc::Running { stdin, .. }) => {
-                    *stdin = None;
+                Some(Proc::Running { stdin, tty, .. }) => {
+                    close_stdin(stdin, tty.is_some());
                     Outcome::Ok { pid: None }
+                }
+                _ => error(format!("no running process with handle {handle}")),
+            },
+            Op::ResizeTerminal { handle, size } => match procs.get(&handle) {
+                Some(Proc::Running { tty: Some(tty), .. }) => match crate::tty::resize(tty, size) {
+                    Ok(()) => Outcome::Ok { pid: None },
+                    Err(e) => error(format!("resizing the terminal of process {handle}: {e}")),
+                },
+                Some(Proc::Running { tty: None, .. }) => {
+                    error(format!("process {handle} has no terminal"))
                 }
                 _ => error(format!("no running process with handle {handle}")),
             },
         }
     }
 
-    fn start(&self, handle: u32, spec: &ProcessSpec) -> io::Result<(i32, Option<ChildStdin>)> {
+    fn start(&self, handle: u32, spec: &ProcessSpec) -> io::Result<Started> {
         let mut cmd = Command::new(&spec.args[0]);
-        cmd.args(&spec.args[1..])
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(&spec.args[1..]).env_clear();
+        let master = if spec.terminal {
+            let pty = crate::tty::open(spec.console_size.unwrap_or(crate::tty::DEFAULT_SIZE))?;
+            cmd.stdin(Stdio::from(pty.slave.try_clone()?))
+                .stdout(Stdio::from(pty.slave.try_clone()?))
+                .stderr(Stdio::from(pty.slave));
+            Some(pty.master)
+        } else {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            None
+        };
         for kv in &spec.env {
             if let Some((k, v)) = kv.split_once('=') {
                 cmd.env(k, v);
             }
         }
         let setup = ChildSetup::new(self.rootfs.as_ref(), spec)?;
+        // The Command (and with it the agent's copies of the terminal's
+        // slave side) goes once the child runs, so the master reads EOF
+        // when the last process on the terminal is gone.
         // SAFETY: the hook only makes async-signal-safe system calls on
         // data prepared before the fork (see child_setup).
         unsafe { cmd.pre_exec(move || setup.apply()) };
+        // A terminal is one stream both ways: output on stdout, input to
+        // the same master side.
+        let tty_io = match &master {
+            Some(m) => Some((File::from(m.try_clone()?), File::from(m.try_clone()?))),
+            None => None,
+        };
         let mut child = cmd.spawn()?;
+        drop(cmd);
         let pid = child.id() as i32;
         let exited = self.reaper.watch(pid);
-        let stdin = child.stdin.take();
+        type Source = Option<Box<dyn Read + Send>>;
+        let (stdin, stdout, stderr): (Option<File>, Source, Source) = match tty_io {
+            Some((input, output)) => (Some(input), Some(Box::new(output)), None),
+            None => (
+                child.stdin.take().map(|i| File::from(OwnedFd::from(i))),
+                child
+                    .stdout
+                    .take()
+                    .map(|o| Box::new(o) as Box<dyn Read + Send>),
+                child
+                    .stderr
+                    .take()
+                    .map(|e| Box::new(e) as Box<dyn Read + Send>),
+            ),
+        };
         let pumps = [
-            pump(
-                handle,
-                StreamId::Stdout,
-                child.stdout.take(),
-                self.out.clone(),
-            ),
-            pump(
-                handle,
-                StreamId::Stderr,
-                child.stderr.take(),
-                self.out.clone(),
-            ),
+            pump(handle, StreamId::Stdout, stdout, self.out.clone()),
+            pump(handle, StreamId::Stderr, stderr, self.out.clone()),
         ];
         let (out, procs) = (self.out.clone(), self.procs.clone());
         thread::spawn(move || {
@@ -304,8 +348,23 @@ impl Agent {
                 out.deliver(&frame);
             }
         });
-        Ok((pid, stdin))
+        Ok(Started {
+            pid,
+            stdin,
+            tty: master,
+        })
     }
+}
+
+/// Ends a process's input: the pipe closes; a terminal gets its
+/// end-of-file character (^D), since closing the master would hang it up.
+fn close_stdin(stdin: &mut Option<File>, terminal: bool) {
+    if terminal {
+        if let Some(t) = stdin {
+            let _ = t.write_all(&[4]);
+        }
+    }
+    *stdin = None;
 }
 
 fn pump(

@@ -297,12 +297,6 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
         handle: 1,
         process: empty.into()
     })));
-    let mut tty = sh("true");
-    tty.terminal = true;
-    assert!(is_err(&c.call(Op::Create {
-        handle: 1,
-        process: tty.into()
-    })));
     c.call(Op::Create {
         handle: 2,
         process: sh("true").into(),
@@ -485,4 +479,73 @@ fn network_configuration_is_refused_outside_the_guest() {
         panic!("a host-side agent touched the network")
     };
     assert!(message.contains("guest's init"), "{message}");
+}
+
+#[test]
+fn a_terminal_session_runs_interactively_and_follows_resizes() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    let mut p = sh(
+        "tty; stty size; echo ready; read line; echo got:$line; stty size; \
+                    test -t 0 && test -t 1 && test -t 2 && echo all-ttys; exit 5",
+    );
+    p.terminal = true;
+    p.console_size = Some(runvm_protocol::ConsoleSize {
+        height: 30,
+        width: 100,
+    });
+    c.spawn(1, p);
+    while !c.output(1, StreamId::Stdout).contains("ready") {
+        c.next();
+    }
+    assert_eq!(
+        c.call(Op::ResizeTerminal {
+            handle: 1,
+            size: runvm_protocol::ConsoleSize {
+                height: 50,
+                width: 132
+            }
+        }),
+        Outcome::Ok { pid: None }
+    );
+    c.stdin(1, b"hello\n");
+    assert_eq!(c.wait(1), 5);
+    let out = c.output(1, StreamId::Stdout).replace("\r\n", "\n");
+    assert!(out.contains("/dev/pts/"), "{out}");
+    assert!(out.contains("30 100\n"), "{out}");
+    assert!(out.contains("got:hello\n"), "{out}");
+    assert!(out.contains("50 132\n"), "{out}");
+    assert!(out.contains("all-ttys"), "{out}");
+    assert_eq!(
+        c.output(1, StreamId::Stderr),
+        "",
+        "one stream on a terminal"
+    );
+
+    // EOF on a terminal: cat ends on ^D.
+    let mut p = sh("cat; echo after-eof");
+    p.terminal = true;
+    c.spawn(2, p);
+    c.stdin(2, b"line\n");
+    c.stdin(2, b"");
+    assert_eq!(c.wait(2), 0);
+    assert!(c.output(2, StreamId::Stdout).contains("after-eof"));
+
+    // Resizing a process without a terminal is an error.
+    c.spawn(3, sh("sleep 5"));
+    assert!(matches!(
+        c.call(Op::ResizeTerminal {
+            handle: 3,
+            size: runvm_protocol::ConsoleSize::default()
+        }),
+        Outcome::Error { .. }
+    ));
+    assert_eq!(
+        c.call(Op::Signal {
+            handle: 3,
+            signal: 9
+        }),
+        Outcome::Ok { pid: None }
+    );
+    assert_eq!(c.wait(3), 137);
 }

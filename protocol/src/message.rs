@@ -28,6 +28,9 @@ pub struct ProcessSpec {
     /// Allocate a terminal (stdout and stderr are then one stream).
     #[serde(default)]
     pub terminal: bool,
+    /// The terminal's initial size (24x80 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_size: Option<ConsoleSize>,
     /// Supplementary group IDs (none when empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub additional_gids: Vec<u32>,
@@ -108,6 +111,16 @@ pub struct DnsConfig {
     pub options: Vec<String>,
 }
 
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSize {
+    /// Rows.
+    pub height: u16,
+    /// Columns.
+    pub width: u16,
+}
+
 /// One resource limit, as in the OCI spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,10 +192,18 @@ pub enum Op {
         /// Signal number.
         signal: i32,
     },
-    /// Close the process's stdin (EOF reaches it).
+    /// Close the process's stdin (EOF reaches it; on a terminal, the
+    /// end-of-file character).
     CloseStdin {
         /// Its handle.
         handle: u32,
+    },
+    /// Resize a process's terminal (it gets SIGWINCH).
+    ResizeTerminal {
+        /// Its handle.
+        handle: u32,
+        /// The new size.
+        size: ConsoleSize,
     },
     /// Configure the guest's network: interfaces (found by MAC), routes,
     /// DNS. The VM is the sandbox, so this is the guest's own network.
