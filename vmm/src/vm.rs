@@ -316,6 +316,18 @@ fn build_mmio_devices(
     Ok(bus)
 }
 
+/// A vCPU's control state in one line (for a triple fault's post-mortem;
+/// RIP maps to a symbol with `nm vmlinux`).
+fn vcpu_state(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}/{:#x}",
+            r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
+        ),
+        (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
+    }
+}
+
 fn vcpu_loop(mut vcpu: VcpuFd, bus: &PioBus, mmio: &MmioBus, exit: &ExitSignal, stop: &AtomicBool) {
     let fail = |why: String| {
         let _ = exit.signal(ExitReason::VcpuFailed(why));
@@ -327,6 +339,8 @@ fn vcpu_loop(mut vcpu: VcpuFd, bus: &PioBus, mmio: &MmioBus, exit: &ExitSignal, 
             Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
             Ok(VcpuExit::Shutdown) => {
+                // Where the guest was is the only clue to why it died.
+                eprintln!("runvm-vmm: triple fault, {}", vcpu_state(&vcpu));
                 let _ = exit.signal(ExitReason::TripleFault);
                 break;
             }
