@@ -116,63 +116,6 @@ impl Host {
 fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
     let mut h = Host::default();
 
-    // The host configures the guest's NIC, route and DNS; the container
-    // sees them and reaches the host.
-    eprintln!("stage: network");
-    let network = NetworkConfig {
-        interfaces: vec![InterfaceConfig {
-            mac: AGENT_MAC.into(),
-            address: Some("172.31.10.2/24".into()),
-            mtu: Some(1400),
-        }],
-        routes: vec![RouteConfig {
-            destination: "default".into(),
-            gateway: Some("172.31.10.1".into()),
-            mac: None,
-        }],
-        dns: Some(DnsConfig {
-            servers: vec!["172.31.10.1".into()],
-            search: vec!["example.test".into()],
-            options: vec![],
-        }),
-    };
-    assert_eq!(
-        c.call(Op::ConfigureNetwork {
-            network: network.into()
-        })
-        .unwrap(),
-        Outcome::Ok { pid: None }
-    );
-    let probe = "ip -4 addr show; ip route; cat /sys/class/net/eth0/mtu; \
-                 ping -c 1 -W 30 172.31.10.1 >/dev/null && echo ping-ok";
-    assert_eq!(h.run(c, 9, sh(probe)), 0, "{}", h.stderr(9));
-    let out = h.stdout(9);
-    assert!(out.contains("inet 172.31.10.2/24"), "{out}");
-    assert!(out.contains("default via 172.31.10.1"), "{out}");
-    assert!(out.contains("\n1400\n"), "{out}");
-    assert!(out.contains("ping-ok"), "{out}");
-    assert_eq!(
-        std::fs::read_to_string(rootfs.join("etc/resolv.conf")).unwrap(),
-        "nameserver 172.31.10.1\nsearch example.test\n"
-    );
-    // A bad request is an error reply and changes nothing.
-    let bad = NetworkConfig {
-        interfaces: vec![InterfaceConfig {
-            mac: "02:00:00:00:99:99".into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    let Outcome::Error { message } = c
-        .call(Op::ConfigureNetwork {
-            network: bad.into(),
-        })
-        .unwrap()
-    else {
-        panic!("an unknown MAC was configured")
-    };
-    assert!(message.contains("02:00:00:00:99:99"), "{message}");
-
     eprintln!("stage: process 1");
     assert_eq!(h.run(c, 1, sh("echo hello from the container")), 0);
     assert_eq!(h.stdout(1), "hello from the container\n");
@@ -255,50 +198,123 @@ fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
         .all(|l| l == b"0123456789abcdef\n" || l.len() < 17));
 }
 
+/// The host configures the guest's NIC, route and DNS; the container sees
+/// them and reaches the host.
+fn exercise_network(c: &mut Client<UnixStream>, rootfs: &Path) {
+    let mut h = Host::default();
+    let network = NetworkConfig {
+        interfaces: vec![InterfaceConfig {
+            mac: AGENT_MAC.into(),
+            address: Some("172.31.10.2/24".into()),
+            mtu: Some(1400),
+        }],
+        routes: vec![RouteConfig {
+            destination: "default".into(),
+            gateway: Some("172.31.10.1".into()),
+            mac: None,
+        }],
+        dns: Some(DnsConfig {
+            servers: vec!["172.31.10.1".into()],
+            search: vec!["example.test".into()],
+            options: vec![],
+        }),
+    };
+    assert_eq!(
+        c.call(Op::ConfigureNetwork {
+            network: network.into()
+        })
+        .unwrap(),
+        Outcome::Ok { pid: None }
+    );
+    let probe = "ip -4 addr show; ip route; cat /sys/class/net/eth0/mtu; \
+                 ping -c 1 -W 30 172.31.10.1 >/dev/null && echo ping-ok";
+    assert_eq!(h.run(c, 9, sh(probe)), 0, "{}", h.stderr(9));
+    let out = h.stdout(9);
+    assert!(out.contains("inet 172.31.10.2/24"), "{out}");
+    assert!(out.contains("default via 172.31.10.1"), "{out}");
+    assert!(out.contains("\n1400\n"), "{out}");
+    assert!(out.contains("ping-ok"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/resolv.conf")).unwrap(),
+        "nameserver 172.31.10.1\nsearch example.test\n"
+    );
+    // A bad request is an error reply and changes nothing.
+    let bad = NetworkConfig {
+        interfaces: vec![InterfaceConfig {
+            mac: "02:00:00:00:99:99".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let Outcome::Error { message } = c
+        .call(Op::ConfigureNetwork {
+            network: bad.into(),
+        })
+        .unwrap()
+    else {
+        panic!("an unknown MAC was configured")
+    };
+    assert!(message.contains("02:00:00:00:99:99"), "{message}");
+}
+
+/// Boots the agent with a busybox rootfs over virtio-fs (and `extra` VMM
+/// arguments), runs `checks` against it, then shuts it down; on a failure
+/// the guest's output is shown.
+fn with_agent(extra: &[String], checks: fn(&mut Client<UnixStream>, &Path)) {
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(&rootfs);
+    let uds = dir.path().join("v.sock");
+    let initrd = Initrd::agent();
+    let mut cmd = vmm_command("vmlinux", &initrd);
+    cmd.args(["--mem-mib", "256", "--boot-timeout", "900"])
+        .args(["--cmdline", "quiet runvm.rootfs=rootfs runvm.hostname=box"])
+        .args(["--vsock-cid", "3", "--vsock-uds"])
+        .arg(&uds)
+        .arg("--fs")
+        .arg(format!("tag=rootfs,path={}", rootfs.display()))
+        .args(extra);
+    let guest = GuestProcess::spawn(cmd);
+    let conn = match connect_vsock(&uds, AGENT_VSOCK_PORT, Duration::from_secs(300)) {
+        Ok(c) => c,
+        Err(e) => panic!("{e}\n{}", guest.finish(Duration::from_secs(5)).output),
+    };
+    // A stuck guest fails the test (with its console output) instead of
+    // hanging it.
+    conn.set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let mut c = Client::new(conn);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| checks(&mut c, &rootfs)));
+    if let Err(e) = result {
+        eprintln!(
+            "guest output:\n{}",
+            guest.finish(Duration::from_secs(5)).output
+        );
+        std::panic::resume_unwind(e);
+    }
+    assert_eq!(c.call(Op::Shutdown).unwrap(), Outcome::Ok { pid: None });
+    let run = guest.finish(Duration::from_secs(120));
+    assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{}", run.output);
+    assert!(
+        run.output.contains("RUNVM_AGENT_LISTENING"),
+        "{}",
+        run.output
+    );
+}
+
 kvm_test!(
     fn the_agent_runs_container_processes_in_a_virtio_fs_rootfs() {
-        let dir = tempfile::tempdir().unwrap();
-        let rootfs = dir.path().join("rootfs");
-        busybox_rootfs(&rootfs);
-        let uds = dir.path().join("v.sock");
+        with_agent(&[], exercise);
+    }
+);
+
+kvm_test!(
+    fn the_agent_configures_the_guest_network() {
+        // Its own VM: the container workload above stays off the NIC.
         let _tap = HostTap::create("rvmagent0", "172.31.10.1/24");
-        let initrd = Initrd::agent();
-        let mut cmd = vmm_command("vmlinux", &initrd);
-        cmd.args(["--mem-mib", "256", "--boot-timeout", "900"])
-            .args(["--cmdline", "quiet runvm.rootfs=rootfs runvm.hostname=box"])
-            .args(["--vsock-cid", "3", "--vsock-uds"])
-            .arg(&uds)
-            .arg("--fs")
-            .arg(format!("tag=rootfs,path={}", rootfs.display()))
-            .arg("--net")
-            .arg(format!("tap=rvmagent0,mac={AGENT_MAC}"));
-        let guest = GuestProcess::spawn(cmd);
-        let conn = match connect_vsock(&uds, AGENT_VSOCK_PORT, Duration::from_secs(300)) {
-            Ok(c) => c,
-            Err(e) => panic!("{e}\n{}", guest.finish(Duration::from_secs(5)).output),
-        };
-        // A stuck guest fails the test (with its console output) instead of
-        // hanging it.
-        conn.set_read_timeout(Some(Duration::from_secs(300)))
-            .unwrap();
-        let mut c = Client::new(conn);
-        // On any failure, show what the guest printed.
-        let checks =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exercise(&mut c, &rootfs)));
-        if let Err(e) = checks {
-            eprintln!(
-                "guest output:\n{}",
-                guest.finish(Duration::from_secs(5)).output
-            );
-            std::panic::resume_unwind(e);
-        }
-        assert_eq!(c.call(Op::Shutdown).unwrap(), Outcome::Ok { pid: None });
-        let run = guest.finish(Duration::from_secs(120));
-        assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{}", run.output);
-        assert!(
-            run.output.contains("RUNVM_AGENT_LISTENING"),
-            "{}",
-            run.output
+        with_agent(
+            &["--net".into(), format!("tap=rvmagent0,mac={AGENT_MAC}")],
+            exercise_network,
         );
     }
 );

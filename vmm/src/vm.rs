@@ -320,6 +320,10 @@ fn build_mmio_devices(
 /// RIP maps to a symbol with `nm vmlinux`).
 fn vcpu_state(vcpu: &VcpuFd) -> String {
     match (vcpu.get_regs(), vcpu.get_sregs()) {
+        // KVM on AMD reinitializes the VMCB on a shutdown intercept.
+        (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => {
+            "registers already back in their reset state (KVM on AMD discards them)".into()
+        }
         (Ok(r), Ok(s)) => format!(
             "rip {:#x} rsp {:#x} rflags {:#x} cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}/{:#x}",
             r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
