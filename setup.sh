@@ -21,7 +21,7 @@ command -v cargo >/dev/null ||
     die "cargo is not installed; runvm needs a Rust toolchain >= 1.85 (rustup, https://rustup.rs)"
 
 packages=(build-essential bc flex bison libelf-dev libssl-dev xz-utils zstd kmod cpio
-    busybox-static qemu-system-x86 linux-source-6.12)
+    busybox-static qemu-system-x86 linux-source-6.12 iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -58,12 +58,15 @@ impl CapMasks {
     }
 }
 
-/// The highest capability number this kernel knows.
+/// The highest capability number this kernel knows (read once).
 pub fn last_cap() -> u8 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| caps::all().iter().map(|c| c.index()).max().unwrap_or(40))
+    static LAST: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *LAST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| caps::all().iter().map(|c| c.index()).max().unwrap_or(40))
+    })
 }
 
 /// The OCI rlimit name's resource number.

@@ -293,9 +293,6 @@ impl Agent {
             }
         }
         let setup = ChildSetup::new(self.rootfs.as_ref(), spec)?;
-        // The Command (and with it the agent's copies of the terminal's
-        // slave side) goes once the child runs, so the master reads EOF
-        // when the last process on the terminal is gone.
         // SAFETY: the hook only makes async-signal-safe system calls on
         // data prepared before the fork (see child_setup).
         unsafe { cmd.pre_exec(move || setup.apply()) };
@@ -306,6 +303,9 @@ impl Agent {
             None => None,
         };
         let mut child = cmd.spawn()?;
+        // The Command holds the agent's copies of the terminal's slave
+        // side: dropping it lets the master read EOF once the last process
+        // on the terminal is gone.
         drop(cmd);
         let pid = child.id() as i32;
         let exited = self.reaper.watch(pid);

@@ -69,6 +69,9 @@ pub trait NetBackend: Send {
 /// The virtio-net device.
 pub struct Net<B: NetBackend + 'static> {
     config: [u8; 6],
+    /// Offered features, fixed when the back end is known (the back end
+    /// itself moves into the worker while the device runs).
+    features: u64,
     backend: Option<B>,
     stats: Arc<Mutex<NetStats>>,
     worker: Option<DeviceWorker<B>>,
@@ -88,6 +91,13 @@ impl<B: NetBackend + 'static> Net<B> {
     pub fn new(mac: MacAddr, backend: B) -> Self {
         Net {
             config: mac.0,
+            features: super::VIRTIO_F_VERSION_1
+                | F_MAC
+                | F_MRG_RXBUF
+                | F_CSUM
+                | F_HOST_TSO4
+                | F_HOST_TSO6
+                | backend.guest_offloads(),
             backend: Some(backend),
             stats: Arc::default(),
             worker: None,
@@ -197,11 +207,12 @@ impl<B: NetBackend> Worker<B> {
                     Delivery::NoRoom | Delivery::Broken => break,
                 }
             }
+            // Counters only move when a chain was used.
             if notify {
                 let _ = self.interrupt.trigger(INT_VRING);
-            }
-            if let Ok(mut shared) = self.stats.lock() {
-                *shared = stats;
+                if let Ok(mut shared) = self.stats.lock() {
+                    *shared = stats;
+                }
             }
         }
     }
@@ -217,8 +228,7 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
     }
 
     fn features(&self) -> u64 {
-        let guest = self.backend.as_ref().map_or(0, NetBackend::guest_offloads);
-        super::VIRTIO_F_VERSION_1 | F_MAC | F_MRG_RXBUF | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | guest
+        self.features
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
