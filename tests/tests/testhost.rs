@@ -75,3 +75,61 @@ fn bad_input_gets_a_message_and_a_non_zero_exit() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be auto, always or never"));
 }
+
+/// A stand-in for QEMU that plays a test host whose kernel locks up on the
+/// first `lockups` runs and then runs the command (prints and exits 0).
+fn fake_qemu(dir: &std::path::Path, lockups: u32) -> std::path::PathBuf {
+    let script = dir.join("fake-qemu");
+    let count = dir.join("runs");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+console=; scratch=
+for a in "$@"; do
+    case "$a" in
+        file:*) console=${{a#file:}} ;;
+        *runvm_scratch=*) scratch=${{a##*runvm_scratch=}} ;;
+    esac
+done
+n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}
+if [ $n -le {lockups} ]; then
+    echo "[ 150.1] watchdog: BUG: soft lockup - CPU#1 stuck for 130s! [runvm-vmm:142]" > "$console"
+    exec sleep 300
+fi
+echo "ran in attempt $n" > "$scratch/stdout"; echo 0 > "$scratch/rc"
+"#,
+            count = count.display(),
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+#[test]
+fn a_test_host_whose_kernel_locks_up_is_stopped_and_run_once_more() {
+    for (lockups, code, says) in [(1, Some(0), "ran in attempt 2"), (2, Some(125), "")] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(testhost_script())
+            .args(["run", "--timeout", "200", "--", "true"])
+            .env("RUNVM_TESTHOST", "always")
+            .env("RUNVM_QEMU", fake_qemu(dir.path(), lockups))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), code, "{stdout}\n{stderr}");
+        assert!(stdout.contains(says), "{stdout}");
+        assert!(stderr.contains("locked up"), "{stderr}");
+        assert!(stderr.contains("once more"), "{stderr}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("runs"))
+                .unwrap()
+                .trim(),
+            "2",
+            "one retry, never more"
+        );
+    }
+}
