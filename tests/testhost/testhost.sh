@@ -31,8 +31,9 @@ usage: $(basename "$0") COMMAND
       --timeout SECONDS     kill the test host after this long (default 1800)
       --mem MIB             test host memory (default 6144)
       --smp N               test host CPUs (default: this machine's, at most 2)
-                            (a test host whose own kernel locks up is stopped
-                            and the command run once more in a fresh one)
+                            (a test host whose own kernel locks up or stops
+                            its heartbeat is stopped and the command run once
+                            more in a fresh one)
 
 Environment: RUNVM_TESTHOST=auto|always|never (default auto) forces or forbids
 the test host; RUNVM_CACHE_DIR moves the cache (default ~/.cache/runvm);
@@ -243,14 +244,22 @@ run_testhost() {
     tails+=($!)
     tail -f -n +1 --pid="$qpid" "$scratch/stderr" >&2 &
     tails+=($!)
-    # The test host's own kernel sometimes locks up in its KVM (nested KVM
-    # on TCG's SVM; "soft lockup ... [runvm-vmm]", then nothing for good).
-    # Waiting for the timeout wastes it; stop early and let cmd_run retry.
+    # The test host's own kernel sometimes hangs (nested KVM on TCG's SVM):
+    # a CPU stuck in its KVM ("soft lockup ... [runvm-vmm]", for good), or
+    # the whole machine silent. Waiting for the timeout wastes it; stop
+    # early and let cmd_run retry.
     (
         while kill -0 "$qpid" 2>/dev/null; do
+            why=
             if grep -qE 'soft lockup - CPU#[0-9]+ stuck for (1[2-9][0-9]|[2-9][0-9]{2}|[0-9]{4,})s' \
                 "$scratch/console.log" 2>/dev/null; then
-                : >"$scratch/lockup"
+                why="a CPU stuck in its KVM for 2 minutes (soft lockup)"
+            elif [ -f "$scratch/heartbeat" ] &&
+                [ $(( $(date +%s) - $(stat -c %Y "$scratch/heartbeat") )) -gt 180 ]; then
+                why="no heartbeat for 3 minutes"
+            fi
+            if [ -n "$why" ]; then
+                echo "$why" >"$scratch/lockup"
                 kill "$qpid" 2>/dev/null
                 break
             fi
@@ -266,7 +275,7 @@ run_testhost() {
     tails=()
 
     if [ -f "$scratch/lockup" ]; then
-        log "the test host's kernel locked up (soft lockup in its KVM for 2 minutes); console:"
+        log "the test host's kernel locked up ($(cat "$scratch/lockup")); console:"
         tail -n 5 "$scratch/console.log" >&2 2>/dev/null || true
         [ -n "${RUNVM_TESTHOST_KEEP:-}" ] || rm -rf "$scratch"
         testhost_locked_up=1

@@ -76,9 +76,11 @@ fn bad_input_gets_a_message_and_a_non_zero_exit() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be auto, always or never"));
 }
 
-/// A stand-in for QEMU that plays a test host whose kernel locks up on the
-/// first `lockups` runs and then runs the command (prints and exits 0).
-fn fake_qemu(dir: &std::path::Path, lockups: u32) -> std::path::PathBuf {
+/// A stand-in for QEMU that plays a test host whose kernel hangs on the
+/// first `lockups` runs (`hang`: a soft lockup on the console, or a
+/// heartbeat that stopped long ago) and then runs the command (prints and
+/// exits 0).
+fn fake_qemu(dir: &std::path::Path, lockups: u32, hang: &str) -> std::path::PathBuf {
     let script = dir.join("fake-qemu");
     let count = dir.join("runs");
     std::fs::write(
@@ -94,7 +96,11 @@ for a in "$@"; do
 done
 n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}
 if [ $n -le {lockups} ]; then
-    echo "[ 150.1] watchdog: BUG: soft lockup - CPU#1 stuck for 130s! [runvm-vmm:142]" > "$console"
+    if [ {hang} = lockup ]; then
+        echo "[ 150.1] watchdog: BUG: soft lockup - CPU#1 stuck for 130s! [runvm-vmm:142]" > "$console"
+    else
+        touch -d '10 minutes ago' "$scratch/heartbeat"
+    fi
     exec sleep 300
 fi
 echo "ran in attempt $n" > "$scratch/stdout"; echo 0 > "$scratch/rc"
@@ -109,13 +115,17 @@ echo "ran in attempt $n" > "$scratch/stdout"; echo 0 > "$scratch/rc"
 }
 
 #[test]
-fn a_test_host_whose_kernel_locks_up_is_stopped_and_run_once_more() {
-    for (lockups, code, says) in [(1, Some(0), "ran in attempt 2"), (2, Some(125), "")] {
+fn a_test_host_that_hangs_is_stopped_and_the_command_run_once_more() {
+    for (lockups, hang, code, says) in [
+        (1, "lockup", Some(0), "ran in attempt 2"),
+        (2, "lockup", Some(125), ""),
+        (1, "silent", Some(0), "ran in attempt 2"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(testhost_script())
             .args(["run", "--timeout", "200", "--", "true"])
             .env("RUNVM_TESTHOST", "always")
-            .env("RUNVM_QEMU", fake_qemu(dir.path(), lockups))
+            .env("RUNVM_QEMU", fake_qemu(dir.path(), lockups, hang))
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -123,6 +133,12 @@ fn a_test_host_whose_kernel_locks_up_is_stopped_and_run_once_more() {
         assert_eq!(out.status.code(), code, "{stdout}\n{stderr}");
         assert!(stdout.contains(says), "{stdout}");
         assert!(stderr.contains("locked up"), "{stderr}");
+        let why = if hang == "lockup" {
+            "soft lockup"
+        } else {
+            "no heartbeat"
+        };
+        assert!(stderr.contains(why), "{stderr}");
         assert!(stderr.contains("once more"), "{stderr}");
         assert_eq!(
             std::fs::read_to_string(dir.path().join("runs"))
