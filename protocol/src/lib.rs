@@ -8,6 +8,7 @@
 pub mod client;
 mod frame;
 mod message;
+pub mod mux;
 
 pub use frame::{decode_header, encode_frame, read_frame, FrameError, FrameHeader, FrameKind};
 pub use message::{

@@ -1,17 +1,31 @@
-//! `runvm`: the OCI runtime command line.
-//!
-//! The runc-compatible commands arrive with the runtime work; today the binary
-//! answers `--version` and rejects anything else with runc-style errors.
+//! `runvm`: the OCI runtime command line. Container engines call it like
+//! runc; each container runs in its own KVM micro-VM, whose VMM lives in the
+//! container's monitor process (see `monitor`).
 
+mod assets;
+mod bundle;
+mod control;
+mod info;
+mod lifecycle;
+mod logger;
+mod monitor;
+mod signals;
+mod state;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::LazyLock;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+use lifecycle::Globals;
 
 /// What `--version` prints after the name.
 static VERSION: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "{}\nspec: 1.2.0\nagent protocol: {}",
+        "{}\nspec: {}\nagent protocol: {}",
         env!("CARGO_PKG_VERSION"),
+        info::OCI_VERSION,
         runvm_protocol::PROTOCOL_VERSION
     )
 });
@@ -22,15 +36,218 @@ static VERSION: LazyLock<String> = LazyLock::new(|| {
 struct Cli {
     /// Root directory for container state.
     #[arg(long, global = true, default_value = "/run/runvm")]
-    root: std::path::PathBuf,
+    root: PathBuf,
+    /// Also write log lines (errors, warnings, debug) to this file.
+    #[arg(long, global = true)]
+    log: Option<PathBuf>,
+    /// Log line format: text or json.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Log debug lines too.
+    #[arg(long, global = true)]
+    debug: bool,
+    /// Accepted for runc compatibility; a VM has no host cgroup driver to pick.
+    #[arg(long, global = true, hide = true)]
+    systemd_cgroup: bool,
+    /// Accepted for runc compatibility; ignored.
+    #[arg(long, global = true, hide = true)]
+    criu: Option<String>,
+    /// Accepted for runc compatibility; ignored.
+    #[arg(long, global = true, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    rootless: Option<String>,
+    #[command(subcommand)]
+    command: Cmd,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a container: boot its micro-VM and prepare the process.
+    Create {
+        /// Container ID.
+        id: String,
+        #[command(flatten)]
+        opts: CreateOpts,
+    },
+    /// Start the process of a created container.
+    Start {
+        /// Container ID.
+        id: String,
+    },
+    /// Print a container's state as OCI state JSON.
+    State {
+        /// Container ID.
+        id: String,
+    },
+    /// Send a signal to the container's process.
+    Kill {
+        /// Signal every process of the container.
+        #[arg(short, long)]
+        all: bool,
+        /// Container ID.
+        id: String,
+        /// Signal name (TERM, SIGKILL) or number.
+        #[arg(default_value = "SIGTERM")]
+        signal: String,
+    },
+    /// Delete a container (its VM and state).
+    Delete {
+        /// Also delete a running container, killing it.
+        #[arg(short, long)]
+        force: bool,
+        /// Container ID.
+        id: String,
+    },
+    /// Create and start a container; wait for it unless detached.
+    Run {
+        /// Container ID.
+        id: String,
+        #[command(flatten)]
+        opts: CreateOpts,
+        /// Return once the process started.
+        #[arg(short, long)]
+        detach: bool,
+        /// Keep the container's state after it exits.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// List containers.
+    List {
+        /// table or json.
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        /// Only IDs.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Write a default config.json.
+    Spec {
+        /// Where to write it.
+        #[arg(short, long, default_value = ".")]
+        bundle: PathBuf,
+    },
+    /// Print what this runtime supports (JSON).
+    Features,
+    /// Internal: the container's monitor process (started by create/run).
+    #[command(hide = true)]
+    Monitor {
+        /// Container ID.
+        id: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct CreateOpts {
+    /// The bundle directory (config.json and the rootfs).
+    #[arg(short, long, default_value = ".")]
+    bundle: PathBuf,
+    /// Write the monitor's PID (the container's init, to the host) here.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Unix socket to send the terminal's master fd to (terminal mode).
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// Accepted for runc compatibility; the guest always pivots.
+    #[arg(long)]
+    no_pivot: bool,
+    /// Accepted for runc compatibility; the guest has its own keyring.
+    #[arg(long)]
+    no_new_keyring: bool,
+    /// Pass N more fds to the container: not supported by runvm (must be 0).
+    #[arg(long, default_value_t = 0)]
+    preserve_fds: u32,
+}
+
+impl CreateOpts {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.preserve_fds > 0 {
+            anyhow::bail!("--preserve-fds is not supported: a micro-VM cannot inherit host fds");
+        }
+        for (set, flag) in [
+            (self.no_pivot, "--no-pivot"),
+            (self.no_new_keyring, "--no-new-keyring"),
+        ] {
+            if set {
+                logger::debug(&format!("ignoring {flag}: it does not apply to a micro-VM"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let g = Globals {
+        root: cli.root.clone(),
+        log: cli.log.clone(),
+        log_format: cli.log_format.clone(),
+        debug: cli.debug,
+    };
+    if cli.systemd_cgroup || cli.criu.is_some() || cli.rootless.is_some() {
+        logger::debug(
+            "ignoring --systemd-cgroup/--criu/--rootless: they do not apply to a micro-VM",
+        );
+    }
+    match cli.command {
+        Cmd::Create { id, opts } => {
+            opts.check()?;
+            lifecycle::create(
+                &g,
+                &id,
+                &opts.bundle,
+                opts.pid_file.as_deref(),
+                opts.console_socket.as_deref(),
+            )?;
+        }
+        Cmd::Start { id } => lifecycle::start(&g, &id)?,
+        Cmd::State { id } => println!("{}", info::state(&g.root, &id)?),
+        Cmd::Kill { all, id, signal } => lifecycle::kill_container(&g, &id, &signal, all)?,
+        Cmd::Delete { force, id } => lifecycle::delete(&g, &id, force)?,
+        Cmd::Run {
+            id,
+            opts,
+            detach,
+            keep,
+        } => {
+            opts.check()?;
+            return lifecycle::run(
+                &g,
+                &id,
+                &opts.bundle,
+                opts.pid_file.as_deref(),
+                detach,
+                keep,
+            );
+        }
+        Cmd::List { format, quiet } => print!("{}", info::list(&g.root, &format, quiet)?),
+        Cmd::Spec { bundle } => info::spec(&bundle)?,
+        Cmd::Features => print!("{}", info::features()?),
+        Cmd::Monitor { id } => {
+            let dir = state::Root::new(&g.root).open(&id)?;
+            return Ok(monitor::run(&dir));
+        }
+    }
+    Ok(0)
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    anyhow::bail!(
-        "no command given (state root {}); see runvm --help",
-        cli.root.display()
-    )
+    if let Err(e) = logger::init(cli.log.as_deref(), cli.log_format == "json", cli.debug) {
+        eprintln!("runvm: error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let monitor = matches!(cli.command, Cmd::Monitor { .. });
+    match dispatch(cli) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            // The monitor's stderr is the container's; its errors go to the
+            // log and to `create` (monitor.err) instead.
+            if !monitor {
+                logger::error(&msg);
+                eprintln!("runvm: error: {msg}");
+            }
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

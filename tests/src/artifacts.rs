@@ -74,16 +74,6 @@ pub fn env_for_children() -> Vec<(String, PathBuf)> {
     ]
 }
 
-fn base_initramfs() -> Initramfs {
-    let mut ar = Initramfs::new();
-    ar.dir("dev", 0o755)
-        .and_then(|a| a.char_dev("dev/console", 0o600, 5, 1))
-        .and_then(|a| a.dir("proc", 0o555))
-        .and_then(|a| a.dir("sys", 0o555))
-        .expect("initramfs entries");
-    ar
-}
-
 /// A guest initramfs in a temporary directory that goes away with it.
 #[derive(Debug)]
 pub struct Initrd {
@@ -119,8 +109,7 @@ impl Initrd {
 /// Writes an initramfs whose /init is the agent to `dest`.
 fn write_agent_initramfs(dest: &Path) {
     let agent = std::fs::read(agent_binary()).expect("read the agent binary");
-    let mut ar = base_initramfs();
-    ar.file("init", 0o755, agent).expect("initramfs entries");
+    let ar = Initramfs::with_init(agent).expect("initramfs entries");
     std::fs::write(dest, ar.to_bytes().expect("initramfs bytes")).expect("write initramfs");
 }
 
@@ -128,17 +117,11 @@ fn write_agent_initramfs(dest: &Path) {
 /// busybox (package busybox-static), for guests that must misbehave on purpose.
 fn write_busybox_initramfs(dest: &Path, script: &str, with_tool: bool) {
     let busybox = std::fs::read("/bin/busybox").expect("read /bin/busybox (busybox-static)");
-    let mut ar = base_initramfs();
+    let init = format!("#!/bin/busybox sh\n{script}\n").into_bytes();
+    let mut ar = Initramfs::with_init(init).expect("initramfs entries");
     ar.dir("bin", 0o755)
         .and_then(|a| a.file("bin/busybox", 0o755, busybox))
         .and_then(|a| a.symlink("bin/sh", "busybox"))
-        .and_then(|a| {
-            a.file(
-                "init",
-                0o755,
-                format!("#!/bin/busybox sh\n{script}\n").into_bytes(),
-            )
-        })
         .expect("initramfs entries");
     if with_tool {
         let tool = std::fs::read(guest_tool_binary()).expect("read runvm-guest-tool");

@@ -51,6 +51,19 @@ impl Initramfs {
         Self::default()
     }
 
+    /// The least a guest needs before its `/init` runs: `/dev/console`
+    /// (the kernel opens it for init's stdio before devtmpfs exists) and
+    /// mount points for proc and sys; `/init` is `init` (mode 0755).
+    pub fn with_init(init: Vec<u8>) -> Result<Self, InitramfsError> {
+        let mut ar = Initramfs::new();
+        ar.dir("dev", 0o755)?
+            .char_dev("dev/console", 0o600, 5, 1)?
+            .dir("proc", 0o555)?
+            .dir("sys", 0o555)?
+            .file("init", 0o755, init)?;
+        Ok(ar)
+    }
+
     /// Adds a directory with permission bits `perm`.
     pub fn dir(&mut self, path: &str, perm: u32) -> Result<&mut Self, InitramfsError> {
         self.push(path, S_IFDIR | (perm & 0o7777), (0, 0), Body::None)

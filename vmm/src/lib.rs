@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+pub mod fd_limit;
 pub mod initramfs;
 pub mod layout;
 pub mod memory;

@@ -1,0 +1,50 @@
+//! Where the guest kernel and the agent come from: an annotation or
+//! `RUNVM_KERNEL` / `RUNVM_AGENT`, else the directories setup.sh installs to.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use vmm::initramfs::Initramfs;
+
+/// Searched in order when no variable or annotation names a file.
+pub const SEARCH_DIRS: &[&str] = &["/usr/local/share/runvm", "/usr/share/runvm"];
+
+fn find(var: &str, name: &str, explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let (path, source) = match (explicit, std::env::var_os(var)) {
+        (Some(p), _) => (p.to_owned(), "annotation"),
+        (None, Some(v)) => (PathBuf::from(v), var),
+        (None, None) => {
+            return SEARCH_DIRS
+                .iter()
+                .map(|d| Path::new(d).join(name))
+                .find(|p| p.is_file())
+                .with_context(|| {
+                    format!(
+                        "{name} not found in {} (run setup.sh, or set {var})",
+                        SEARCH_DIRS.join(", ")
+                    )
+                })
+        }
+    };
+    if !path.is_file() {
+        bail!("{name} {} (from {source}) not found", path.display());
+    }
+    Ok(path)
+}
+
+/// The guest kernel (`vmlinux`).
+pub fn kernel(annotation: Option<&Path>) -> anyhow::Result<PathBuf> {
+    find("RUNVM_KERNEL", "vmlinux", annotation)
+}
+
+/// The static guest agent.
+pub fn agent() -> anyhow::Result<PathBuf> {
+    find("RUNVM_AGENT", "runvm-agent", None)
+}
+
+/// Writes the initramfs (the agent as /init) to `dest`.
+pub fn write_initramfs(agent: &Path, dest: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(agent).with_context(|| format!("cannot read {}", agent.display()))?;
+    let ar = Initramfs::with_init(bytes)?;
+    std::fs::write(dest, ar.to_bytes()?).with_context(|| format!("cannot write {}", dest.display()))
+}

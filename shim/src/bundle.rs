@@ -1,0 +1,414 @@
+//! An OCI bundle's config.json turned into what the micro-VM needs: the
+//! rootfs share, the process for the agent, the hostname and the VM's size.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use oci_spec::runtime::{LinuxCapabilities, Spec};
+use runvm_protocol::{Capabilities, ConsoleSize, ProcessSpec, Rlimit};
+
+/// Annotation: number of vCPUs.
+pub const ANN_VCPUS: &str = "io.runvm.vcpus";
+/// Annotation: guest memory in MiB.
+pub const ANN_MEMORY: &str = "io.runvm.memory_mib";
+/// Annotation: the guest kernel to boot.
+pub const ANN_KERNEL: &str = "io.runvm.kernel";
+/// Annotation: seconds `create` waits for the guest's agent.
+pub const ANN_BOOT_TIMEOUT: &str = "io.runvm.boot_timeout";
+
+/// Guest memory without a limit in the spec or an annotation.
+pub const DEFAULT_MEM_MIB: u64 = 256;
+/// What the guest kernel and the agent need on top of the container's
+/// memory limit.
+pub const GUEST_OVERHEAD_MIB: u64 = 64;
+/// The smallest VM runvm boots.
+pub const MIN_MEM_MIB: u64 = 128;
+/// How long `create` waits for the agent without an annotation.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What the monitor builds from a bundle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The rootfs directory, absolute.
+    pub rootfs: PathBuf,
+    /// `root.readonly`.
+    pub rootfs_ro: bool,
+    /// The container process.
+    pub process: ProcessSpec,
+    /// The guest's hostname.
+    pub hostname: Option<String>,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory.
+    pub mem_mib: u64,
+    /// The kernel the annotations ask for.
+    pub kernel: Option<PathBuf>,
+    /// How long to wait for the agent.
+    pub boot_timeout: Duration,
+    /// Mounts the guest does not set up yet (destination, type), for a warning.
+    pub unsupported_mounts: Vec<String>,
+    /// config.json annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Mount destinations the agent provides itself in every container.
+const GUEST_PROVIDED: &[&str] = &[
+    "/proc",
+    "/dev",
+    "/dev/pts",
+    "/dev/shm",
+    "/dev/mqueue",
+    "/sys",
+    "/sys/fs/cgroup",
+    "/tmp",
+];
+
+/// Reads and checks `bundle/config.json`.
+pub fn load(bundle: &Path) -> anyhow::Result<Plan> {
+    let bundle = bundle
+        .canonicalize()
+        .with_context(|| format!("bundle {} does not exist", bundle.display()))?;
+    let config = bundle.join("config.json");
+    if !config.is_file() {
+        bail!("no config.json in bundle {}", bundle.display());
+    }
+    let spec = Spec::load(&config).with_context(|| format!("invalid {}", config.display()))?;
+    plan(&bundle, &spec)
+}
+
+fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
+    let root = spec.root().as_ref().context("config.json has no root")?;
+    let rootfs = bundle.join(root.path());
+    if !rootfs.is_dir() {
+        bail!(
+            "rootfs {} does not exist or is not a directory",
+            rootfs.display()
+        );
+    }
+    let process = spec
+        .process()
+        .as_ref()
+        .context("config.json has no process")?;
+    let annotations: BTreeMap<String, String> = spec
+        .annotations()
+        .as_ref()
+        .map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
+    if let Some(h) = &hostname {
+        check_hostname(h)?;
+    }
+    let (vcpus, mem_mib) = vm_size(spec, &annotations)?;
+    let boot_timeout = match annotations.get(ANN_BOOT_TIMEOUT) {
+        Some(v) => Duration::from_secs(number(ANN_BOOT_TIMEOUT, v)?),
+        None => DEFAULT_BOOT_TIMEOUT,
+    };
+    let unsupported_mounts = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .filter(|m| !GUEST_PROVIDED.contains(&m.destination().to_str().unwrap_or("")))
+        .map(|m| {
+            format!(
+                "{} ({})",
+                m.destination().display(),
+                m.typ().as_deref().unwrap_or("bind")
+            )
+        })
+        .collect();
+    Ok(Plan {
+        rootfs,
+        rootfs_ro: root.readonly().unwrap_or(false),
+        process: process_spec(process)?,
+        hostname,
+        vcpus,
+        mem_mib,
+        kernel: annotations.get(ANN_KERNEL).map(PathBuf::from),
+        boot_timeout,
+        unsupported_mounts,
+        annotations,
+    })
+}
+
+/// The hostname goes on the kernel command line, so it must be one word.
+fn check_hostname(h: &str) -> anyhow::Result<()> {
+    let ok = h.len() <= 64
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !ok {
+        bail!("invalid hostname {h:?}: use at most 64 letters, digits, '-' and '.'");
+    }
+    Ok(())
+}
+
+fn number(key: &str, v: &str) -> anyhow::Result<u64> {
+    v.parse()
+        .with_context(|| format!("annotation {key}={v:?} is not a whole number"))
+}
+
+/// vCPUs and memory: annotations win, then `linux.resources`, then defaults.
+fn vm_size(spec: &Spec, ann: &BTreeMap<String, String>) -> anyhow::Result<(u32, u64)> {
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let cpu = resources.and_then(|r| r.cpu().as_ref());
+    let mut vcpus = 1u32;
+    if let Some(cpu) = cpu {
+        if let (Some(quota), Some(period)) = (cpu.quota(), cpu.period()) {
+            if quota > 0 && period > 0 {
+                vcpus = u32::try_from((quota as u64).div_ceil(period)).unwrap_or(u32::MAX);
+            }
+        } else if let Some(set) = cpu.cpus() {
+            vcpus = cpuset_len(set)?;
+        }
+    }
+    let limit = resources
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .filter(|&l| l > 0);
+    let mut mem_mib = match limit {
+        Some(bytes) => ((bytes as u64).div_ceil(1 << 20) + GUEST_OVERHEAD_MIB).max(MIN_MEM_MIB),
+        None => DEFAULT_MEM_MIB,
+    };
+    if let Some(v) = ann.get(ANN_VCPUS) {
+        vcpus = u32::try_from(number(ANN_VCPUS, v)?)
+            .with_context(|| format!("annotation {ANN_VCPUS}={v:?} is too large"))?;
+    }
+    if let Some(v) = ann.get(ANN_MEMORY) {
+        mem_mib = number(ANN_MEMORY, v)?;
+    }
+    Ok((vcpus, mem_mib))
+}
+
+/// How many CPUs a cpuset string (`0-3,6`) names.
+fn cpuset_len(set: &str) -> anyhow::Result<u32> {
+    let mut n = 0u32;
+    for part in set.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("invalid linux.resources.cpu.cpus {set:?}");
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) =
+                    (a.parse().with_context(bad)?, b.parse().with_context(bad)?);
+                if b < a {
+                    bail!(bad());
+                }
+                b - a + 1
+            }
+            None => {
+                part.parse::<u32>().with_context(bad)?;
+                1
+            }
+        };
+    }
+    Ok(n.max(1))
+}
+
+/// The OCI process as the agent takes it.
+pub fn process_spec(p: &oci_spec::runtime::Process) -> anyhow::Result<ProcessSpec> {
+    let args = p.args().clone().unwrap_or_default();
+    if args.is_empty() {
+        bail!("process.args is empty: nothing to run");
+    }
+    let cwd = p
+        .cwd()
+        .to_str()
+        .context("process.cwd is not UTF-8")?
+        .to_owned();
+    if !cwd.starts_with('/') {
+        bail!("process.cwd {cwd:?} is not an absolute path");
+    }
+    let user = p.user();
+    let rlimits = p
+        .rlimits()
+        .iter()
+        .flatten()
+        .map(|r| {
+            Ok(Rlimit {
+                kind: oci_name(&r.typ())?,
+                hard: r.hard(),
+                soft: r.soft(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(ProcessSpec {
+        args,
+        env: p.env().clone().unwrap_or_default(),
+        cwd,
+        uid: user.uid(),
+        gid: user.gid(),
+        terminal: p.terminal().unwrap_or(false),
+        console_size: p.console_size().as_ref().map(|b| ConsoleSize {
+            height: u16::try_from(b.height()).unwrap_or(u16::MAX),
+            width: u16::try_from(b.width()).unwrap_or(u16::MAX),
+        }),
+        additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        umask: user.umask(),
+        rlimits,
+        no_new_privileges: p.no_new_privileges().unwrap_or(false),
+        capabilities: p.capabilities().as_ref().map(capabilities).transpose()?,
+    })
+}
+
+/// The name a value serializes to in config.json (`CAP_CHOWN`, `RLIMIT_NOFILE`).
+fn oci_name<T: serde::Serialize>(v: &T) -> anyhow::Result<String> {
+    match serde_json::to_value(v)? {
+        serde_json::Value::String(s) => Ok(s),
+        other => bail!("unexpected OCI name {other}"),
+    }
+}
+
+fn capabilities(c: &LinuxCapabilities) -> anyhow::Result<Capabilities> {
+    let set = |s: &Option<oci_spec::runtime::Capabilities>| -> anyhow::Result<Vec<String>> {
+        let mut names = s
+            .iter()
+            .flatten()
+            .map(oci_name)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        names.sort();
+        Ok(names)
+    };
+    Ok(Capabilities {
+        bounding: set(c.bounding())?,
+        effective: set(c.effective())?,
+        inheritable: set(c.inheritable())?,
+        permitted: set(c.permitted())?,
+        ambient: set(c.ambient())?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(config: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        dir
+    }
+
+    const FULL: &str = r#"{
+        "ociVersion": "1.2.0",
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": "box",
+        "process": {
+            "args": ["sh", "-c", "echo hi"],
+            "env": ["PATH=/bin", "A=b"],
+            "cwd": "/tmp",
+            "terminal": false,
+            "user": {"uid": 1000, "gid": 1001, "additionalGids": [5, 6], "umask": 63},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 512}],
+            "noNewPrivileges": true,
+            "capabilities": {"bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"]}
+        },
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/data", "type": "bind", "source": "/srv/data"}
+        ],
+        "linux": {"resources": {"memory": {"limit": 536870912}, "cpu": {"quota": 150000, "period": 100000}}},
+        "annotations": {"x": "y"}
+    }"#;
+
+    #[test]
+    fn a_full_config_maps_to_the_vm_and_the_agent_process() {
+        let b = bundle(FULL);
+        let plan = load(b.path()).unwrap();
+        assert_eq!(plan.rootfs, b.path().canonicalize().unwrap().join("rootfs"));
+        assert!(plan.rootfs_ro);
+        assert_eq!(plan.hostname.as_deref(), Some("box"));
+        assert_eq!((plan.vcpus, plan.mem_mib), (2, 512 + GUEST_OVERHEAD_MIB));
+        assert_eq!(plan.boot_timeout, DEFAULT_BOOT_TIMEOUT);
+        assert_eq!(plan.unsupported_mounts, ["/data (bind)"]);
+        let p = plan.process;
+        assert_eq!(p.args, ["sh", "-c", "echo hi"]);
+        assert_eq!(p.env, ["PATH=/bin", "A=b"]);
+        assert_eq!((p.cwd.as_str(), p.uid, p.gid), ("/tmp", 1000, 1001));
+        assert_eq!(p.additional_gids, [5, 6]);
+        assert_eq!(p.umask, Some(63));
+        assert_eq!(
+            p.rlimits,
+            [Rlimit {
+                kind: "RLIMIT_NOFILE".into(),
+                hard: 1024,
+                soft: 512
+            }]
+        );
+        assert!(p.no_new_privileges);
+        let caps = p.capabilities.unwrap();
+        assert_eq!(caps.bounding, ["CAP_CHOWN", "CAP_KILL"]);
+        assert_eq!(caps.effective, ["CAP_KILL"]);
+        assert!(caps.ambient.is_empty());
+    }
+
+    #[test]
+    fn annotations_size_the_vm() {
+        let config = FULL.replace(
+            r#""annotations": {"x": "y"}"#,
+            r#""annotations": {"io.runvm.vcpus": "3", "io.runvm.memory_mib": "1024", "io.runvm.kernel": "/k", "io.runvm.boot_timeout": "600"}"#,
+        );
+        let plan = load(bundle(&config).path()).unwrap();
+        assert_eq!((plan.vcpus, plan.mem_mib), (3, 1024));
+        assert_eq!(plan.kernel.as_deref(), Some(Path::new("/k")));
+        assert_eq!(plan.boot_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn a_minimal_config_gets_the_defaults() {
+        let b = bundle(
+            r#"{"ociVersion": "1.2.0", "root": {"path": "rootfs"}, "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}}"#,
+        );
+        let plan = load(b.path()).unwrap();
+        assert_eq!((plan.vcpus, plan.mem_mib), (1, DEFAULT_MEM_MIB));
+        assert!(!plan.rootfs_ro);
+        assert_eq!(plan.hostname, None);
+        assert!(plan.process.capabilities.is_none());
+    }
+
+    #[test]
+    fn cpusets_are_counted() {
+        assert_eq!(cpuset_len("0-3,6").unwrap(), 5);
+        assert_eq!(cpuset_len("2").unwrap(), 1);
+        assert!(cpuset_len("3-1").is_err());
+        assert!(cpuset_len("x").is_err());
+    }
+
+    #[test]
+    fn bad_bundles_get_clear_errors() {
+        let cases: &[(&str, &str)] = &[
+            ("not json", "invalid"),
+            (
+                r#"{"ociVersion": "1.2.0", "root": {"path": "nope"}, "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}}"#,
+                "rootfs",
+            ),
+            (
+                r#"{"ociVersion": "1.2.0", "root": {"path": "rootfs"}}"#,
+                "no process",
+            ),
+            (
+                r#"{"ociVersion": "1.2.0", "root": {"path": "rootfs"}, "process": {"args": [], "cwd": "/", "user": {"uid": 0, "gid": 0}}}"#,
+                "nothing to run",
+            ),
+            (
+                r#"{"ociVersion": "1.2.0", "root": {"path": "rootfs"}, "process": {"args": ["true"], "cwd": "rel", "user": {"uid": 0, "gid": 0}}}"#,
+                "absolute",
+            ),
+            (
+                r#"{"ociVersion": "1.2.0", "root": {"path": "rootfs"}, "hostname": "a b runvm.rootfs=x", "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}}"#,
+                "invalid hostname",
+            ),
+            (
+                r#"{"ociVersion": "1.2.0", "root": {"path": "rootfs"}, "annotations": {"io.runvm.vcpus": "many"}, "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}}"#,
+                "whole number",
+            ),
+        ];
+        for (config, want) in cases {
+            let err = format!("{:#}", load(bundle(config).path()).unwrap_err());
+            assert!(err.contains(want), "{config}: {err}");
+        }
+        let empty = tempfile::tempdir().unwrap();
+        let err = format!("{:#}", load(empty.path()).unwrap_err());
+        assert!(err.contains("no config.json"), "{err}");
+        let err = format!("{:#}", load(Path::new("/nonexistent/bundle")).unwrap_err());
+        assert!(err.contains("does not exist"), "{err}");
+    }
+}

@@ -1,0 +1,304 @@
+//! `create`, `start`, `kill`, `delete` and `run`: the commands that move a
+//! container through its states.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::control::{self, Request};
+use crate::state::{self, ContainerDir, Record, Root, Status};
+use crate::{assets, bundle, logger, signals};
+
+/// How long a control request may take (start and kill are one agent call).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `delete` waits for a monitor to end after asking.
+const STOP_WAIT: Duration = Duration::from_secs(15);
+/// Extra time `create` gives the monitor beyond the boot timeout.
+const CREATE_MARGIN: Duration = Duration::from_secs(30);
+
+/// Global flags the monitor process needs again.
+#[derive(Debug, Clone)]
+pub struct Globals {
+    /// `--root`.
+    pub root: PathBuf,
+    /// `--log`.
+    pub log: Option<PathBuf>,
+    /// `--log-format`.
+    pub log_format: String,
+    /// `--debug`.
+    pub debug: bool,
+}
+
+impl Globals {
+    fn monitor_command(&self, id: &str) -> anyhow::Result<Command> {
+        let exe = std::env::current_exe().context("cannot find the runvm executable")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("--root").arg(&self.root);
+        if let Some(log) = &self.log {
+            cmd.arg("--log").arg(log);
+        }
+        cmd.arg("--log-format").arg(&self.log_format);
+        if self.debug {
+            cmd.arg("--debug");
+        }
+        cmd.arg("monitor").arg(id);
+        Ok(cmd)
+    }
+}
+
+/// `runvm create`: boots the VM and prepares the process; the monitor's PID
+/// goes to `pid_file`.
+pub fn create(
+    g: &Globals,
+    id: &str,
+    bundle_dir: &Path,
+    pid_file: Option<&Path>,
+    console_socket: Option<&Path>,
+) -> anyhow::Result<()> {
+    let (dir, child) = spawn_monitor(g, id, bundle_dir, console_socket)?;
+    if let Some(p) = pid_file {
+        if let Err(e) = write_pid_file(p, child.id()) {
+            destroy(dir, Some(child));
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Validates everything it can, creates the state directory and starts the
+/// monitor; returns once the process is created in the guest. On failure
+/// nothing is left behind.
+fn spawn_monitor(
+    g: &Globals,
+    id: &str,
+    bundle_dir: &Path,
+    console_socket: Option<&Path>,
+) -> anyhow::Result<(ContainerDir, Child)> {
+    state::validate_id(id)?;
+    let plan = bundle::load(bundle_dir)?;
+    if plan.process.terminal {
+        bail!(
+            "process.terminal is true, but terminal mode is not supported by runvm yet{}",
+            if console_socket.is_some() {
+                " (--console-socket given)"
+            } else {
+                ""
+            }
+        );
+    }
+    // Fail before anything exists when the guest cannot be built.
+    assets::kernel(plan.kernel.as_deref())?;
+    assets::agent()?;
+    let bundle_abs = bundle_dir.canonicalize()?;
+    let root = Root::new(&g.root);
+    let dir = root.create(id)?;
+    let record = Record {
+        id: id.to_owned(),
+        bundle: bundle_abs,
+        rootfs: plan.rootfs.clone(),
+        pid: None,
+        pid_start: None,
+        status: Status::Creating,
+        exit_status: None,
+        created: state::now_rfc3339(),
+        annotations: plan.annotations.clone(),
+    };
+    if let Err(e) = dir.save(&record) {
+        let _ = dir.remove();
+        return Err(e);
+    }
+    let mut child = match g.monitor_command(id).and_then(|mut c| Ok(c.spawn()?)) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = dir.remove();
+            return Err(e.context("cannot start the container monitor"));
+        }
+    };
+    let deadline = Instant::now() + plan.boot_timeout + CREATE_MARGIN;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let why = std::fs::read_to_string(dir.file(state::MONITOR_ERROR))
+                .unwrap_or_else(|_| format!("the container monitor exited ({status})"));
+            let _ = dir.remove();
+            bail!("{why}");
+        }
+        if let Ok(r) = dir.load() {
+            if r.status == Status::Created {
+                return Ok((dir, child));
+            }
+        }
+        if Instant::now() >= deadline {
+            destroy(dir, Some(child));
+            bail!("the container's VM did not come up in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Ends a monitor we started and removes the state.
+fn destroy(dir: ContainerDir, child: Option<Child>) {
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = dir.remove();
+}
+
+fn write_pid_file(path: &Path, pid: u32) -> anyhow::Result<()> {
+    let tmp = path.with_extension("runvm-tmp");
+    std::fs::write(&tmp, pid.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write pid file {}", path.display()))
+}
+
+/// `runvm start`.
+pub fn start(g: &Globals, id: &str) -> anyhow::Result<()> {
+    let dir = Root::new(&g.root).open(id)?;
+    let r = dir.load_live()?;
+    match r.status {
+        Status::Created => {}
+        Status::Stopped => bail!("cannot start a container that has stopped"),
+        Status::Running => bail!("cannot start an already running container"),
+        Status::Creating => bail!("cannot start a container that is still being created"),
+    }
+    control::call(
+        &dir.file(state::CONTROL_SOCKET),
+        &Request::Start,
+        CONTROL_TIMEOUT,
+    )
+}
+
+/// `runvm kill`.
+pub fn kill_container(g: &Globals, id: &str, signal: &str, all: bool) -> anyhow::Result<()> {
+    let signal = signals::parse(signal)?;
+    let dir = Root::new(&g.root).open(id)?;
+    let r = dir.load_live()?;
+    match r.status {
+        Status::Created | Status::Running => {}
+        // runc accepts `kill --all` of a stopped container as a no-op.
+        Status::Stopped if all => return Ok(()),
+        s => bail!("container {id} is not running (state {s})"),
+    }
+    control::call(
+        &dir.file(state::CONTROL_SOCKET),
+        &Request::Kill { signal },
+        CONTROL_TIMEOUT,
+    )
+}
+
+/// `runvm delete`.
+pub fn delete(g: &Globals, id: &str, force: bool) -> anyhow::Result<()> {
+    let root = Root::new(&g.root);
+    let dir = match root.open(id) {
+        Ok(d) => d,
+        // runc: `delete --force` of a missing container succeeds.
+        Err(_) if force && state::validate_id(id).is_ok() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let r = dir.load_live()?;
+    match r.status {
+        Status::Stopped => {}
+        Status::Running | Status::Creating if !force => {
+            bail!(
+                "cannot delete container {id} that is not stopped: {}",
+                r.status
+            )
+        }
+        _ => stop_monitor(&dir, &r),
+    }
+    dir.remove()
+}
+
+/// Ends a container's monitor: politely through its control socket, then
+/// with SIGKILL. The VM runs inside it and goes with it.
+fn stop_monitor(dir: &ContainerDir, r: &Record) {
+    let sock = dir.file(state::CONTROL_SOCKET);
+    if let Err(e) = control::call(&sock, &Request::Kill { signal: 9 }, CONTROL_TIMEOUT) {
+        logger::debug(&format!("asking the monitor to stop: {e:#}"));
+    }
+    if wait_monitor_gone(r, STOP_WAIT) {
+        return;
+    }
+    if let Some(pid) = r.pid {
+        logger::warn(&format!("monitor {pid} did not stop; killing it"));
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        wait_monitor_gone(r, STOP_WAIT);
+    }
+}
+
+fn wait_monitor_gone(r: &Record, limit: Duration) -> bool {
+    let start = Instant::now();
+    while state::monitor_alive(r) {
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// `runvm run`: create and start; without `detach`, waits for the container
+/// and returns its exit status, then deletes it.
+pub fn run(
+    g: &Globals,
+    id: &str,
+    bundle_dir: &Path,
+    pid_file: Option<&Path>,
+    detach: bool,
+    keep: bool,
+) -> anyhow::Result<i32> {
+    // Blocked before the monitor starts so a ^C between the two reaches the
+    // container through the monitor rather than killing only this process.
+    let sigs = signals::forwarded_signalfd()?;
+    let (dir, mut child) = spawn_monitor(g, id, bundle_dir, None)?;
+    if let Some(p) = pid_file {
+        if let Err(e) = write_pid_file(p, child.id()) {
+            destroy(dir, Some(child));
+            return Err(e);
+        }
+    }
+    if let Err(e) = control::call(
+        &dir.file(state::CONTROL_SOCKET),
+        &Request::Start,
+        CONTROL_TIMEOUT,
+    ) {
+        destroy(dir, Some(child));
+        return Err(e);
+    }
+    if detach {
+        return Ok(0);
+    }
+    // Signals sent to `runvm run` itself go on to the container. Those the
+    // terminal raises (^C) reach the monitor directly, as it shares this
+    // process group; forwarding them too would deliver them twice.
+    let monitor = Pid::from_raw(child.id() as i32);
+    std::thread::Builder::new()
+        .name("forward".into())
+        .spawn(move || {
+            while let Ok(Some(info)) = sigs.read_signal() {
+                if info.ssi_code == libc::SI_KERNEL {
+                    continue;
+                }
+                if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
+                    let _ = kill(monitor, sig);
+                }
+            }
+        })?;
+    let status = child.wait()?;
+    let code = match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        (None, None) => 255,
+    };
+    if !keep {
+        dir.remove()?;
+    }
+    Ok(code)
+}
