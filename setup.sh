@@ -41,14 +41,23 @@ RUNVM_AGENT_BIN=$(guest-agent/build-static.sh)
 export RUNVM_AGENT_BIN
 log "workspace (cargo build)"
 cargo build --quiet --workspace --all-targets
+if [ "$(id -u)" = 0 ]; then
+    # Where runvm looks for its guest when no RUNVM_KERNEL/RUNVM_AGENT is set,
+    # so container engines can call it unchanged.
+    log "installing runvm to /usr/local/bin, its guest kernel and agent to /usr/local/share/runvm"
+    install -D -m 0755 "${CARGO_TARGET_DIR:-target}/debug/runvm" /usr/local/bin/runvm
+    install -D -m 0644 "$RUNVM_GUEST_KERNEL_DIR/vmlinux" /usr/local/share/runvm/vmlinux
+    install -D -m 0755 "$RUNVM_AGENT_BIN" /usr/local/share/runvm/runvm-agent
+fi
 if [ "$(tests/testhost/testhost.sh mode)" = testhost ]; then
     log "KVM test host (no VT-x/AMD-V here: KVM runs nested under QEMU TCG)"
     tests/testhost/testhost.sh setup
 fi
 
 [ "$run_job" = 1 ] || exit 0
-log "main job: boot the runvm guest kernel in a runvm-vmm micro-VM (KVM) to the runvm agent"
-# The test routes itself into the test host when this machine needs one.
+log "main job: runvm runs a busybox container (runvm spec + runvm run) in a KVM micro-VM"
+# The tests route themselves into the test host when this machine needs one.
 out=$(cargo test --quiet -p runvm-tests --test smoke -- --nocapture 2>&1) ||
-    { echo "$out" >&2; die "the micro-VM did not boot (output above)"; }
+    { echo "$out" >&2; die "the micro-VM did not boot or the container did not run (output above)"; }
 echo "$out" | grep -m1 -o 'runvm-vmm spawn to agent ready.*'
+echo "$out" | grep -m1 -o 'runvm run (boot, run, shutdown).*'

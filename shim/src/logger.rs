@@ -56,6 +56,15 @@ pub fn error(msg: &str) {
     write("error", msg);
 }
 
+/// An error of the monitor after `create` returned: to the log, or, with
+/// none, on stderr (the container's), as nobody else would ever see it.
+pub fn monitor_error(msg: &str) {
+    write("error", msg);
+    if LOGGER.get().is_none_or(|l| l.file.is_none()) {
+        eprintln!("runvm: {msg}");
+    }
+}
+
 /// Something that works differently from what the caller asked.
 pub fn warn(msg: &str) {
     write("warning", msg);

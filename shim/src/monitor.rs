@@ -155,11 +155,11 @@ impl Monitor {
                 }
                 Input::Exited(status) => return self.finish(status),
                 Input::AgentGone(why) => {
-                    logger::error(&format!("lost the guest agent: {why}"));
+                    logger::monitor_error(&format!("lost the guest agent: {why}"));
                     return self.finish(VM_LOST_STATUS);
                 }
                 Input::VmEnded(why) => {
-                    logger::error(&format!("the VM ended under the container: {why}"));
+                    logger::monitor_error(&format!("the VM ended under the container: {why}"));
                     return self.finish(VM_LOST_STATUS);
                 }
             }
@@ -227,7 +227,7 @@ impl Monitor {
         self.record.status = Status::Stopped;
         self.record.exit_status = Some(status);
         if let Err(e) = self.dir.save(&self.record) {
-            logger::error(&format!("{e:#}"));
+            logger::monitor_error(&format!("{e:#}"));
         }
         let _ = std::fs::remove_file(self.dir.file(state::CONTROL_SOCKET));
         let _ = std::io::stdout().flush();

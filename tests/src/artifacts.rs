@@ -143,14 +143,46 @@ pub fn vmm_command(kernel: &str, initrd: &Initrd) -> Command {
 
 /// The `runvm-vmm` binary cargo built next to this test.
 pub fn vmm_binary() -> PathBuf {
+    workspace_binary("runvm-vmm")
+}
+
+/// The `runvm` runtime binary cargo built next to this test.
+pub fn runvm_binary() -> PathBuf {
+    workspace_binary("runvm")
+}
+
+fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
-    // target/<profile>/deps/<test> -> target/<profile>/runvm-vmm
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("runvm-vmm");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} missing: build the workspace first (cargo build --workspace)",
         bin.display()
     );
     bin
+}
+
+/// Fills `dir` with a busybox root filesystem: /bin/busybox (Debian's
+/// busybox-static) and a link per applet, /tmp, mount points, /etc.
+pub fn busybox_rootfs(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("rootfs /bin");
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("copy /bin/busybox");
+    let list = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
+        }
+    }
+    for d in ["tmp", "proc", "sys", "dev", "etc"] {
+        std::fs::create_dir_all(dir.join(d)).expect("rootfs directory");
+    }
+    std::fs::set_permissions(dir.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+        .expect("chmod /tmp");
 }

@@ -55,14 +55,40 @@ fn libtest_name(path: &str) -> &str {
     path.split_once("::").map_or(path, |(_, rest)| rest)
 }
 
+/// What the VMM prints when a guest triple-faults.
+pub const TRIPLE_FAULT_MARKER: &str = "guest triple-faulted (KVM_EXIT_SHUTDOWN)";
+
 /// Returns true when the test body should run in this process. Otherwise runs
 /// the test (by `path`, from `module_path!()`) inside the test host, panics
 /// unless it ran there and passed, and returns false.
+///
+/// A nested guest in the TCG test host sometimes triple-faults under load
+/// (README, Known problems: not reproducible on demand, not seen outside
+/// nested emulation). A test that failed with that in its output runs once
+/// more in a fresh test host, and says so; the second result stands.
 pub fn run_here_or_in_testhost(path: &str) -> bool {
     if place() == KvmPlace::Native {
         return true;
     }
     let name = libtest_name(path);
+    let first = run_in_testhost(name);
+    if first.as_ref().is_err_and(|output| output.contains(TRIPLE_FAULT_MARKER)) {
+        eprintln!(
+            "==== {name}: a nested guest triple-faulted in the test host (known TCG problem); \
+             running the test once more ===="
+        );
+        if let Err(output) = run_in_testhost(name) {
+            panic!("{name} failed in the test host twice; the second time:\n{output}");
+        }
+    } else if let Err(output) = first {
+        panic!("{name} failed in the test host:\n{output}");
+    }
+    false
+}
+
+/// Runs test `name` in a test host; `Err` carries what it printed when it
+/// did not run and pass.
+fn run_in_testhost(name: &str) -> Result<(), String> {
     let exe = std::env::current_exe().expect("current test executable");
     let timeout = std::env::var("RUNVM_TESTHOST_TIMEOUT").unwrap_or_else(|_| "1200".into());
     let out = testhost_run(&exe, &timeout)
@@ -73,19 +99,16 @@ pub fn run_here_or_in_testhost(path: &str) -> bool {
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("---- {name} in the test host: stdout ----\n{stdout}");
     eprintln!("---- {name} in the test host: stderr ----\n{stderr}");
-    assert!(
-        out.status.success(),
-        "{name} failed in the test host ({})",
-        out.status
-    );
     // A filter that matched nothing also exits 0: insist that exactly this
     // test ran (--exact) and passed.
-    assert!(
-        stdout.contains(&format!("test {name} ... "))
-            && stdout.contains("test result: ok. 1 passed;"),
-        "{name} did not run in the test host"
-    );
-    false
+    let passed = out.status.success()
+        && stdout.contains(&format!("test {name} ... "))
+        && stdout.contains("test result: ok. 1 passed;");
+    if passed {
+        Ok(())
+    } else {
+        Err(format!("({})\n{stdout}\n{stderr}", out.status))
+    }
 }
 
 #[cfg(test)]

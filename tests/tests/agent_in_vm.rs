@@ -11,34 +11,13 @@ use runvm_protocol::{
     DnsConfig, Event, InterfaceConfig, NetworkConfig, Op, Outcome, ProcessSpec, RouteConfig,
     StreamId, AGENT_VSOCK_PORT,
 };
-use runvm_tests::artifacts::{vmm_command, Initrd};
+use runvm_tests::artifacts::{busybox_rootfs, vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
 use runvm_tests::host::HostTap;
 use runvm_tests::kvm_test;
 
 /// The container's NIC.
 const AGENT_MAC: &str = "02:00:00:00:0a:02";
-
-/// A busybox root filesystem: /bin/busybox and a link per applet.
-fn busybox_rootfs(dir: &Path) {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
-    let list = std::process::Command::new("/bin/busybox")
-        .arg("--list")
-        .output()
-        .unwrap();
-    for applet in String::from_utf8(list.stdout).unwrap().lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-        }
-    }
-    for d in ["tmp", "proc", "sys", "dev", "etc"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
-}
 
 fn sh(script: &str) -> ProcessSpec {
     ProcessSpec {

@@ -1,9 +1,13 @@
 //! The chain every later test stands on: the project's guest kernel boots
-//! under KVM, in runvm's own VMM, to the project's agent as init.
+//! under KVM, in runvm's own VMM, to the project's agent as init; and the
+//! main job: a container run by `runvm` in a micro-VM.
 
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use runvm_tests::artifacts::{vmm_command, Initrd};
+use runvm_tests::artifacts::{
+    agent_binary, busybox_rootfs, guest_kernel_dir, runvm_binary, vmm_command, Initrd,
+};
 use runvm_tests::guest::GuestProcess;
 use runvm_tests::kvm_test;
 
@@ -31,6 +35,59 @@ kvm_test!(
             run.output.contains("runvm-vmm: guest reset (i8042)"),
             "{}",
             run.output
+        );
+    }
+);
+
+kvm_test!(
+    fn a_container_runs_in_a_micro_vm_through_runvm() {
+        // The user's path: `runvm spec` writes the bundle's config, a busybox
+        // rootfs goes next to it, `runvm run` runs it in a micro-VM.
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle");
+        busybox_rootfs(&bundle.join("rootfs"));
+        let runvm = |args: &[&str]| {
+            let mut c = Command::new(runvm_binary());
+            c.arg("--root")
+                .arg(dir.path().join("state"))
+                .args(args)
+                .env("RUNVM_KERNEL", guest_kernel_dir().join("vmlinux"))
+                .env("RUNVM_AGENT", agent_binary())
+                .stdin(Stdio::null());
+            c
+        };
+        let spec = runvm(&["spec", "--bundle", bundle.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            spec.status.success(),
+            "{}",
+            String::from_utf8_lossy(&spec.stderr)
+        );
+        let path = bundle.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        config["process"]["args"] = serde_json::json!(["echo", "hello from a runvm container"]);
+        // Nested emulation boots slowly; the default is for real KVM.
+        config["annotations"] = serde_json::json!({"io.runvm.boot_timeout": "600"});
+        std::fs::write(&path, config.to_string()).unwrap();
+
+        let start = Instant::now();
+        let out = runvm(&["run", "smoke", "--bundle", bundle.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let elapsed = start.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "runvm run: {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout, "hello from a runvm container\n");
+        println!(
+            "runvm run (boot, run, shutdown) in {elapsed:?}: container said: {}",
+            stdout.trim()
         );
     }
 );

@@ -1,0 +1,293 @@
+//! The `runvm` OCI runtime driving real micro-VMs the way containerd's shim
+//! and conmon do: `create` with a pid file, `start`, `kill`, `delete`; the
+//! caller is a child subreaper that waits for the PID from the pid file and
+//! takes the container's exit status from it.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use runvm_tests::artifacts::{agent_binary, busybox_rootfs, guest_kernel_dir, runvm_binary};
+use runvm_tests::kvm_test;
+
+/// A bundle with a busybox rootfs, a state root, and the runvm command.
+struct Runtime {
+    dir: tempfile::TempDir,
+}
+
+impl Runtime {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        busybox_rootfs(&dir.path().join("bundle/rootfs"));
+        Runtime { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn bundle(&self) -> PathBuf {
+        self.path("bundle")
+    }
+
+    /// config.json running `sh -c script`, with the env the tests check.
+    fn configure(&self, script: &str) {
+        let config = serde_json::json!({
+            "ociVersion": "1.2.0",
+            "root": {"path": "rootfs"},
+            "hostname": "rtbox",
+            "process": {
+                "args": ["sh", "-c", script],
+                "env": ["PATH=/bin", "GREETING=hello"],
+                "cwd": "/tmp",
+                "user": {"uid": 0, "gid": 0}
+            },
+            // Nested emulation boots slowly; the default is for real KVM.
+            "annotations": {"io.runvm.boot_timeout": "600"}
+        });
+        std::fs::write(self.path("bundle/config.json"), config.to_string()).unwrap();
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(runvm_binary());
+        c.arg("--root")
+            .arg(self.path("root"))
+            .args(["--log", self.path("log.json").to_str().unwrap()])
+            .args(["--log-format", "json"])
+            .args(args)
+            .env("RUNVM_KERNEL", guest_kernel_dir().join("vmlinux"))
+            .env("RUNVM_AGENT", agent_binary());
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).stdin(Stdio::null()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "runvm {args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    fn fails(&self, args: &[&str], want: &str) {
+        let out = self.cmd(args).stdin(Stdio::null()).output().unwrap();
+        assert!(!out.status.success(), "runvm {args:?} succeeded");
+        assert!(
+            text(&out.stderr).contains(want),
+            "runvm {args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    /// Runs a command whose children keep its stdio (create, run
+    /// --detach): output goes to files, so nothing waits for the monitor to
+    /// close a pipe.
+    fn detached(&self, args: &[&str], stdin: Stdio, stdout: &Path) {
+        let status = self
+            .cmd(args)
+            .stdin(stdin)
+            .stdout(File::create(stdout).unwrap())
+            .stderr(File::create(self.path("stderr")).unwrap())
+            .status()
+            .unwrap();
+        let err = std::fs::read_to_string(self.path("stderr")).unwrap_or_default();
+        assert!(status.success(), "runvm {args:?}: {err}");
+    }
+
+    fn state(&self, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["state", id])).unwrap()
+    }
+
+    /// Nothing of any container is left: no state directory, no socket.
+    fn assert_clean(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.path("root"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // A failed check shows what the monitors logged and the guests
+        // printed (a nested triple fault appears there, and the test host
+        // runner retries on it).
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.path("log.json")).unwrap_or_default();
+            eprintln!("runvm log:\n{log}");
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Makes this process a child subreaper, as containerd's shim and conmon
+/// are, so monitors reparent to it and it can wait for them.
+fn become_subreaper() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer flag only.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(r, 0, "PR_SET_CHILD_SUBREAPER");
+}
+
+/// Waits for `pid` (reparented to us) and returns its exit status as a
+/// shell reports it, failing after `limit`.
+fn wait_pid(pid: i32, limit: Duration) -> i32 {
+    let start = Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into our local.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(r >= 0, "waitpid {pid}: {}", std::io::Error::last_os_error());
+        if r == pid {
+            if libc::WIFEXITED(status) {
+                return libc::WEXITSTATUS(status);
+            }
+            return 128 + libc::WTERMSIG(status);
+        }
+        assert!(
+            start.elapsed() < limit,
+            "monitor {pid} still runs after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for(path: &Path, want: &str, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let got = std::fs::read_to_string(path).unwrap_or_default();
+        if got.contains(want) {
+            return got;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{want:?} never appeared in {}: {got:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn process_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+kvm_test!(
+    fn runvm_run_relays_output_and_the_exit_status() {
+        let rt = Runtime::new();
+        rt.configure("echo out:$GREETING:$(pwd):$(hostname); echo err >&2; exit 3");
+        let out: Output = rt
+            .cmd(&["run", "rt1", "--bundle", rt.bundle().to_str().unwrap()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let log = std::fs::read_to_string(rt.path("log.json")).unwrap_or_default();
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "stderr: {}\nlog: {log}",
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout), "out:hello:/tmp:rtbox\n");
+        assert_eq!(text(&out.stderr), "err\n");
+        rt.assert_clean();
+    }
+);
+
+kvm_test!(
+    fn create_start_kill_delete_behave_as_containerd_expects() {
+        become_subreaper();
+        let rt = Runtime::new();
+        let bundle = rt.bundle();
+        let b = bundle.to_str().unwrap();
+
+        // stdin piped in, output to files: the container's stdio are the
+        // monitor's, which outlives `runvm create`.
+        rt.configure(
+            "read line; echo in:$line; trap 'echo got-term; exit 7' TERM; \
+             echo ready; while :; do sleep 1; done",
+        );
+        std::fs::write(rt.path("stdin"), "piped\n").unwrap();
+        let out_path = rt.path("stdout");
+        let pid_file = rt.path("init.pid");
+        let pid_arg = pid_file.to_str().unwrap();
+        rt.detached(
+            &["create", "c1", "--bundle", b, "--pid-file", pid_arg],
+            File::open(rt.path("stdin")).unwrap().into(),
+            &out_path,
+        );
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+        let state = rt.state("c1");
+        assert_eq!(state["status"], "created");
+        assert_eq!(state["pid"], pid);
+        assert_eq!(
+            state["bundle"],
+            bundle.canonicalize().unwrap().to_str().unwrap()
+        );
+        rt.fails(&["create", "c1", "--bundle", b], "already exists");
+        assert_eq!(
+            std::fs::read_to_string(&out_path).unwrap(),
+            "",
+            "output before start"
+        );
+
+        rt.ok(&["start", "c1"]);
+        rt.fails(&["start", "c1"], "already running");
+        wait_for(&out_path, "ready", Duration::from_secs(300));
+        assert_eq!(rt.state("c1")["status"], "running");
+        rt.fails(&["delete", "c1"], "not stopped");
+        rt.fails(&["kill", "c1", "NOPE"], "invalid signal");
+
+        rt.ok(&["kill", "c1", "TERM"]);
+        assert_eq!(wait_pid(pid, Duration::from_secs(300)), 7);
+        let out = std::fs::read_to_string(&out_path).unwrap();
+        assert_eq!(out, "in:piped\nready\ngot-term\n");
+        assert_eq!(rt.state("c1")["status"], "stopped");
+        rt.fails(&["start", "c1"], "stopped");
+        rt.ok(&["delete", "c1"]);
+        rt.fails(&["state", "c1"], "does not exist");
+        rt.assert_clean();
+
+        // A running container goes only with --force, and its VMM with it.
+        rt.configure("sleep 1000");
+        rt.detached(
+            &[
+                "run",
+                "--detach",
+                "c2",
+                "--bundle",
+                b,
+                "--pid-file",
+                pid_arg,
+            ],
+            Stdio::null(),
+            &rt.path("stdout2"),
+        );
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+        assert_eq!(rt.state("c2")["status"], "running");
+        rt.fails(&["delete", "c2"], "not stopped");
+        rt.ok(&["delete", "--force", "c2"]);
+        assert_eq!(wait_pid(pid, Duration::from_secs(60)), 137);
+        assert!(!process_exists(pid));
+        rt.assert_clean();
+
+        // A created container that is killed never runs its process.
+        rt.configure("echo must-not-run");
+        let out_path3 = rt.path("stdout3");
+        rt.detached(
+            &["create", "c3", "--bundle", b, "--pid-file", pid_arg],
+            Stdio::null(),
+            &out_path3,
+        );
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+        rt.ok(&["kill", "c3", "KILL"]);
+        assert_eq!(wait_pid(pid, Duration::from_secs(60)), 137);
+        assert_eq!(std::fs::read_to_string(&out_path3).unwrap(), "");
+        rt.ok(&["delete", "c3"]);
+        rt.assert_clean();
+    }
+);
