@@ -34,7 +34,7 @@ pub struct Globals {
 }
 
 impl Globals {
-    fn monitor_command(&self, id: &str) -> anyhow::Result<Command> {
+    fn monitor_command(&self, id: &str, console_socket: Option<&Path>) -> anyhow::Result<Command> {
         let exe = std::env::current_exe().context("cannot find the runvm executable")?;
         let mut cmd = Command::new(exe);
         cmd.arg("--root").arg(&self.root);
@@ -46,6 +46,9 @@ impl Globals {
             cmd.arg("--debug");
         }
         cmd.arg("monitor").arg(id);
+        if let Some(s) = console_socket {
+            cmd.arg("--console-socket").arg(s);
+        }
         Ok(cmd)
     }
 }
@@ -80,16 +83,15 @@ fn spawn_monitor(
 ) -> anyhow::Result<(ContainerDir, Child)> {
     state::validate_id(id)?;
     let plan = bundle::load(bundle_dir)?;
-    if plan.process.terminal {
-        bail!(
-            "process.terminal is true, but terminal mode is not supported by runvm yet{}",
-            if console_socket.is_some() {
-                " (--console-socket given)"
-            } else {
-                ""
-            }
-        );
+    match (plan.process.terminal, console_socket) {
+        (true, None) => bail!("process.terminal is true: --console-socket is required"),
+        (false, Some(_)) => {
+            logger::debug("ignoring --console-socket: process.terminal is false");
+        }
+        _ => {}
     }
+    // The socket path must resolve the same from the monitor.
+    let console_socket = console_socket.map(std::path::absolute).transpose()?;
     // Fail before anything exists when the guest cannot be built.
     assets::kernel(plan.kernel.as_deref())?;
     assets::agent()?;
@@ -111,7 +113,11 @@ fn spawn_monitor(
         let _ = dir.remove();
         return Err(e);
     }
-    let mut child = match g.monitor_command(id).and_then(|mut c| Ok(c.spawn()?)) {
+    let console_socket = console_socket.filter(|_| plan.process.terminal);
+    let spawned = g
+        .monitor_command(id, console_socket.as_deref())
+        .and_then(|mut c| Ok(c.spawn()?));
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let _ = dir.remove();

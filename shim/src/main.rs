@@ -4,6 +4,7 @@
 
 mod assets;
 mod bundle;
+mod console;
 mod control;
 mod info;
 mod lifecycle;
@@ -132,6 +133,9 @@ enum Cmd {
     Monitor {
         /// Container ID.
         id: String,
+        /// Where the terminal's master goes (terminal mode).
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
     },
 }
 
@@ -220,9 +224,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::List { format, quiet } => print!("{}", info::list(&g.root, &format, quiet)?),
         Cmd::Spec { bundle } => info::spec(&bundle)?,
         Cmd::Features => print!("{}", info::features()?),
-        Cmd::Monitor { id } => {
+        Cmd::Monitor { id, console_socket } => {
             let dir = state::Root::new(&g.root).open(&id)?;
-            return Ok(monitor::run(&dir));
+            return Ok(monitor::run(&dir, console_socket.as_deref()));
         }
     }
     Ok(0)

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread;
@@ -23,7 +24,7 @@ use vmm::vm::{self, RunOptions};
 use crate::bundle::{self, Plan};
 use crate::control::{self, Reply, Request};
 use crate::state::{self, ContainerDir, Record, Status};
-use crate::{assets, logger, signals};
+use crate::{assets, console, logger, signals};
 
 /// The agent's handle for the container's init process.
 const INIT: u32 = 1;
@@ -45,13 +46,14 @@ enum Input {
     VmEnded(String),
 }
 
-/// Runs the monitor of container `dir`; returns the exit status.
-pub fn run(dir: &ContainerDir) -> i32 {
+/// Runs the monitor of container `dir`; returns the exit status. In
+/// terminal mode the pty's master goes to `console_socket`.
+pub fn run(dir: &ContainerDir, console_socket: Option<&Path>) -> i32 {
     let signals = match signals::forwarded_signalfd() {
         Ok(s) => s,
         Err(e) => return fail(dir, &e),
     };
-    match Monitor::boot(dir) {
+    match Monitor::boot(dir, console_socket) {
         Ok((m, inputs)) => m.serve(signals, inputs),
         Err(e) => fail(dir, &e),
     }
@@ -71,10 +73,15 @@ struct Monitor {
     agent: Arc<MuxClient<UnixStream>>,
     tx: Sender<Input>,
     vm_ended: Receiver<()>,
+    /// The host pty's slave side in terminal mode.
+    tty: Option<File>,
 }
 
 impl Monitor {
-    fn boot(dir: &ContainerDir) -> anyhow::Result<(Monitor, Receiver<Input>)> {
+    fn boot(
+        dir: &ContainerDir,
+        console_socket: Option<&Path>,
+    ) -> anyhow::Result<(Monitor, Receiver<Input>)> {
         let mut record = dir.load()?;
         let me = std::process::id() as i32;
         record.pid = Some(me);
@@ -103,7 +110,16 @@ impl Monitor {
             Outcome::Ok { .. } => {}
             Outcome::Error { message } => bail!("the guest agent refused the process: {message}"),
         }
-        relay_output(notices, tx.clone())?;
+        let tty = match (plan.process.terminal, console_socket) {
+            (true, Some(sock)) => Some(console::hand_over(sock)?),
+            (true, None) => bail!("process.terminal is true: --console-socket is required"),
+            (false, _) => None,
+        };
+        let (out, err): (Box<dyn Write + Send>, Box<dyn Write + Send>) = match &tty {
+            Some(t) => (Box::new(t.try_clone()?), Box::new(t.try_clone()?)),
+            None => (Box::new(std::io::stdout()), Box::new(std::io::stderr())),
+        };
+        relay_output(notices, tx.clone(), out, err)?;
         listen_control(dir, tx.clone())?;
         record.status = Status::Created;
         dir.save(&record)?;
@@ -115,6 +131,7 @@ impl Monitor {
                 agent,
                 tx,
                 vm_ended,
+                tty,
             },
             inputs,
         ))
@@ -188,7 +205,14 @@ impl Monitor {
                     "container {} started (guest pid {pid:?})",
                     self.record.id
                 ));
-                relay_stdin(Arc::clone(&self.agent))?;
+                let input: Box<dyn Read + Send> = match &self.tty {
+                    Some(t) => {
+                        watch_size(t.try_clone()?, Arc::clone(&self.agent))?;
+                        Box::new(t.try_clone()?)
+                    }
+                    None => Box::new(std::io::stdin()),
+                };
+                relay_stdin(Arc::clone(&self.agent), input)?;
                 Ok(None)
             }
             Request::Kill { signal } => self.kill(*signal),
@@ -337,7 +361,12 @@ fn console_tail(dir: &ContainerDir) -> String {
 /// Writes the container's output to this process's stdout and stderr and
 /// reports its exit. It never blocks on anything but those writes, so calls
 /// made meanwhile get their answers.
-fn relay_output(notices: Receiver<Notice>, tx: Sender<Input>) -> anyhow::Result<()> {
+fn relay_output(
+    notices: Receiver<Notice>,
+    tx: Sender<Input>,
+    mut out: Box<dyn Write + Send>,
+    mut err: Box<dyn Write + Send>,
+) -> anyhow::Result<()> {
     thread::Builder::new()
         .name("output".into())
         .spawn(move || {
@@ -348,16 +377,14 @@ fn relay_output(notices: Receiver<Notice>, tx: Sender<Input>) -> anyhow::Result<
             for n in notices.iter() {
                 match n {
                     Notice::Output(chunk) if chunk.handle == INIT => {
-                        let (ok, res) = match chunk.stream {
-                            StreamId::Stderr => {
-                                (&mut err_ok, std::io::stderr().write_all(&chunk.data))
-                            }
-                            _ => {
-                                let mut o = std::io::stdout().lock();
-                                let r = o.write_all(&chunk.data).and_then(|()| o.flush());
-                                (&mut out_ok, r)
-                            }
+                        let (ok, w) = match chunk.stream {
+                            StreamId::Stderr => (&mut err_ok, &mut err),
+                            _ => (&mut out_ok, &mut out),
                         };
+                        if !*ok {
+                            continue;
+                        }
+                        let res = w.write_all(&chunk.data).and_then(|()| w.flush());
                         if *ok && res.is_err() {
                             *ok = false;
                         }
@@ -377,11 +404,13 @@ fn relay_output(notices: Receiver<Notice>, tx: Sender<Input>) -> anyhow::Result<
 
 /// Copies this process's stdin to the container's; its end is the
 /// container's EOF.
-fn relay_stdin(agent: Arc<MuxClient<UnixStream>>) -> anyhow::Result<()> {
+fn relay_stdin(
+    agent: Arc<MuxClient<UnixStream>>,
+    mut stdin: Box<dyn Read + Send>,
+) -> anyhow::Result<()> {
     thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
-            let mut stdin = std::io::stdin().lock();
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let n = match stdin.read(&mut buf) {
@@ -395,6 +424,35 @@ fn relay_stdin(agent: Arc<MuxClient<UnixStream>>) -> anyhow::Result<()> {
             }
         })
         .context("starting the stdin relay")?;
+    Ok(())
+}
+
+/// How often the terminal's size is compared with what the guest has.
+const RESIZE_POLL: Duration = Duration::from_millis(200);
+
+/// Passes size changes of the host terminal on to the guest's. The caller
+/// resizes the master it holds; the slave side sees the new size but no
+/// SIGWINCH (the monitor is not its session leader), hence the polling.
+fn watch_size(tty: File, agent: Arc<MuxClient<UnixStream>>) -> anyhow::Result<()> {
+    thread::Builder::new()
+        .name("tty-size".into())
+        .spawn(move || {
+            let mut last = None;
+            while agent.ended().is_none() {
+                let now = console::size(&tty);
+                if let Some(size) = now.filter(|_| now != last) {
+                    if agent
+                        .call(Op::ResizeTerminal { handle: INIT, size })
+                        .is_err()
+                    {
+                        return;
+                    }
+                    last = now;
+                }
+                thread::sleep(RESIZE_POLL);
+            }
+        })
+        .context("starting the terminal size watcher")?;
     Ok(())
 }
 

@@ -72,7 +72,10 @@ pub fn run_here_or_in_testhost(path: &str) -> bool {
     }
     let name = libtest_name(path);
     let first = run_in_testhost(name);
-    if first.as_ref().is_err_and(|output| output.contains(TRIPLE_FAULT_MARKER)) {
+    if first
+        .as_ref()
+        .is_err_and(|output| output.contains(TRIPLE_FAULT_MARKER))
+    {
         eprintln!(
             "==== {name}: a nested guest triple-faulted in the test host (known TCG problem); \
              running the test once more ===="

@@ -4,6 +4,7 @@
 //! takes the container's exit status from it.
 
 use std::fs::File;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -288,6 +289,112 @@ kvm_test!(
         assert_eq!(wait_pid(pid, Duration::from_secs(60)), 137);
         assert_eq!(std::fs::read_to_string(&out_path3).unwrap(), "");
         rt.ok(&["delete", "c3"]);
+        rt.assert_clean();
+    }
+);
+
+/// Accepts one connection on `listener` and returns the pty master runvm
+/// sends over it, as containerd's shim and conmon receive it.
+fn receive_master(listener: &UnixListener) -> (File, String) {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    use std::io::IoSliceMut;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    let (conn, _) = listener.accept().unwrap();
+    let mut name = [0u8; 4096];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [IoSliceMut::new(&mut name)];
+    let msg = recvmsg::<UnixAddr>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    let fd = match msg.cmsgs().unwrap().next() {
+        Some(ControlMessageOwned::ScmRights(fds)) => fds[0],
+        other => panic!("no pty master on the console socket: {other:?}"),
+    };
+    let n = msg.bytes;
+    // SAFETY: SCM_RIGHTS gave this process a new descriptor it owns.
+    let master = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    (master, String::from_utf8_lossy(&name[..n]).into_owned())
+}
+
+kvm_test!(
+    fn a_terminal_session_runs_through_the_console_socket() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+
+        become_subreaper();
+        let rt = Runtime::new();
+        let b = rt.bundle();
+        rt.configure("unused");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(rt.path("bundle/config.json")).unwrap()).unwrap();
+        config["process"]["terminal"] = true.into();
+        config["process"]["args"] = serde_json::json!(["sh"]);
+        std::fs::write(rt.path("bundle/config.json"), config.to_string()).unwrap();
+
+        let sock = rt.path("console.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let receiver = std::thread::spawn(move || receive_master(&listener));
+        let pid_file = rt.path("init.pid");
+        rt.detached(
+            &[
+                "create",
+                "tty1",
+                "--bundle",
+                b.to_str().unwrap(),
+                "--pid-file",
+                pid_file.to_str().unwrap(),
+                "--console-socket",
+                sock.to_str().unwrap(),
+            ],
+            Stdio::null(),
+            &rt.path("stdout"),
+        );
+        let (mut master, name) = receiver.join().unwrap();
+        assert!(name.starts_with("/dev/pts/"), "{name}");
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+        // The caller sizes its end; the guest's terminal follows.
+        let ws = libc::winsize {
+            ws_row: 40,
+            ws_col: 100,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads the winsize we pass.
+        let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0);
+        rt.ok(&["start", "tty1"]);
+
+        let mut reader = master.try_clone().unwrap();
+        let output = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut buf = [0u8; 4096];
+            // EIO once the monitor (the slave's last holder) is gone.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                all.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8_lossy(&all).into_owned()
+        });
+        // An interactive shell: it reads line by line from its terminal.
+        master
+            .write_all(b"sleep 2; stty size; tty; echo sum:$((6*7)); exit 5\n")
+            .unwrap();
+        assert_eq!(wait_pid(pid, Duration::from_secs(300)), 5);
+        let out = output.join().unwrap();
+        assert!(out.contains("40 100"), "{out:?}");
+        assert!(out.contains("/dev/pts/"), "{out:?}");
+        assert!(out.contains("sum:42"), "{out:?}");
+        // The terminal echoes input (the guest's line discipline does).
+        assert!(out.contains("echo sum:$((6*7))"), "{out:?}");
+        assert_eq!(std::fs::read_to_string(rt.path("stdout")).unwrap(), "");
+        rt.ok(&["delete", "tty1"]);
         rt.assert_clean();
     }
 );

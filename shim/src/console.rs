@@ -1,0 +1,118 @@
+//! Terminal mode: the monitor opens a host pty, hands its master to the
+//! caller over `--console-socket` (as runc does: one message whose payload
+//! is the pty's name and whose SCM_RIGHTS carries the fd) and relays between
+//! the slave side and the guest's terminal. The guest's pty does the line
+//! discipline, so the host slave is raw: bytes pass through unchanged.
+
+use std::fs::File;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use anyhow::Context;
+use nix::pty::openpty;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use runvm_protocol::ConsoleSize;
+
+/// Opens a pty, sends its master to `socket` and returns the slave.
+pub fn hand_over(socket: &Path) -> anyhow::Result<File> {
+    let pty = openpty(None, None).context("cannot open a pty")?;
+    let mut t = tcgetattr(&pty.slave).context("tcgetattr")?;
+    cfmakeraw(&mut t);
+    tcsetattr(&pty.slave, SetArg::TCSANOW, &t).context("tcsetattr")?;
+    let name = nix::unistd::ttyname(pty.slave.as_fd()).context("ttyname")?;
+    let conn = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to console socket {}", socket.display()))?;
+    let fds = [pty.master.as_raw_fd()];
+    sendmsg::<UnixAddr>(
+        conn.as_raw_fd(),
+        &[IoSlice::new(name.as_os_str().as_encoded_bytes())],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .with_context(|| format!("cannot send the pty to {}", socket.display()))?;
+    Ok(File::from(pty.slave))
+}
+
+/// The terminal's size, if it has been set.
+pub fn size(tty: &File) -> Option<ConsoleSize> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into the struct we pass.
+    let r = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some(ConsoleSize {
+        height: ws.ws_row,
+        width: ws.ws_col,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{IoSliceMut, Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::net::UnixListener;
+
+    use nix::sys::socket::{recvmsg, ControlMessageOwned};
+
+    use super::*;
+
+    #[test]
+    fn the_master_reaches_the_console_socket_and_bytes_pass_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut slave = hand_over(&path).unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        let mut name = [0u8; 256];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let mut iov = [IoSliceMut::new(&mut name)];
+        let msg = recvmsg::<UnixAddr>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+        let fd = match msg.cmsgs().unwrap().next() {
+            Some(ControlMessageOwned::ScmRights(fds)) => fds[0],
+            other => panic!("no fd: {other:?}"),
+        };
+        let n = msg.bytes;
+        assert!(String::from_utf8_lossy(&name[..n]).starts_with("/dev/pts/"));
+        // SAFETY: SCM_RIGHTS gave this process a new descriptor it owns.
+        let mut master = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        // Raw: no echo, no CR translation, ^D is a byte.
+        master.write_all(b"ab\n\x04").unwrap();
+        let mut got = [0u8; 4];
+        slave.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ab\n\x04");
+        slave.write_all(b"out\n").unwrap();
+        let mut got = [0u8; 4];
+        master.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"out\n");
+        assert_eq!(size(&slave), None);
+        let ws = libc::winsize {
+            ws_row: 40,
+            ws_col: 100,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads the winsize we pass.
+        let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0);
+        assert_eq!(
+            size(&slave),
+            Some(ConsoleSize {
+                height: 40,
+                width: 100
+            })
+        );
+    }
+}
