@@ -183,20 +183,34 @@ fn bad_create_requests_fail_cleanly_and_leave_nothing() {
 }
 
 #[test]
-fn terminal_mode_is_refused_until_supported() {
+fn terminal_mode_needs_a_console_socket() {
     let s = Setup::new(&CONFIG.replace(r#""args""#, r#""terminal": true, "args""#));
+    let b = s.p("bundle");
     s.fail(
-        &[
-            "create",
-            "c",
-            "--bundle",
-            &s.p("bundle"),
-            "--console-socket",
-            "/tmp/x.sock",
-        ],
+        &["create", "c", "--bundle", &b],
         &[],
-        "terminal mode is not supported",
+        "--console-socket is required",
     );
+    s.fail(
+        &["run", "c", "--bundle", &b],
+        &[],
+        "--console-socket is required",
+    );
+}
+
+#[test]
+fn a_kernel_the_monitor_cannot_boot_fails_create_and_leaves_nothing() {
+    // Past every check `create` makes itself: the monitor starts and fails,
+    // and `create` reports its error and removes the state.
+    let s = Setup::new(CONFIG);
+    let out = s.runvm(&["create", "c", "--bundle", &s.p("bundle")]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("runvm: error: "),
+        "{}",
+        stderr(&out)
+    );
+    s.assert_nothing_left();
 }
 
 #[test]
