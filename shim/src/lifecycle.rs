@@ -62,23 +62,18 @@ pub fn create(
     pid_file: Option<&Path>,
     console_socket: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let (dir, child) = spawn_monitor(g, id, bundle_dir, console_socket)?;
-    if let Some(p) = pid_file {
-        if let Err(e) = write_pid_file(p, child.id()) {
-            destroy(dir, Some(child));
-            return Err(e);
-        }
-    }
+    spawn_monitor(g, id, bundle_dir, pid_file, console_socket)?;
     Ok(())
 }
 
 /// Validates everything it can, creates the state directory and starts the
-/// monitor; returns once the process is created in the guest. On failure
-/// nothing is left behind.
+/// monitor; returns once the process is created in the guest and the
+/// monitor's PID is in `pid_file`. On failure nothing is left behind.
 fn spawn_monitor(
     g: &Globals,
     id: &str,
     bundle_dir: &Path,
+    pid_file: Option<&Path>,
     console_socket: Option<&Path>,
 ) -> anyhow::Result<(ContainerDir, Child)> {
     state::validate_id(id)?;
@@ -134,6 +129,12 @@ fn spawn_monitor(
         }
         if let Ok(r) = dir.load() {
             if r.status == Status::Created {
+                if let Some(p) = pid_file {
+                    if let Err(e) = write_pid_file(p, child.id()) {
+                        destroy(dir, Some(child));
+                        return Err(e);
+                    }
+                }
                 return Ok((dir, child));
             }
         }
@@ -260,13 +261,7 @@ pub fn run(
     // Blocked before the monitor starts so a ^C between the two reaches the
     // container through the monitor rather than killing only this process.
     let sigs = signals::forwarded_signalfd()?;
-    let (dir, mut child) = spawn_monitor(g, id, bundle_dir, None)?;
-    if let Some(p) = pid_file {
-        if let Err(e) = write_pid_file(p, child.id()) {
-            destroy(dir, Some(child));
-            return Err(e);
-        }
-    }
+    let (dir, mut child) = spawn_monitor(g, id, bundle_dir, pid_file, None)?;
     if let Err(e) = control::call(
         &dir.file(state::CONTROL_SOCKET),
         &Request::Start,

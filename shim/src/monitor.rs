@@ -72,7 +72,6 @@ struct Monitor {
     record: Record,
     agent: Arc<MuxClient<UnixStream>>,
     tx: Sender<Input>,
-    vm_ended: Receiver<()>,
     /// The host pty's slave side in terminal mode.
     tty: Option<File>,
 }
@@ -94,9 +93,8 @@ impl Monitor {
             logger::warn(&format!("mount {m} is not set up in the guest yet"));
         }
         let (tx, inputs) = mpsc::channel();
-        let (ended_tx, vm_ended) = mpsc::channel();
-        start_vm(dir, &plan, tx.clone(), ended_tx)?;
-        let conn = connect_agent(dir, &plan, &vm_ended)?;
+        start_vm(dir, &plan, tx.clone())?;
+        let conn = connect_agent(dir, &plan, &inputs)?;
         let reader = conn
             .try_clone()
             .context("duplicating the agent connection")?;
@@ -130,7 +128,6 @@ impl Monitor {
                 record,
                 agent,
                 tx,
-                vm_ended,
                 tty,
             },
             inputs,
@@ -162,26 +159,26 @@ impl Monitor {
                         error: r.as_ref().err().map(|e| format!("{e:#}")),
                     });
                     if let Ok(Some(status)) = r {
-                        return self.finish(status);
+                        return self.finish(status, Some(&inputs));
                     }
                 }
                 Input::Signal(sig) => {
                     if let Ok(Some(status)) = self.kill(sig) {
-                        return self.finish(status);
+                        return self.finish(status, Some(&inputs));
                     }
                 }
-                Input::Exited(status) => return self.finish(status),
+                Input::Exited(status) => return self.finish(status, Some(&inputs)),
                 Input::AgentGone(why) => {
                     logger::monitor_error(&format!("lost the guest agent: {why}"));
-                    return self.finish(VM_LOST_STATUS);
+                    return self.finish(VM_LOST_STATUS, Some(&inputs));
                 }
                 Input::VmEnded(why) => {
                     logger::monitor_error(&format!("the VM ended under the container: {why}"));
-                    return self.finish(VM_LOST_STATUS);
+                    return self.finish(VM_LOST_STATUS, None);
                 }
             }
         }
-        self.finish(VM_LOST_STATUS)
+        self.finish(VM_LOST_STATUS, None)
     }
 
     /// Handles a command; `Ok(Some(status))` when the container is over.
@@ -238,15 +235,18 @@ impl Monitor {
         }
     }
 
-    /// Lets the guest sync and reset, records the status and returns it.
-    fn finish(mut self, status: i32) -> i32 {
-        let agent = Arc::clone(&self.agent);
-        // The agent may be gone or wedged; the VM ending is what counts.
-        let _ = thread::Builder::new()
-            .name("shutdown".into())
-            .spawn(move || agent.call(Op::Shutdown));
-        if self.vm_ended.recv_timeout(SHUTDOWN_GRACE).is_err() {
-            logger::warn("the guest did not reset after shutdown; ending it");
+    /// Lets the guest sync and reset (waiting on `inputs` for the VM to end,
+    /// unless it has already), records the status and returns it.
+    fn finish(mut self, status: i32, inputs: Option<&Receiver<Input>>) -> i32 {
+        if let Some(inputs) = inputs {
+            let agent = Arc::clone(&self.agent);
+            // The agent may be gone or wedged; the VM ending is what counts.
+            let _ = thread::Builder::new()
+                .name("shutdown".into())
+                .spawn(move || agent.call(Op::Shutdown));
+            if !wait_vm_end(inputs, SHUTDOWN_GRACE) {
+                logger::warn("the guest did not reset after shutdown; ending it");
+            }
         }
         self.record.status = Status::Stopped;
         self.record.exit_status = Some(status);
@@ -259,12 +259,21 @@ impl Monitor {
     }
 }
 
-fn start_vm(
-    dir: &ContainerDir,
-    plan: &Plan,
-    tx: Sender<Input>,
-    ended: Sender<()>,
-) -> anyhow::Result<()> {
+/// Drops other inputs (the container is over) until the VM has ended;
+/// false if it did not within `limit`.
+fn wait_vm_end(inputs: &Receiver<Input>, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match inputs.recv_timeout(left) {
+            Ok(Input::VmEnded(_)) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+fn start_vm(dir: &ContainerDir, plan: &Plan, tx: Sender<Input>) -> anyhow::Result<()> {
     let kernel = assets::kernel(plan.kernel.as_deref())?;
     let initramfs = dir.file(state::INITRAMFS);
     assets::write_initramfs(&assets::agent()?, &initramfs)?;
@@ -313,7 +322,6 @@ fn start_vm(
                 Ok(reason) => reason.to_string(),
                 Err(e) => format!("{e:#}"),
             };
-            let _ = ended.send(());
             let _ = tx.send(Input::VmEnded(why));
         })
         .context("starting the VMM thread")?;
@@ -322,15 +330,16 @@ fn start_vm(
 
 /// Waits for the agent to listen, giving up when the VM ends or the boot
 /// timeout passes (with the console's last lines in the error).
+/// Until it returns, the VM thread is the only sender on `inputs`.
 fn connect_agent(
     dir: &ContainerDir,
     plan: &Plan,
-    vm_ended: &Receiver<()>,
+    inputs: &Receiver<Input>,
 ) -> anyhow::Result<UnixStream> {
     let uds = dir.file(state::VSOCK_SOCKET);
     let start = Instant::now();
     loop {
-        if vm_ended.try_recv().is_ok() {
+        if let Ok(Input::VmEnded(_)) = inputs.try_recv() {
             bail!("the VM ended while booting{}", console_tail(dir));
         }
         match connect_vsock(&uds, AGENT_VSOCK_PORT, Duration::from_millis(500)) {
