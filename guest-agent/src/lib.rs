@@ -5,6 +5,7 @@
 pub mod child_setup;
 pub mod mount_ns;
 pub mod network;
+pub mod procfs;
 pub mod reaper;
 pub mod server;
 pub mod tty;

@@ -51,6 +51,19 @@ impl MountNs {
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
     }
+
+    /// Whether process `pid` lives in this namespace (the holder aside).
+    pub fn contains(&self, pid: i32) -> bool {
+        let holder = self._holder.id() as i32;
+        if pid == holder {
+            return false;
+        }
+        let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok();
+        match (ns(pid), ns(holder)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// `--hold-mount-ns ROOTFS`: sets up the namespace, says `ready`, and waits

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -21,8 +22,8 @@ use std::thread;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use runvm_protocol::{
-    encode_json, read_frame, Event, FrameError, FrameKind, Op, Outcome, ProcessSpec, Request,
-    Response, StreamChunk, StreamId,
+    encode_json, read_frame, Event, FrameError, FrameKind, GuestProcess, Op, Outcome, ProcessSpec,
+    Request, Response, StreamChunk, StreamId,
 };
 
 use crate::child_setup::ChildSetup;
@@ -211,6 +212,16 @@ impl Agent {
         let mut procs = self.procs();
         match op {
             Op::Ping | Op::Shutdown => Outcome::Ok { pid: None },
+            Op::ListProcesses => Outcome::Processes {
+                processes: self.container_processes(&procs),
+            },
+            Op::Stats => {
+                let pids = self.container_processes(&procs).len() as u64;
+                match crate::procfs::stats(Path::new("/proc"), pids) {
+                    Ok(stats) => Outcome::Stats { stats },
+                    Err(e) => error(format!("reading /proc: {e}")),
+                }
+            }
             Op::ConfigureNetwork { network } => match &self.network {
                 None => error("network configuration needs the agent running as the guest's init"),
                 Some(net) => match crate::network::configure(&network, net.as_ref()) {
@@ -270,6 +281,22 @@ impl Agent {
                 _ => error(format!("no running process with handle {handle}")),
             },
         }
+    }
+
+    /// The processes the host started, their descendants, and whatever
+    /// else lives in the container's mount namespace.
+    fn container_processes(&self, procs: &HashMap<u32, Proc>) -> Vec<GuestProcess> {
+        let roots: Vec<i32> = procs
+            .values()
+            .filter_map(|p| match p {
+                Proc::Running { pid, .. } => Some(*pid),
+                _ => None,
+            })
+            .collect();
+        let all = crate::procfs::scan(Path::new("/proc"));
+        crate::procfs::container_processes(&all, &roots, |pid| {
+            self.rootfs.as_ref().is_some_and(|ns| ns.contains(pid))
+        })
     }
 
     fn start(&self, handle: u32, spec: &ProcessSpec) -> io::Result<Started> {

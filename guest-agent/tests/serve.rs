@@ -549,3 +549,40 @@ fn a_terminal_session_runs_interactively_and_follows_resizes() {
     );
     assert_eq!(c.wait(3), 137);
 }
+
+#[test]
+fn processes_and_stats_describe_what_the_host_started() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    c.spawn(1, sh("sleep 100 & echo started; wait"));
+    while !c.output(1, StreamId::Stdout).contains("started") {
+        c.next();
+    }
+    let Outcome::Processes { processes } = c.call(Op::ListProcesses) else {
+        panic!("no process list");
+    };
+    // The shell and its child, nothing of the agent's own.
+    let cmds: Vec<&str> = processes.iter().map(|p| p.cmd.as_str()).collect();
+    assert!(
+        cmds.iter().any(|c| c.contains("sh -c sleep 100")),
+        "{cmds:?}"
+    );
+    assert!(cmds.contains(&"sleep 100"), "{cmds:?}");
+    assert!(!cmds.iter().any(|c| c.contains("runvm-agent")), "{cmds:?}");
+    let shell = processes.iter().find(|p| p.cmd.contains("sh -c")).unwrap();
+    let sleep = processes.iter().find(|p| p.cmd == "sleep 100").unwrap();
+    assert_eq!(sleep.ppid, shell.pid);
+    assert_eq!(sleep.uid, current_uid());
+
+    let Outcome::Stats { stats } = c.call(Op::Stats) else {
+        panic!("no stats");
+    };
+    assert_eq!(stats.pids, processes.len() as u64);
+    assert!(stats.memory_total >= stats.memory_used && stats.memory_used > 0);
+    assert!(!stats.cpu_percpu_ns.is_empty());
+
+    // The orphan-to-be first, so nothing outlives the test.
+    // SAFETY: kill takes plain integers.
+    unsafe { libc::kill(sleep.pid, libc::SIGKILL) };
+    assert_eq!(c.wait(1), 0);
+}

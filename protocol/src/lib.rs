@@ -12,9 +12,9 @@ pub mod mux;
 
 pub use frame::{decode_header, encode_frame, read_frame, FrameError, FrameHeader, FrameKind};
 pub use message::{
-    encode_json, Capabilities, ConsoleSize, DnsConfig, Event, InterfaceConfig, MessageError,
-    NetworkConfig, Op, Outcome, ProcessSpec, Request, Response, Rlimit, RouteConfig, StreamChunk,
-    StreamId,
+    encode_json, Capabilities, ConsoleSize, DnsConfig, Event, GuestProcess, GuestStats,
+    InterfaceConfig, MessageError, NetworkConfig, Op, Outcome, ProcessSpec, Request, Response,
+    Rlimit, RouteConfig, StreamChunk, StreamId,
 };
 
 /// The vsock port the agent listens on inside the guest.

@@ -211,6 +211,10 @@ pub enum Op {
         /// What to set up.
         network: Box<NetworkConfig>,
     },
+    /// The processes of the container (not the agent's own).
+    ListProcesses,
+    /// The guest's CPU and memory use.
+    Stats,
     /// Check the agent is alive.
     Ping,
     /// Sync the guest's filesystems and end the VM (processes are killed).
@@ -237,11 +241,54 @@ pub enum Outcome {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pid: Option<i32>,
     },
+    /// Answer to [`Op::ListProcesses`].
+    Processes {
+        /// By PID.
+        processes: Vec<GuestProcess>,
+    },
+    /// Answer to [`Op::Stats`].
+    Stats {
+        /// The figures.
+        stats: GuestStats,
+    },
     /// Refused or failed.
     Error {
         /// Why, for a person.
         message: String,
     },
+}
+
+/// One process in the container, as `ps` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestProcess {
+    /// PID in the guest.
+    pub pid: i32,
+    /// Parent PID in the guest.
+    pub ppid: i32,
+    /// Real user ID.
+    pub uid: u32,
+    /// State letter (R, S, D, Z, ...).
+    pub state: String,
+    /// Command line (the command name in brackets when it has none).
+    pub cmd: String,
+}
+
+/// The guest's resource use (the guest is the container's sandbox, so its
+/// figures are the container's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestStats {
+    /// CPU time spent in user mode by all vCPUs, in nanoseconds.
+    pub cpu_user_ns: u64,
+    /// CPU time spent in the kernel, in nanoseconds.
+    pub cpu_kernel_ns: u64,
+    /// Busy time per vCPU, in nanoseconds.
+    pub cpu_percpu_ns: Vec<u64>,
+    /// Guest memory in use (total minus available), in bytes.
+    pub memory_used: u64,
+    /// Guest memory in all, in bytes.
+    pub memory_total: u64,
+    /// Processes in the container.
+    pub pids: u64,
 }
 
 /// Something the agent reports unasked.

@@ -5,26 +5,31 @@
 //! discipline, so the host slave is raw: bytes pass through unchanged.
 
 use std::fs::File;
-use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use anyhow::Context;
 use nix::pty::openpty;
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
-use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
+use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg, Termios};
 use runvm_protocol::ConsoleSize;
 
 /// Opens a pty, sends its master to `socket` and returns the slave.
 pub fn hand_over(socket: &Path) -> anyhow::Result<File> {
+    let conn = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to console socket {}", socket.display()))?;
+    hand_over_on(&conn).with_context(|| format!("cannot send the pty to {}", socket.display()))
+}
+
+/// Opens a pty, sends its master on `conn` and returns the slave.
+pub fn hand_over_on(conn: &UnixStream) -> anyhow::Result<File> {
     let pty = openpty(None, None).context("cannot open a pty")?;
     let mut t = tcgetattr(&pty.slave).context("tcgetattr")?;
     cfmakeraw(&mut t);
     tcsetattr(&pty.slave, SetArg::TCSANOW, &t).context("tcsetattr")?;
     let name = nix::unistd::ttyname(pty.slave.as_fd()).context("ttyname")?;
-    let conn = UnixStream::connect(socket)
-        .with_context(|| format!("cannot connect to console socket {}", socket.display()))?;
     let fds = [pty.master.as_raw_fd()];
     sendmsg::<UnixAddr>(
         conn.as_raw_fd(),
@@ -33,8 +38,73 @@ pub fn hand_over(socket: &Path) -> anyhow::Result<File> {
         MsgFlags::empty(),
         None,
     )
-    .with_context(|| format!("cannot send the pty to {}", socket.display()))?;
+    .context("sendmsg")?;
     Ok(File::from(pty.slave))
+}
+
+/// Receives a pty master sent by [`hand_over_on`].
+pub fn receive(conn: &UnixStream) -> anyhow::Result<File> {
+    let mut name = [0u8; 4096];
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [IoSliceMut::new(&mut name)];
+    let msg = recvmsg::<UnixAddr>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .context("receiving the terminal")?;
+    let mut master = None;
+    for c in msg.cmsgs().context("receiving the terminal")? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: SCM_RIGHTS gave this process a new descriptor
+                // that nothing else owns.
+                let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+                master.get_or_insert(f);
+            }
+        }
+    }
+    master.context("no terminal came (the monitor refused or hung up)")
+}
+
+/// Makes the terminal on `fd` raw until the returned guard drops (a
+/// foreground terminal session: the guest's pty does the line discipline).
+pub fn make_raw(fd: BorrowedFd<'_>) -> anyhow::Result<RawGuard> {
+    let saved = tcgetattr(fd).context("tcgetattr")?;
+    let mut raw = saved.clone();
+    cfmakeraw(&mut raw);
+    tcsetattr(fd, SetArg::TCSANOW, &raw).context("tcsetattr")?;
+    let fd = fd.try_clone_to_owned()?;
+    Ok(RawGuard { fd, saved })
+}
+
+/// Restores a terminal's settings when dropped.
+pub struct RawGuard {
+    fd: OwnedFd,
+    saved: Termios,
+}
+
+impl Drop for RawGuard {
+    fn drop(&mut self) {
+        let _ = tcsetattr(&self.fd, SetArg::TCSANOW, &self.saved);
+    }
+}
+
+/// Copies the size of the terminal on `from` to the one on `to`.
+pub fn copy_size(from: BorrowedFd<'_>, to: BorrowedFd<'_>) {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into the struct we pass.
+    let got = unsafe { libc::ioctl(from.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    if got == 0 {
+        // SAFETY: TIOCSWINSZ reads the winsize we pass.
+        unsafe { libc::ioctl(to.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    }
 }
 
 /// The terminal's size, if it has been set.
@@ -55,13 +125,24 @@ pub fn size(tty: &File) -> Option<ConsoleSize> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{IoSliceMut, Read, Write};
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
 
-    use nix::sys::socket::{recvmsg, ControlMessageOwned};
-
     use super::*;
+
+    #[test]
+    fn a_master_sent_on_a_connection_is_received() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut slave = hand_over_on(&a).unwrap();
+        let mut master = receive(&b).unwrap();
+        slave.write_all(b"x").unwrap();
+        let mut got = [0u8; 1];
+        master.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"x");
+        copy_size(master.as_fd(), master.as_fd());
+        drop(a);
+        assert!(receive(&b).is_err(), "a hang-up is no terminal");
+    }
 
     #[test]
     fn the_master_reaches_the_console_socket_and_bytes_pass_raw() {

@@ -1,12 +1,18 @@
-//! The monitor's control socket: `start` and `kill` reach the container's
-//! monitor process through it, one JSON line each way.
+//! The monitor's control socket: `start`, `kill` and `exec` reach the
+//! container's monitor process through it, one JSON line each way. An
+//! `exec` request carries the new process's stdio as SCM_RIGHTS and its
+//! connection stays open: the caller sends [`Request::Kill`] lines for the
+//! process, the monitor ends with an [`ExecExit`] line.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
+use runvm_protocol::{GuestProcess, GuestStats, ProcessSpec};
 use serde::{Deserialize, Serialize};
 
 /// What a `runvm` command asks the monitor.
@@ -20,6 +26,23 @@ pub enum Request {
         /// Signal number.
         signal: i32,
     },
+    /// List the container's processes.
+    Ps,
+    /// The container's resource use.
+    Stats,
+    /// Stop the VM's vCPUs.
+    Pause,
+    /// Let them run again.
+    Resume,
+    /// Run one more process in the container. Without a terminal, its
+    /// stdin, stdout and stderr come with the request (SCM_RIGHTS).
+    Exec {
+        /// What to run.
+        process: Box<ProcessSpec>,
+        /// Where the terminal's master goes (`process.terminal`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        console_socket: Option<PathBuf>,
+    },
 }
 
 /// The monitor's answer.
@@ -28,45 +51,153 @@ pub struct Reply {
     /// Why it failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The process's PID in the guest (`exec`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_pid: Option<i32>,
+    /// The container's processes (`ps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<GuestProcess>>,
+    /// Resource use (`stats`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<GuestStats>,
 }
 
-/// Longest request line the monitor reads.
-pub const MAX_LINE: u64 = 4096;
+impl Reply {
+    /// A failure.
+    pub fn error(msg: impl Into<String>) -> Reply {
+        Reply {
+            error: Some(msg.into()),
+            ..Reply::default()
+        }
+    }
+}
+
+/// The last line on an exec connection: how the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecExit {
+    /// Exit code, or 128+signal.
+    pub status: i32,
+}
+
+/// Longest request line the monitor reads (an exec's process spec with a
+/// large environment fits).
+pub const MAX_LINE: usize = 1 << 20;
+/// At most this many fds come with a request (an exec's stdio).
+pub const MAX_FDS: usize = 3;
 
 /// Sends `req` to the monitor listening on `sock` and waits for its reply.
-pub fn call(sock: &Path, req: &Request, timeout: Duration) -> anyhow::Result<()> {
-    let mut s = UnixStream::connect(sock)
+pub fn call(sock: &Path, req: &Request, timeout: Duration) -> anyhow::Result<Reply> {
+    call_with_fds(sock, req, &[], timeout).map(|(_, reply)| reply)
+}
+
+/// Like [`call`], passing `fds` along; returns the connection (still open)
+/// and the reply, which is known to carry no error.
+pub fn call_with_fds(
+    sock: &Path,
+    req: &Request,
+    fds: &[RawFd],
+    timeout: Duration,
+) -> anyhow::Result<(UnixStream, Reply)> {
+    let s = UnixStream::connect(sock)
         .with_context(|| format!("cannot reach the container's monitor at {}", sock.display()))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
-    s.write_all(&line)?;
-    let mut answer = String::new();
-    BufReader::new(s.take(MAX_LINE))
-        .read_line(&mut answer)
-        .context("no answer from the container's monitor")?;
-    if answer.is_empty() {
-        bail!("the container's monitor hung up");
+    send_line(&s, &line, fds).context("cannot send to the container's monitor")?;
+    let answer = read_line(&s)
+        .context("no answer from the container's monitor")?
+        .context("the container's monitor hung up")?;
+    let reply: Reply = serde_json::from_slice(&answer).context("garbled monitor reply")?;
+    if let Some(e) = reply.error {
+        bail!("{e}");
     }
-    let reply: Reply = serde_json::from_str(&answer).context("garbled monitor reply")?;
-    match reply.error {
-        Some(e) => bail!("{e}"),
-        None => Ok(()),
+    s.set_read_timeout(None)?;
+    Ok((s, reply))
+}
+
+/// Writes `line`, with `fds` attached to its first byte.
+fn send_line(s: &UnixStream, line: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(fds)]
+    };
+    let n = sendmsg::<UnixAddr>(
+        s.as_raw_fd(),
+        &[IoSlice::new(line)],
+        &cmsgs,
+        MsgFlags::empty(),
+        None,
+    )?;
+    (&*s).write_all(&line[n..])
+}
+
+/// Reads up to a newline, byte by byte so nothing after it is consumed;
+/// `None` when the peer hung up first.
+pub fn read_line(s: &UnixStream) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match (&*s).read(&mut byte) {
+            Ok(0) if line.is_empty() => return Ok(None),
+            Ok(0) => bail!("the line was cut short"),
+            Ok(_) if byte[0] == b'\n' => return Ok(Some(line)),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+        if line.len() > MAX_LINE {
+            bail!("a control line longer than {MAX_LINE} bytes");
+        }
     }
 }
 
-/// Reads one request from a connection (the monitor side).
-pub fn read_request(s: &UnixStream) -> anyhow::Result<Request> {
+/// Reads one request and the fds that came with it (the monitor side).
+pub fn read_request(s: &UnixStream) -> anyhow::Result<(Request, Vec<OwnedFd>)> {
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut line = String::new();
-    BufReader::new(s.take(MAX_LINE)).read_line(&mut line)?;
-    serde_json::from_str(&line).context("malformed control request")
+    let mut first = [0u8; 1];
+    let mut fds = Vec::new();
+    let (bytes, truncated) = {
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let mut iov = [IoSliceMut::new(&mut first)];
+        let msg = recvmsg::<UnixAddr>(
+            s.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .context("reading a control request")?;
+        for c in msg.cmsgs().context("reading a control request's fds")? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: SCM_RIGHTS gave this process new descriptors that
+                // nothing else owns.
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        (msg.bytes, msg.flags.contains(MsgFlags::MSG_CTRUNC))
+    };
+    if bytes == 0 {
+        bail!("empty control request");
+    }
+    // The control buffer rounds up, so one more fd may fit in it.
+    if truncated || fds.len() > MAX_FDS {
+        bail!("more than {MAX_FDS} fds came with a control request");
+    }
+    let mut line = first.to_vec();
+    if first[0] != b'\n' {
+        line.extend(read_line(s)?.context("the control request was cut short")?);
+    }
+    let req = serde_json::from_slice(&line).context("malformed control request")?;
+    Ok((req, fds))
 }
 
-/// Writes the reply (the monitor side).
-pub fn write_reply(mut s: &UnixStream, reply: &Reply) -> anyhow::Result<()> {
-    let mut line = serde_json::to_vec(reply)?;
+/// Writes one JSON line (the monitor side: replies and exec exits).
+pub fn write_line<T: Serialize>(mut s: &UnixStream, value: &T) -> anyhow::Result<()> {
+    let mut line = serde_json::to_vec(value)?;
     line.push(b'\n');
     s.write_all(&line)?;
     Ok(())
@@ -74,6 +205,7 @@ pub fn write_reply(mut s: &UnixStream, reply: &Reply) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
     use std::os::unix::net::UnixListener;
 
     use super::*;
@@ -86,9 +218,14 @@ mod tests {
         let server = std::thread::spawn(move || {
             for want in [Request::Start, Request::Kill { signal: 9 }] {
                 let (c, _) = listener.accept().unwrap();
-                assert_eq!(read_request(&c).unwrap(), want);
-                let error = matches!(want, Request::Kill { .. }).then(|| "no such process".into());
-                write_reply(&c, &Reply { error }).unwrap();
+                let (req, fds) = read_request(&c).unwrap();
+                assert_eq!(req, want);
+                assert!(fds.is_empty());
+                let reply = match want {
+                    Request::Kill { .. } => Reply::error("no such process"),
+                    _ => Reply::default(),
+                };
+                write_line(&c, &reply).unwrap();
             }
         });
         call(&sock, &Request::Start, Duration::from_secs(5)).unwrap();
@@ -98,9 +235,97 @@ mod tests {
     }
 
     #[test]
+    fn an_exec_carries_its_stdio_and_keeps_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("c.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let process = ProcessSpec {
+            args: vec!["sh".into(), "-c".into(), "x".repeat(100_000)],
+            ..serde_json::from_str(r#"{"args":["x"]}"#).unwrap()
+        };
+        let want = Request::Exec {
+            process: Box::new(process),
+            console_socket: None,
+        };
+        let expected = want.clone();
+        let server = std::thread::spawn(move || {
+            let (c, _) = listener.accept().unwrap();
+            let (req, fds) = read_request(&c).unwrap();
+            assert_eq!(req, expected);
+            assert_eq!(fds.len(), 2);
+            let mut out = File::from(fds.into_iter().nth(1).unwrap());
+            out.write_all(b"through the passed fd").unwrap();
+            drop(out);
+            write_line(
+                &c,
+                &Reply {
+                    guest_pid: Some(42),
+                    ..Reply::default()
+                },
+            )
+            .unwrap();
+            let kill: Request = serde_json::from_slice(&read_line(&c).unwrap().unwrap()).unwrap();
+            assert_eq!(kill, Request::Kill { signal: 15 });
+            write_line(&c, &ExecExit { status: 143 }).unwrap();
+        });
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let devnull = File::open("/dev/null").unwrap();
+        let (conn, reply) = call_with_fds(
+            &sock,
+            &want,
+            &[devnull.as_raw_fd(), w.as_raw_fd()],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        drop(w);
+        assert_eq!(reply.guest_pid, Some(42));
+        let mut got = String::new();
+        File::from(r).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "through the passed fd");
+        write_line(&conn, &Request::Kill { signal: 15 }).unwrap();
+        let exit: ExecExit = serde_json::from_slice(&read_line(&conn).unwrap().unwrap()).unwrap();
+        assert_eq!(exit, ExecExit { status: 143 });
+        assert_eq!(read_line(&conn).unwrap(), None);
+        server.join().unwrap();
+    }
+
+    #[test]
     fn garbage_requests_are_refused() {
-        let (a, mut b) = UnixStream::pair().unwrap();
-        b.write_all(b"{\"cmd\":\"format_disk\"}\n").unwrap();
-        assert!(read_request(&a).is_err());
+        for bad in [
+            &b"{\"cmd\":\"format_disk\"}\n"[..],
+            b"\n",
+            b"{\"cmd\":\"start\"",
+        ] {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            b.write_all(bad).unwrap();
+            drop(b);
+            assert!(
+                read_request(&a).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn too_many_fds_are_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = File::open("/dev/null").unwrap();
+        let fds = [f.as_raw_fd(); MAX_FDS + 1];
+        send_line(&b, b"{\"cmd\":\"start\"}\n", &fds).unwrap();
+        let err = read_request(&a).unwrap_err();
+        assert!(format!("{err:#}").contains("fds"), "{err:#}");
+    }
+
+    #[test]
+    fn an_overlong_line_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            while (&b).write_all(&chunk).is_ok() {}
+        });
+        assert!(read_line(&a).is_err());
+        drop(a);
+        writer.join().unwrap();
     }
 }

@@ -34,7 +34,8 @@ pub struct Globals {
 }
 
 impl Globals {
-    fn monitor_command(&self, id: &str, console_socket: Option<&Path>) -> anyhow::Result<Command> {
+    /// This executable with the global flags, for an internal subcommand.
+    pub fn self_command(&self) -> anyhow::Result<Command> {
         let exe = std::env::current_exe().context("cannot find the runvm executable")?;
         let mut cmd = Command::new(exe);
         cmd.arg("--root").arg(&self.root);
@@ -45,6 +46,11 @@ impl Globals {
         if self.debug {
             cmd.arg("--debug");
         }
+        Ok(cmd)
+    }
+
+    fn monitor_command(&self, id: &str, console_socket: Option<&Path>) -> anyhow::Result<Command> {
+        let mut cmd = self.self_command()?;
         cmd.arg("monitor").arg(id);
         if let Some(s) = console_socket {
             cmd.arg("--console-socket").arg(s);
@@ -155,7 +161,8 @@ fn destroy(dir: ContainerDir, child: Option<Child>) {
     let _ = dir.remove();
 }
 
-fn write_pid_file(path: &Path, pid: u32) -> anyhow::Result<()> {
+/// Writes `pid` to `path` atomically (callers poll for it).
+pub fn write_pid_file(path: &Path, pid: u32) -> anyhow::Result<()> {
     let tmp = path.with_extension("runvm-tmp");
     std::fs::write(&tmp, pid.to_string())
         .and_then(|()| std::fs::rename(&tmp, path))
@@ -170,13 +177,56 @@ pub fn start(g: &Globals, id: &str) -> anyhow::Result<()> {
         Status::Created => {}
         Status::Stopped => bail!("cannot start a container that has stopped"),
         Status::Running => bail!("cannot start an already running container"),
+        Status::Paused => bail!("cannot start a paused container"),
         Status::Creating => bail!("cannot start a container that is still being created"),
     }
     control::call(
         &dir.file(state::CONTROL_SOCKET),
         &Request::Start,
         CONTROL_TIMEOUT,
-    )
+    )?;
+    Ok(())
+}
+
+/// `runvm pause`: stops the VM's vCPUs.
+pub fn pause(g: &Globals, id: &str) -> anyhow::Result<()> {
+    let dir = Root::new(&g.root).open(id)?;
+    match dir.load_live()?.status {
+        Status::Created | Status::Running => {}
+        Status::Paused => bail!("container {id} is already paused"),
+        s => bail!("container {id} is not running (state {s})"),
+    }
+    control::call(
+        &dir.file(state::CONTROL_SOCKET),
+        &Request::Pause,
+        CONTROL_TIMEOUT,
+    )?;
+    Ok(())
+}
+
+/// `runvm resume`.
+pub fn resume(g: &Globals, id: &str) -> anyhow::Result<()> {
+    let dir = Root::new(&g.root).open(id)?;
+    match dir.load_live()?.status {
+        Status::Paused => {}
+        s => bail!("container {id} is not paused (state {s})"),
+    }
+    control::call(
+        &dir.file(state::CONTROL_SOCKET),
+        &Request::Resume,
+        CONTROL_TIMEOUT,
+    )?;
+    Ok(())
+}
+
+/// Asks a live container's monitor for `req` (`ps`, `stats`).
+pub fn query(g: &Globals, id: &str, req: &Request) -> anyhow::Result<control::Reply> {
+    let dir = Root::new(&g.root).open(id)?;
+    match dir.load_live()?.status {
+        Status::Created | Status::Running => {}
+        s => bail!("container {id} is not running (state {s})"),
+    }
+    control::call(&dir.file(state::CONTROL_SOCKET), req, CONTROL_TIMEOUT)
 }
 
 /// `runvm kill`.
@@ -185,7 +235,7 @@ pub fn kill_container(g: &Globals, id: &str, signal: &str, all: bool) -> anyhow:
     let dir = Root::new(&g.root).open(id)?;
     let r = dir.load_live()?;
     match r.status {
-        Status::Created | Status::Running => {}
+        Status::Created | Status::Running | Status::Paused => {}
         // runc accepts `kill --all` of a stopped container as a no-op.
         Status::Stopped if all => return Ok(()),
         s => bail!("container {id} is not running (state {s})"),
@@ -194,7 +244,8 @@ pub fn kill_container(g: &Globals, id: &str, signal: &str, all: bool) -> anyhow:
         &dir.file(state::CONTROL_SOCKET),
         &Request::Kill { signal },
         CONTROL_TIMEOUT,
-    )
+    )?;
+    Ok(())
 }
 
 /// `runvm delete`.
@@ -209,7 +260,7 @@ pub fn delete(g: &Globals, id: &str, force: bool) -> anyhow::Result<()> {
     let r = dir.load_live()?;
     match r.status {
         Status::Stopped => {}
-        Status::Running | Status::Creating if !force => {
+        Status::Running | Status::Creating | Status::Paused if !force => {
             bail!(
                 "cannot delete container {id} that is not stopped: {}",
                 r.status

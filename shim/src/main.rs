@@ -6,10 +6,13 @@ mod assets;
 mod bundle;
 mod console;
 mod control;
+mod exec;
 mod info;
 mod lifecycle;
 mod logger;
 mod monitor;
+mod relay;
+mod report;
 mod signals;
 mod state;
 
@@ -111,6 +114,45 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Run one more process in a running container.
+    Exec {
+        /// Container ID.
+        id: String,
+        #[command(flatten)]
+        opts: exec::ExecOpts,
+    },
+    /// List the processes of a container (guest PIDs).
+    Ps {
+        /// table or json (a JSON array of PIDs).
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        /// Container ID.
+        id: String,
+        /// ps options: not supported (the processes are in the guest).
+        #[arg(trailing_var_arg = true, hide = true)]
+        ps_args: Vec<String>,
+    },
+    /// Print a container's resource use as runc's events (JSON lines).
+    Events {
+        /// Print one stats record and exit.
+        #[arg(long)]
+        stats: bool,
+        /// Seconds between records.
+        #[arg(long, default_value = "5", value_parser = parse_seconds)]
+        interval: std::time::Duration,
+        /// Container ID.
+        id: String,
+    },
+    /// Pause a container: its VM's vCPUs stop.
+    Pause {
+        /// Container ID.
+        id: String,
+    },
+    /// Resume a paused container.
+    Resume {
+        /// Container ID.
+        id: String,
+    },
     /// List containers.
     List {
         /// table or json.
@@ -128,6 +170,9 @@ enum Cmd {
     },
     /// Print what this runtime supports (JSON).
     Features,
+    /// Internal: a detached exec's stand-in (started by exec --detach).
+    #[command(hide = true)]
+    ExecWait,
     /// Internal: the container's monitor process (started by create/run).
     #[command(hide = true)]
     Monitor {
@@ -178,6 +223,23 @@ impl CreateOpts {
     }
 }
 
+/// `5`, `1.5` or `500ms` (runc takes Go durations such as `5s`).
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("invalid interval {s:?}");
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms
+            .parse::<u64>()
+            .map(std::time::Duration::from_millis)
+            .map_err(|_| bad());
+    }
+    let secs = s.strip_suffix('s').unwrap_or(s);
+    secs.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(bad)
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let g = Globals {
         root: cli.root.clone(),
@@ -221,6 +283,25 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 keep,
             );
         }
+        Cmd::Exec { id, opts } => return exec::exec(&g, &id, &opts),
+        Cmd::ExecWait => return exec::waiter(),
+        Cmd::Pause { id } => lifecycle::pause(&g, &id)?,
+        Cmd::Ps {
+            format,
+            id,
+            ps_args,
+        } => {
+            if !ps_args.is_empty() {
+                anyhow::bail!("ps options are not supported: the processes live in the guest");
+            }
+            print!("{}", report::ps(&g, &id, &format)?);
+        }
+        Cmd::Events {
+            stats,
+            interval,
+            id,
+        } => report::events(&g, &id, stats, interval, std::io::stdout())?,
+        Cmd::Resume { id } => lifecycle::resume(&g, &id)?,
         Cmd::List { format, quiet } => print!("{}", info::list(&g.root, &format, quiet)?),
         Cmd::Spec { bundle } => info::spec(&bundle)?,
         Cmd::Features => print!("{}", info::features()?),
@@ -238,7 +319,7 @@ fn main() -> ExitCode {
         eprintln!("runvm: error: {e:#}");
         return ExitCode::FAILURE;
     }
-    let monitor = matches!(cli.command, Cmd::Monitor { .. });
+    let monitor = matches!(cli.command, Cmd::Monitor { .. } | Cmd::ExecWait);
     match dispatch(cli) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
         Err(e) => {
@@ -256,6 +337,24 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn intervals_parse_like_runcs() {
+        use std::time::Duration;
+        assert_eq!(super::parse_seconds("5").unwrap(), Duration::from_secs(5));
+        assert_eq!(super::parse_seconds("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(
+            super::parse_seconds("1.5").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            super::parse_seconds("250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        for bad in ["", "x", "-1", "5m", "inf"] {
+            assert!(super::parse_seconds(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn advertised_protocol_matches_the_protocol_crate() {
         let advertised = super::VERSION

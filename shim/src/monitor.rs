@@ -5,9 +5,10 @@
 //! its PID goes into `--pid-file` and they wait for it as a subreaper.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread;
@@ -16,13 +17,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use runvm_protocol::client::{connect_vsock, Notice};
 use runvm_protocol::mux::MuxClient;
-use runvm_protocol::{Event, Op, Outcome, StreamId, AGENT_VSOCK_PORT};
+use runvm_protocol::{Event, Op, Outcome, ProcessSpec, AGENT_VSOCK_PORT};
 use vmm::config::{FsConfig, VmConfig, VsockConfig};
+use vmm::pause::VmControl;
 use vmm::resources::VmResources;
 use vmm::vm::{self, RunOptions};
 
 use crate::bundle::{self, Plan};
 use crate::control::{self, Reply, Request};
+use crate::relay::{self, Routes, Sink};
 use crate::state::{self, ContainerDir, Record, Status};
 use crate::{assets, console, logger, signals};
 
@@ -34,12 +37,15 @@ const ROOTFS_TAG: &str = "rootfs";
 const GUEST_CID: u32 = 3;
 /// The status a container reports when its VM ended under it.
 const VM_LOST_STATUS: i32 = 128 + libc::SIGKILL;
+/// How long the vCPUs may take to stop for a pause.
+const PAUSE_LIMIT: Duration = Duration::from_secs(10);
 /// How long an ending guest gets to sync and reset.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// What the monitor's main loop reacts to.
 enum Input {
     Control(Request, Sender<Reply>),
+    Exec(Box<ExecRequest>),
     Signal(i32),
     Exited(i32),
     AgentGone(String),
@@ -67,6 +73,14 @@ fn fail(dir: &ContainerDir, e: &anyhow::Error) -> i32 {
     1
 }
 
+/// `runvm exec`'s request, with its connection and stdio.
+struct ExecRequest {
+    process: ProcessSpec,
+    console_socket: Option<PathBuf>,
+    fds: Vec<OwnedFd>,
+    conn: UnixStream,
+}
+
 struct Monitor {
     dir: ContainerDir,
     record: Record,
@@ -74,6 +88,13 @@ struct Monitor {
     tx: Sender<Input>,
     /// The host pty's slave side in terminal mode.
     tty: Option<File>,
+    routes: Routes,
+    /// The agent handle the next exec gets.
+    next_handle: u32,
+    /// Pauses the vCPUs.
+    vm: VmControl,
+    /// While paused: the status to return to, and signals to deliver then.
+    paused: Option<(Status, Vec<i32>)>,
 }
 
 impl Monitor {
@@ -93,7 +114,8 @@ impl Monitor {
             logger::warn(&format!("mount {m} is not set up in the guest yet"));
         }
         let (tx, inputs) = mpsc::channel();
-        start_vm(dir, &plan, tx.clone())?;
+        let vm = VmControl::new();
+        start_vm(dir, &plan, tx.clone(), vm.clone())?;
         let conn = connect_agent(dir, &plan, &inputs)?;
         let reader = conn
             .try_clone()
@@ -107,6 +129,7 @@ impl Monitor {
         })? {
             Outcome::Ok { .. } => {}
             Outcome::Error { message } => bail!("the guest agent refused the process: {message}"),
+            other => bail!("unexpected answer from the guest agent: {other:?}"),
         }
         let tty = match (plan.process.terminal, console_socket) {
             (true, Some(sock)) => Some(console::hand_over(sock)?),
@@ -117,7 +140,9 @@ impl Monitor {
             Some(t) => (Box::new(t.try_clone()?), Box::new(t.try_clone()?)),
             None => (Box::new(std::io::stdout()), Box::new(std::io::stderr())),
         };
-        relay_output(notices, tx.clone(), out, err)?;
+        let routes = Routes::default();
+        routes.add(INIT, Sink::new(out, err));
+        relay_output(notices, tx.clone(), routes.clone())?;
         listen_control(dir, tx.clone())?;
         record.status = Status::Created;
         dir.save(&record)?;
@@ -129,6 +154,10 @@ impl Monitor {
                 agent,
                 tx,
                 tty,
+                routes,
+                next_handle: INIT + 1,
+                vm,
+                paused: None,
             },
             inputs,
         ))
@@ -154,14 +183,17 @@ impl Monitor {
         while let Ok(input) = inputs.recv() {
             match input {
                 Input::Control(req, reply) => {
-                    let r = self.control(&req);
-                    let _ = reply.send(Reply {
-                        error: r.as_ref().err().map(|e| format!("{e:#}")),
-                    });
+                    let mut answer = Reply::default();
+                    let r = self.control(&req, &mut answer);
+                    if let Err(e) = &r {
+                        answer = Reply::error(format!("{e:#}"));
+                    }
+                    let _ = reply.send(answer);
                     if let Ok(Some(status)) = r {
                         return self.finish(status, Some(&inputs));
                     }
                 }
+                Input::Exec(req) => self.exec(*req),
                 Input::Signal(sig) => {
                     if let Ok(Some(status)) = self.kill(sig) {
                         return self.finish(status, Some(&inputs));
@@ -181,8 +213,9 @@ impl Monitor {
         self.finish(VM_LOST_STATUS, None)
     }
 
-    /// Handles a command; `Ok(Some(status))` when the container is over.
-    fn control(&mut self, req: &Request) -> anyhow::Result<Option<i32>> {
+    /// Handles a command, filling in `reply`; `Ok(Some(status))` when the
+    /// container is over.
+    fn control(&mut self, req: &Request, reply: &mut Reply) -> anyhow::Result<Option<i32>> {
         match req {
             Request::Start => {
                 match self.record.status {
@@ -195,6 +228,7 @@ impl Monitor {
                     Outcome::Error { message } => {
                         bail!("the guest agent could not start the process: {message}")
                     }
+                    other => bail!("unexpected answer from the guest agent: {other:?}"),
                 };
                 self.record.status = Status::Running;
                 self.dir.save(&self.record)?;
@@ -202,21 +236,171 @@ impl Monitor {
                     "container {} started (guest pid {pid:?})",
                     self.record.id
                 ));
-                let input: Box<dyn Read + Send> = match &self.tty {
+                let sink = self.routes.get(INIT).context("the process already ended")?;
+                let input = match &self.tty {
                     Some(t) => {
-                        watch_size(t.try_clone()?, Arc::clone(&self.agent))?;
-                        Box::new(t.try_clone()?)
+                        let size = t.try_clone()?;
+                        relay::watch_size(size, Arc::clone(&self.agent), INIT, Arc::clone(&sink))?;
+                        t.try_clone()?
                     }
-                    None => Box::new(std::io::stdin()),
+                    None => File::from(std::io::stdin().as_fd().try_clone_to_owned()?),
                 };
-                relay_stdin(Arc::clone(&self.agent), input)?;
+                relay::stdin(Arc::clone(&self.agent), INIT, input, sink)?;
                 Ok(None)
             }
             Request::Kill { signal } => self.kill(*signal),
+            Request::Pause => {
+                match self.record.status {
+                    Status::Created | Status::Running => {}
+                    Status::Paused => bail!("container {} is already paused", self.record.id),
+                    s => bail!("cannot pause container {} in state {s}", self.record.id),
+                }
+                self.vm.pause(PAUSE_LIMIT)?;
+                self.paused = Some((self.record.status, Vec::new()));
+                self.set_status(Status::Paused)?;
+                Ok(None)
+            }
+            Request::Resume => {
+                let Some((before, signals)) = self.paused.take() else {
+                    bail!("container {} is not paused", self.record.id);
+                };
+                self.vm.resume();
+                self.set_status(before)?;
+                for signal in signals {
+                    if let Some(status) = self.kill(signal)? {
+                        return Ok(Some(status));
+                    }
+                }
+                Ok(None)
+            }
+            Request::Exec { .. } => bail!("exec requests come with their stdio"),
+            Request::Ps | Request::Stats => {
+                if self.paused.is_some() {
+                    bail!("container {} is paused", self.record.id);
+                }
+                let op = match req {
+                    Request::Ps => Op::ListProcesses,
+                    _ => Op::Stats,
+                };
+                match self.agent.call(op)? {
+                    Outcome::Processes { processes } => reply.processes = Some(processes),
+                    Outcome::Stats { stats } => reply.stats = Some(stats),
+                    Outcome::Error { message } => bail!("the guest agent: {message}"),
+                    Outcome::Ok { .. } => bail!("the guest agent answered with nothing"),
+                }
+                Ok(None)
+            }
         }
     }
 
+    fn set_status(&mut self, status: Status) -> anyhow::Result<()> {
+        self.record.status = status;
+        self.dir.save(&self.record)
+    }
+
+    /// Runs `req`'s process next to the container's; its exit status goes
+    /// back on `req.conn` once its output is out.
+    fn exec(&mut self, req: ExecRequest) {
+        let ExecRequest {
+            process,
+            console_socket,
+            fds,
+            conn,
+        } = req;
+        // A handle is never reused, not even one whose start failed.
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        match self.start_exec(handle, process, console_socket.as_deref(), fds, &conn) {
+            Ok((pid, sink, input)) => {
+                let reply = Reply {
+                    guest_pid: pid,
+                    ..Reply::default()
+                };
+                if let Err(e) = control::write_line(&conn, &reply) {
+                    logger::warn(&format!("exec caller went away: {e:#}"));
+                }
+                let started =
+                    relay::stdin(Arc::clone(&self.agent), handle, input, Arc::clone(&sink))
+                        .and_then(|()| {
+                            forward_exec_signals(&conn, Arc::clone(&self.agent), handle)
+                        });
+                if let Err(e) = started {
+                    logger::warn(&format!("exec {handle}: {e:#}"));
+                }
+                sink.attach(conn);
+                logger::debug(&format!("exec {handle} started (guest pid {pid:?})"));
+            }
+            Err(e) => {
+                self.routes.remove(handle);
+                let _ = control::write_line(&conn, &Reply::error(format!("{e:#}")));
+            }
+        }
+    }
+
+    /// Prepares the host side of exec `handle` and starts it in the guest;
+    /// returns its guest PID, sink and stdin.
+    fn start_exec(
+        &mut self,
+        handle: u32,
+        process: ProcessSpec,
+        console_socket: Option<&Path>,
+        fds: Vec<OwnedFd>,
+        conn: &UnixStream,
+    ) -> anyhow::Result<(Option<i32>, Arc<Sink>, File)> {
+        match self.record.status {
+            Status::Created | Status::Running => {}
+            s => bail!("cannot exec in container {} in state {s}", self.record.id),
+        }
+        let terminal = process.terminal;
+        let (sink, input, tty) = if terminal {
+            // Without a console socket the caller takes the terminal on
+            // its own connection (a foreground `runvm exec -t`).
+            let tty = match console_socket {
+                Some(sock) => console::hand_over(sock)?,
+                None => console::hand_over_on(conn)?,
+            };
+            let sink = Sink::new(Box::new(tty.try_clone()?), Box::new(tty.try_clone()?));
+            (sink, tty.try_clone()?, Some(tty))
+        } else {
+            let [stdin, stdout, stderr]: [OwnedFd; 3] =
+                fds.try_into().map_err(|f: Vec<OwnedFd>| {
+                    anyhow::anyhow!("exec needs 3 stdio fds, got {}", f.len())
+                })?;
+            let sink = Sink::new(Box::new(File::from(stdout)), Box::new(File::from(stderr)));
+            (sink, File::from(stdin), None)
+        };
+        self.routes.add(handle, Arc::clone(&sink));
+        match self.agent.call(Op::Create {
+            handle,
+            process: Box::new(process),
+        })? {
+            Outcome::Ok { .. } => {}
+            Outcome::Error { message } => bail!("the guest agent refused the process: {message}"),
+            other => bail!("unexpected answer from the guest agent: {other:?}"),
+        }
+        let pid = match self.agent.call(Op::Start { handle })? {
+            Outcome::Ok { pid } => pid,
+            Outcome::Error { message } => {
+                bail!("the guest agent could not start the process: {message}")
+            }
+            other => bail!("unexpected answer from the guest agent: {other:?}"),
+        };
+        if let Some(t) = tty {
+            relay::watch_size(t, Arc::clone(&self.agent), handle, Arc::clone(&sink))?;
+        }
+        Ok((pid, sink, input))
+    }
+
     fn kill(&mut self, signal: i32) -> anyhow::Result<Option<i32>> {
+        if let Some((_, pending)) = &mut self.paused {
+            // A frozen guest cannot take a signal: SIGKILL ends the VM as
+            // it stands, others wait for the resume (as under a freezer).
+            if signal == libc::SIGKILL {
+                return Ok(Some(128 + signal));
+            }
+            pending.push(signal);
+            return Ok(None);
+        }
         match self.record.status {
             Status::Running => match self.agent.call(Op::Signal {
                 handle: INIT,
@@ -224,6 +408,7 @@ impl Monitor {
             })? {
                 Outcome::Ok { .. } => Ok(None),
                 Outcome::Error { message } => bail!("{message}"),
+                other => bail!("unexpected answer from the guest agent: {other:?}"),
             },
             // Nothing runs yet: a signal that would end a process ends the
             // container; others are ignored, as an idle process would.
@@ -231,13 +416,17 @@ impl Monitor {
                 let harmless = [libc::SIGCHLD, libc::SIGWINCH, libc::SIGURG, libc::SIGCONT];
                 Ok((!harmless.contains(&signal)).then_some(128 + signal))
             }
-            Status::Stopped => bail!("container {} is not running", self.record.id),
+            Status::Stopped | Status::Paused => {
+                bail!("container {} is not running", self.record.id)
+            }
         }
     }
 
     /// Lets the guest sync and reset (waiting on `inputs` for the VM to end,
     /// unless it has already), records the status and returns it.
     fn finish(mut self, status: i32, inputs: Option<&Receiver<Input>>) -> i32 {
+        // A paused guest cannot sync; it ends as it stands.
+        let inputs = inputs.filter(|_| self.paused.is_none());
         if let Some(inputs) = inputs {
             let agent = Arc::clone(&self.agent);
             // The agent may be gone or wedged; the VM ending is what counts.
@@ -273,7 +462,12 @@ fn wait_vm_end(inputs: &Receiver<Input>, limit: Duration) -> bool {
     }
 }
 
-fn start_vm(dir: &ContainerDir, plan: &Plan, tx: Sender<Input>) -> anyhow::Result<()> {
+fn start_vm(
+    dir: &ContainerDir,
+    plan: &Plan,
+    tx: Sender<Input>,
+    control: VmControl,
+) -> anyhow::Result<()> {
     let kernel = assets::kernel(plan.kernel.as_deref())?;
     let initramfs = dir.file(state::INITRAMFS);
     assets::write_initramfs(&assets::agent()?, &initramfs)?;
@@ -317,6 +511,7 @@ fn start_vm(dir: &ContainerDir, plan: &Plan, tx: Sender<Input>) -> anyhow::Resul
                 timeout: None,
                 on_started: None,
                 on_timeout: None,
+                control: Some(control),
             };
             let why = match vm::run(&kvm, &resources, opts) {
                 Ok(reason) => reason.to_string(),
@@ -367,42 +562,33 @@ fn console_tail(dir: &ContainerDir) -> String {
     }
 }
 
-/// Writes the container's output to this process's stdout and stderr and
-/// reports its exit. It never blocks on anything but those writes, so calls
-/// made meanwhile get their answers.
+/// Writes each process's output where its sink says and reports exits.
+/// It never blocks on anything but those writes, so calls made meanwhile
+/// get their answers. (One thread for all: a caller that stops reading an
+/// exec's output holds up the others too.)
 fn relay_output(
     notices: Receiver<Notice>,
     tx: Sender<Input>,
-    mut out: Box<dyn Write + Send>,
-    mut err: Box<dyn Write + Send>,
+    routes: Routes,
 ) -> anyhow::Result<()> {
     thread::Builder::new()
         .name("output".into())
         .spawn(move || {
-            // A reader that went away (EPIPE) loses the rest of the output;
-            // it is still drained so the agent connection keeps moving.
-            let mut out_ok = true;
-            let mut err_ok = true;
             for n in notices.iter() {
                 match n {
-                    Notice::Output(chunk) if chunk.handle == INIT => {
-                        let (ok, w) = match chunk.stream {
-                            StreamId::Stderr => (&mut err_ok, &mut err),
-                            _ => (&mut out_ok, &mut out),
-                        };
-                        if !*ok {
-                            continue;
-                        }
-                        let res = w.write_all(&chunk.data).and_then(|()| w.flush());
-                        if *ok && res.is_err() {
-                            *ok = false;
+                    Notice::Output(chunk) => {
+                        if let Some(sink) = routes.get(chunk.handle) {
+                            sink.write(chunk.stream, &chunk.data);
                         }
                     }
-                    Notice::Output(_) => {}
-                    Notice::Event(Event::Exited { handle, status }) if handle == INIT => {
-                        let _ = tx.send(Input::Exited(status));
+                    Notice::Event(Event::Exited { handle, status }) => {
+                        if let Some(sink) = routes.remove(handle) {
+                            sink.exited(status);
+                        }
+                        if handle == INIT {
+                            let _ = tx.send(Input::Exited(status));
+                        }
                     }
-                    Notice::Event(_) => {}
                 }
             }
             let _ = tx.send(Input::AgentGone("the agent connection closed".into()));
@@ -411,61 +597,28 @@ fn relay_output(
     Ok(())
 }
 
-/// Copies this process's stdin to the container's; its end is the
-/// container's EOF.
-fn relay_stdin(
+/// Passes the signals an exec's caller sends on its connection to the
+/// process; ends when the caller hangs up.
+fn forward_exec_signals(
+    conn: &UnixStream,
     agent: Arc<MuxClient<UnixStream>>,
-    mut stdin: Box<dyn Read + Send>,
+    handle: u32,
 ) -> anyhow::Result<()> {
+    let conn = conn.try_clone()?;
     thread::Builder::new()
-        .name("stdin".into())
+        .name(format!("exec-{handle}"))
         .spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => 0,
-                };
-                if agent.send_stdin(INIT, &buf[..n]).is_err() || n == 0 {
-                    return;
+            while let Ok(Some(line)) = control::read_line(&conn) {
+                if let Ok(Request::Kill { signal }) = serde_json::from_slice(&line) {
+                    let _ = agent.call(Op::Signal { handle, signal });
                 }
             }
         })
-        .context("starting the stdin relay")?;
+        .context("starting an exec's signal relay")?;
     Ok(())
 }
 
-/// How often the terminal's size is compared with what the guest has.
-const RESIZE_POLL: Duration = Duration::from_millis(200);
-
-/// Passes size changes of the host terminal on to the guest's. The caller
-/// resizes the master it holds; the slave side sees the new size but no
-/// SIGWINCH (the monitor is not its session leader), hence the polling.
-fn watch_size(tty: File, agent: Arc<MuxClient<UnixStream>>) -> anyhow::Result<()> {
-    thread::Builder::new()
-        .name("tty-size".into())
-        .spawn(move || {
-            let mut last = None;
-            while agent.ended().is_none() {
-                let now = console::size(&tty);
-                if let Some(size) = now.filter(|_| now != last) {
-                    if agent
-                        .call(Op::ResizeTerminal { handle: INIT, size })
-                        .is_err()
-                    {
-                        return;
-                    }
-                    last = now;
-                }
-                thread::sleep(RESIZE_POLL);
-            }
-        })
-        .context("starting the terminal size watcher")?;
-    Ok(())
-}
-
-/// Accepts `runvm start` / `kill` on the control socket.
+/// Accepts `runvm start` / `kill` / `exec` on the control socket.
 fn listen_control(dir: &ContainerDir, tx: Sender<Input>) -> anyhow::Result<()> {
     let path = dir.file(state::CONTROL_SOCKET);
     let listener = UnixListener::bind(&path)
@@ -475,17 +628,30 @@ fn listen_control(dir: &ContainerDir, tx: Sender<Input>) -> anyhow::Result<()> {
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let req = match control::read_request(&conn) {
+                let (req, fds) = match control::read_request(&conn) {
                     Ok(r) => r,
                     Err(e) => {
-                        let _ = control::write_reply(
-                            &conn,
-                            &Reply {
-                                error: Some(format!("{e:#}")),
-                            },
-                        );
+                        let _ = control::write_line(&conn, &Reply::error(format!("{e:#}")));
                         continue;
                     }
+                };
+                let req = match req {
+                    Request::Exec {
+                        process,
+                        console_socket,
+                    } => {
+                        let exec = ExecRequest {
+                            process: *process,
+                            console_socket,
+                            fds,
+                            conn,
+                        };
+                        if tx.send(Input::Exec(Box::new(exec))).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    other => other,
                 };
                 let (reply_tx, reply_rx) = mpsc::channel();
                 if tx.send(Input::Control(req, reply_tx)).is_err() {
@@ -493,10 +659,10 @@ fn listen_control(dir: &ContainerDir, tx: Sender<Input>) -> anyhow::Result<()> {
                 }
                 // The loop answers every request it takes; one that ended
                 // the container meanwhile drops the sender.
-                let reply = reply_rx.recv().unwrap_or_else(|_| Reply {
-                    error: Some("the container has stopped".into()),
-                });
-                let _ = control::write_reply(&conn, &reply);
+                let reply = reply_rx
+                    .recv()
+                    .unwrap_or_else(|_| Reply::error("the container has stopped"));
+                let _ = control::write_line(&conn, &reply);
             }
         })
         .context("starting the control listener")?;

@@ -22,6 +22,8 @@ pub enum Status {
     Created,
     /// The process runs.
     Running,
+    /// The VM's vCPUs are stopped (`runvm pause`).
+    Paused,
     /// The process (or its VM) ended.
     Stopped,
 }
@@ -32,6 +34,7 @@ impl std::fmt::Display for Status {
             Status::Creating => "creating",
             Status::Created => "created",
             Status::Running => "running",
+            Status::Paused => "paused",
             Status::Stopped => "stopped",
         })
     }

@@ -222,9 +222,21 @@ fn commands_on_unknown_containers_fail() {
         &["kill", "ghost"],
         &["kill", "ghost", "KILL"],
         &["delete", "ghost"],
+        &["exec", "ghost", "true"],
+        &["ps", "ghost"],
+        &["events", "--stats", "ghost"],
+        &["pause", "ghost"],
+        &["resume", "ghost"],
     ] {
         s.fail(cmd, &[], "container \"ghost\" does not exist");
     }
+    s.fail(
+        &["exec", "--preserve-fds", "1", "ghost", "true"],
+        &[],
+        "--preserve-fds",
+    );
+    s.fail(&["events", "--interval", "0", "ghost"], &[], "--interval");
+    s.fail(&["ps", "ghost", "aux"], &[], "ps options");
     s.fail(&["kill", "ghost", "SIGNOPE"], &[], "invalid signal");
     // As runc: forcing the delete of a container that is gone succeeds.
     let out = s.runvm(&["delete", "--force", "ghost"]);
@@ -277,9 +289,28 @@ fn a_container_whose_monitor_died_is_stopped_and_can_be_deleted() {
     let out = s.runvm(&["start", "c1"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("stopped"), "{}", stderr(&out));
-    let out = s.runvm(&["kill", "c1", "TERM"]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("not running"), "{}", stderr(&out));
+    for cmd in [
+        &["kill", "c1", "TERM"][..],
+        &["pause", "c1"],
+        &["ps", "c1"],
+        &["events", "--stats", "c1"],
+    ] {
+        let out = s.runvm(cmd);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("not running"),
+            "{cmd:?}: {}",
+            stderr(&out)
+        );
+    }
+    for (cmd, want) in [
+        (&["resume", "c1"][..], "not paused"),
+        (&["exec", "c1", "true"], "stopped"),
+    ] {
+        let out = s.runvm(cmd);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(want), "{cmd:?}: {}", stderr(&out));
+    }
 
     let out = s.runvm(&["delete", "c1"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -97,6 +97,26 @@ impl Runtime {
         assert!(status.success(), "runvm {args:?}: {err}");
     }
 
+    /// `runvm exec --detach` of `sh -c script` with output to `stdout`;
+    /// returns the PID of the exec's stand-in.
+    fn exec_detached(&self, id: &str, script: &str, stdout: &Path) -> i32 {
+        let pid_file = self.path("exec.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let pid_arg = pid_file.to_str().unwrap();
+        let args = [
+            "exec",
+            "--detach",
+            "--pid-file",
+            pid_arg,
+            id,
+            "sh",
+            "-c",
+            script,
+        ];
+        self.detached(&args, Stdio::null(), stdout);
+        std::fs::read_to_string(&pid_file).unwrap().parse().unwrap()
+    }
+
     fn state(&self, id: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["state", id])).unwrap()
     }
@@ -395,6 +415,163 @@ kvm_test!(
         assert!(out.contains("echo sum:$((6*7))"), "{out:?}");
         assert_eq!(std::fs::read_to_string(rt.path("stdout")).unwrap(), "");
         rt.ok(&["delete", "tty1"]);
+        rt.assert_clean();
+    }
+);
+
+kvm_test!(
+    fn exec_pause_and_resume_work_on_a_running_container() {
+        become_subreaper();
+        let rt = Runtime::new();
+        let b = rt.bundle();
+        rt.configure("echo init > /tmp/init-was-here; while :; do sleep 1; done");
+        let pid_file = rt.path("init.pid");
+        rt.detached(
+            &[
+                "run",
+                "--detach",
+                "x1",
+                "--bundle",
+                b.to_str().unwrap(),
+                "--pid-file",
+                pid_file.to_str().unwrap(),
+            ],
+            Stdio::null(),
+            &rt.path("stdout"),
+        );
+        let init: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+
+        // Foreground: output, separate stderr, the exit status, the
+        // container's env, cwd and hostname, and its files.
+        let out = rt
+            .cmd(&[
+                "exec",
+                "x1",
+                "sh",
+                "-c",
+                "while [ ! -e /tmp/init-was-here ]; do sleep 1; done; \
+                 echo out:$GREETING:$(pwd):$(hostname):$(cat /tmp/init-was-here); \
+                 echo err >&2; exit 4",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "out:hello:/tmp:rtbox:init\n");
+        assert_eq!(text(&out.stderr), "err\n");
+
+        // Flags over the container's process.
+        let out = rt.ok(&[
+            "exec",
+            "--env",
+            "GREETING=bye",
+            "--cwd",
+            "/",
+            "--user",
+            "1000:1001",
+            "x1",
+            "sh",
+            "-c",
+            "echo $GREETING $(pwd) $(id -u):$(id -g)",
+        ]);
+        assert_eq!(out, "bye / 1000:1001\n");
+
+        // stdin reaches the process, and its end is EOF.
+        let mut child = rt
+            .cmd(&["exec", "x1", "cat"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(b"piped through\n").unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "piped through\n");
+
+        // A terminal without a console socket: this command relays it.
+        let out = rt
+            .cmd(&["exec", "-t", "x1", "sh", "-c", "tty; exit 6"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("/dev/pts/"),
+            "{}",
+            text(&out.stdout)
+        );
+
+        // Detached: the waiter's PID stands for the process; a signal to it
+        // reaches the process, and it exits with the process's status.
+        let waiter = rt.exec_detached(
+            "x1",
+            "trap 'echo got-term; exit 9' TERM; echo waiting; while :; do sleep 1; done",
+            &rt.path("exec-stdout"),
+        );
+        wait_for(&rt.path("exec-stdout"), "waiting", Duration::from_secs(120));
+        // SAFETY: kill takes plain integers.
+        assert_eq!(unsafe { libc::kill(waiter, libc::SIGTERM) }, 0);
+        assert_eq!(wait_pid(waiter, Duration::from_secs(120)), 9);
+        assert_eq!(
+            std::fs::read_to_string(rt.path("exec-stdout")).unwrap(),
+            "waiting\ngot-term\n"
+        );
+
+        // Bad input: a command that does not exist, no command at all.
+        rt.fails(&["exec", "x1", "/no/such/program"], "could not start");
+        rt.fails(&["exec", "x1"], "needs a command");
+        rt.fails(&["exec", "nope", "true"], "does not exist");
+        assert_eq!(rt.state("x1")["status"], "running");
+
+        let ticks = rt.path("ticks");
+        let ticker = rt.exec_detached("x1", "while :; do echo tick; sleep 0.2; done", &ticks);
+        wait_for(&ticks, "tick", Duration::from_secs(120));
+        // ps lists the container's processes (guest PIDs), the ticker's
+        // among them; events --stats gives one runc-style stats record.
+        let pids: Vec<i32> =
+            serde_json::from_str(&rt.ok(&["ps", "--format", "json", "x1"])).unwrap();
+        assert!(pids.len() >= 2, "{pids:?}");
+        let table = rt.ok(&["ps", "x1"]);
+        assert!(table.starts_with("UID"), "{table}");
+        assert!(table.contains("echo tick"), "{table}");
+        assert!(
+            !table.contains("runvm-agent"),
+            "the agent is no container process: {table}"
+        );
+        let stats: serde_json::Value =
+            serde_json::from_str(rt.ok(&["events", "--stats", "x1"]).trim()).unwrap();
+        assert_eq!(stats["type"], "stats");
+        assert_eq!(stats["id"], "x1");
+        assert!(stats["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0);
+        assert!(stats["data"]["memory"]["usage"]["limit"].as_u64().unwrap() > 0);
+        assert!(stats["data"]["pids"]["current"].as_u64().unwrap() >= 2);
+        assert!(stats["data"]["cpu"]["usage"]["total"].as_u64().unwrap() > 0);
+
+        // Pause stops the guest: a ticking process writes nothing until the
+        // resume. A paused container takes no exec, and SIGKILL ends it.
+        rt.ok(&["pause", "x1"]);
+        assert_eq!(rt.state("x1")["status"], "paused");
+        rt.fails(&["pause", "x1"], "already paused");
+        rt.fails(&["exec", "x1", "true"], "paused");
+        let frozen = std::fs::read_to_string(&ticks).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(std::fs::read_to_string(&ticks).unwrap(), frozen);
+        rt.ok(&["resume", "x1"]);
+        rt.fails(&["resume", "x1"], "not paused");
+        assert_eq!(rt.state("x1")["status"], "running");
+        wait_for(&ticks, &format!("{frozen}tick"), Duration::from_secs(120));
+        rt.ok(&["pause", "x1"]);
+        rt.ok(&["kill", "x1", "KILL"]);
+        assert_eq!(wait_pid(init, Duration::from_secs(120)), 137);
+        // The exec's stand-in goes with its container.
+        assert_eq!(wait_pid(ticker, Duration::from_secs(60)), 137);
+        rt.fails(&["exec", "x1", "true"], "stopped");
+        rt.ok(&["delete", "x1"]);
         rt.assert_clean();
     }
 );

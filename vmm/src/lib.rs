@@ -15,5 +15,6 @@ pub mod initramfs;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod pause;
 pub mod resources;
 pub mod vm;

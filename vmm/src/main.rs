@@ -131,6 +131,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 eprintln!("runvm-vmm: at timeout, {d}");
             }
         })),
+        control: None,
     };
     let reason = vm::run(&kvm, &resources, opts)?;
     eprintln!("runvm-vmm: {reason}");

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::{self, JoinHandle};
@@ -35,6 +36,7 @@ use crate::event_loop::{ConsoleInput, ExitWatcher};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, MemoryError};
 use crate::mptable::{self, MptableError};
+use crate::pause::VmControl;
 use crate::resources::{HostLimits, VmResources};
 
 /// Where KVM keeps its TSS and identity map on Intel: three pages just below
@@ -42,7 +44,7 @@ use crate::resources::{HostLimits, VmResources};
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 /// vCPU threads are kicked out of KVM_RUN with this real-time signal.
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -90,6 +92,8 @@ pub struct RunOptions {
     /// Called when the timeout ends the VM, with one line per virtio device
     /// on how far its queues got (the post-mortem of a stuck guest).
     pub on_timeout: Option<TimeoutHook>,
+    /// Pauses and resumes the vCPUs while the VM runs.
+    pub control: Option<VmControl>,
 }
 
 /// See [`RunOptions::on_timeout`].
@@ -207,14 +211,20 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     }
 
     install_kick_handler()?;
+    let control = opts.control.unwrap_or_default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
-        let (t_bus, t_mmio, t_exit, t_stop) =
-            (bus.clone(), mmio.clone(), exit.clone(), stop.clone());
+        let (t_bus, t_mmio, t_exit, t_stop, t_ctl) = (
+            bus.clone(),
+            mmio.clone(),
+            exit.clone(),
+            stop.clone(),
+            control.clone(),
+        );
         let spawned = thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu_loop(vcpu, &t_bus, &t_mmio, &t_exit, &t_stop));
+            .spawn(move || vcpu_loop(vcpu, &t_bus, &t_mmio, &t_exit, &t_stop, &t_ctl));
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
@@ -226,6 +236,7 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
             }
         }
     }
+    control.started(threads.iter().map(|t| t.as_pthread_t()).collect());
     times.mark("vcpus", &mut since);
     if let Some(report) = opts.on_started {
         report(&times);
@@ -237,6 +248,8 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
         opts.timeout,
         &mmio.interrupts(),
     );
+    // Before the threads are joined: a pause must not kick a stale thread.
+    control.stopped();
     stop_vcpus(&stop, threads);
     let signalled = ended?;
     // The VM, then guest RAM, go only after the vCPU threads have stopped.
@@ -332,11 +345,19 @@ fn vcpu_state(vcpu: &VcpuFd) -> String {
     }
 }
 
-fn vcpu_loop(mut vcpu: VcpuFd, bus: &PioBus, mmio: &MmioBus, exit: &ExitSignal, stop: &AtomicBool) {
+fn vcpu_loop(
+    mut vcpu: VcpuFd,
+    bus: &PioBus,
+    mmio: &MmioBus,
+    exit: &ExitSignal,
+    stop: &AtomicBool,
+    control: &VmControl,
+) {
     let fail = |why: String| {
         let _ = exit.signal(ExitReason::VcpuFailed(why));
     };
     while !stop.load(Ordering::Acquire) {
+        control.park_if_paused();
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
@@ -375,7 +396,7 @@ fn vcpu_loop(mut vcpu: VcpuFd, bus: &PioBus, mmio: &MmioBus, exit: &ExitSignal, 
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-fn install_kick_handler() -> Result<(), VmError> {
+pub(crate) fn install_kick_handler() -> Result<(), VmError> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {

@@ -1,0 +1,152 @@
+//! `ps` and `events`: what runs in a container and what it uses, as the
+//! guest agent sees it. PIDs are the guest's (the processes live there).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use runvm_protocol::{GuestProcess, GuestStats};
+use serde_json::json;
+
+use crate::control::Request;
+use crate::lifecycle::{self, Globals};
+use crate::state::{Root, Status};
+
+/// `runvm ps ID`: a table, or (`json`) the PIDs as a JSON array as runc
+/// prints them.
+pub fn ps(g: &Globals, id: &str, format: &str) -> anyhow::Result<String> {
+    let reply = lifecycle::query(g, id, &Request::Ps)?;
+    let procs = reply
+        .processes
+        .context("the monitor sent no process list")?;
+    match format {
+        "json" => Ok(format!(
+            "{}\n",
+            serde_json::to_string(&procs.iter().map(|p| p.pid).collect::<Vec<_>>())?
+        )),
+        "table" => Ok(table(&procs)),
+        other => bail!("invalid format {other:?}: table or json"),
+    }
+}
+
+fn table(procs: &[GuestProcess]) -> String {
+    let mut out = format!(
+        "{:<8} {:>7} {:>7} {:<4} {}\n",
+        "UID", "PID", "PPID", "STAT", "CMD"
+    );
+    for p in procs {
+        out.push_str(&format!(
+            "{:<8} {:>7} {:>7} {:<4} {}\n",
+            p.uid, p.pid, p.ppid, p.state, p.cmd
+        ));
+    }
+    out
+}
+
+/// runc's `events` stats record for `stats`.
+fn stats_event(id: &str, s: &GuestStats) -> serde_json::Value {
+    let usage = |n: u64| json!({"usage": n, "limit": 0, "max": 0, "failcnt": 0});
+    json!({
+        "type": "stats",
+        "id": id,
+        "data": {
+            "cpu": {
+                "usage": {
+                    "total": s.cpu_user_ns + s.cpu_kernel_ns,
+                    "percpu": s.cpu_percpu_ns,
+                    "kernel": s.cpu_kernel_ns,
+                    "user": s.cpu_user_ns,
+                },
+                "throttling": {},
+            },
+            "memory": {
+                "usage": {"usage": s.memory_used, "limit": s.memory_total, "max": 0, "failcnt": 0},
+                "swap": usage(0),
+                "kernel": usage(0),
+                "kernelTCP": usage(0),
+                "raw": {},
+            },
+            "pids": {"current": s.pids},
+            "blkio": {},
+            "hugetlb": {},
+            "intel_rdt": {},
+            "network_interfaces": null,
+        },
+    })
+}
+
+/// `runvm events [--stats] [--interval] ID`: one stats record, or one every
+/// `interval` (as JSON lines) until the container stops.
+pub fn events(
+    g: &Globals,
+    id: &str,
+    once: bool,
+    interval: Duration,
+    mut out: impl std::io::Write,
+) -> anyhow::Result<()> {
+    if interval.is_zero() {
+        bail!("--interval must be more than 0");
+    }
+    loop {
+        let reply = match lifecycle::query(g, id, &Request::Stats) {
+            Ok(r) => r,
+            // A stream of events ends when the container does.
+            Err(_) if !once && gone(g, id) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let stats = reply.stats.context("the monitor sent no stats")?;
+        writeln!(out, "{}", stats_event(id, &stats))?;
+        out.flush()?;
+        if once {
+            return Ok(());
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+fn gone(g: &Globals, id: &str) -> bool {
+    match Root::new(&g.root).open(id).and_then(|d| d.load_live()) {
+        Ok(r) => r.status == Status::Stopped,
+        Err(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_has_a_header_and_a_row_per_process() {
+        let procs = [GuestProcess {
+            pid: 12,
+            ppid: 1,
+            uid: 0,
+            state: "S".into(),
+            cmd: "sleep 100".into(),
+        }];
+        let t = table(&procs);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("UID") && lines[0].ends_with("CMD"));
+        assert!(lines[1].contains(" 12 ") && lines[1].ends_with("sleep 100"));
+    }
+
+    #[test]
+    fn stats_look_like_runcs() {
+        let s = GuestStats {
+            cpu_user_ns: 3,
+            cpu_kernel_ns: 4,
+            cpu_percpu_ns: vec![5, 2],
+            memory_used: 10,
+            memory_total: 100,
+            pids: 2,
+        };
+        let e = stats_event("c1", &s);
+        assert_eq!(e["type"], "stats");
+        assert_eq!(e["id"], "c1");
+        assert_eq!(e["data"]["cpu"]["usage"]["total"], 7);
+        assert_eq!(e["data"]["cpu"]["usage"]["percpu"], json!([5, 2]));
+        assert_eq!(e["data"]["memory"]["usage"]["usage"], 10);
+        assert_eq!(e["data"]["memory"]["usage"]["limit"], 100);
+        assert_eq!(e["data"]["pids"]["current"], 2);
+    }
+}
