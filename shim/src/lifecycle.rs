@@ -2,7 +2,7 @@
 //! container through its states.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -115,9 +115,20 @@ fn spawn_monitor(
         return Err(e);
     }
     let console_socket = console_socket.filter(|_| plan.process.terminal);
+    let terminal = plan.process.terminal;
     let spawned = g
         .monitor_command(id, console_socket.as_deref())
-        .and_then(|mut c| Ok(c.spawn()?));
+        .and_then(|mut c| {
+            // In terminal mode the container's stdio is the pty. The monitor
+            // must not hold `create`'s own: containerd's shim reads those
+            // to EOF before it goes on (runc's init does not keep them).
+            if terminal {
+                c.stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+            }
+            Ok(c.spawn()?)
+        });
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {

@@ -1,0 +1,505 @@
+//! Real container engines drive runvm as their OCI runtime, unchanged:
+//! containerd through `ctr --runc-binary` (its runc shim v2) and podman
+//! through `--runtime` (conmon). Each test runs a private engine (own root,
+//! state and socket) on a busybox image in `docker save` format, plays the
+//! scenarios a user would, and checks that nothing is left afterwards: no
+//! monitor or exec stand-in, no state directory, no mount, no new network
+//! device.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use runvm_tests::artifacts::{agent_binary, busybox_rootfs, guest_kernel_dir, runvm_binary};
+use runvm_tests::kvm_test;
+
+const IMAGE: &str = "localhost/runvm-busybox:latest";
+/// Every engine call runs under `timeout` so a hang fails the test.
+const CALL_LIMIT: &str = "240";
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A busybox image as `docker save` writes it (manifest.json, config,
+/// one layer tar), which `ctr images import` and `podman load` take.
+fn image_archive(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("image-rootfs");
+    busybox_rootfs(&rootfs);
+    let img = dir.join("image");
+    std::fs::create_dir_all(img.join("layer")).unwrap();
+    let layer = img.join("layer/layer.tar");
+    sh_ok(&format!(
+        "tar -C {} -cf {} .",
+        rootfs.display(),
+        layer.display()
+    ));
+    let digest = sh_ok(&format!("sha256sum {} | cut -d' ' -f1", layer.display()));
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", digest.trim())]}
+    });
+    std::fs::write(img.join("config.json"), config.to_string()).unwrap();
+    let manifest = serde_json::json!([{
+        "Config": "config.json",
+        "RepoTags": [IMAGE],
+        "Layers": ["layer/layer.tar"]
+    }]);
+    std::fs::write(img.join("manifest.json"), manifest.to_string()).unwrap();
+    let archive = dir.join("image.tar");
+    sh_ok(&format!(
+        "tar -C {} -cf {} .",
+        img.display(),
+        archive.display()
+    ));
+    archive
+}
+
+fn sh_ok(script: &str) -> String {
+    let out = Command::new("sh").args(["-c", script]).output().unwrap();
+    assert!(out.status.success(), "{script}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// Single-quotes `s` for sh.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// `argv` under `timeout`, with runvm's guest given by environment (the
+/// engines pass their environment on to the runtime).
+fn command(argv: &[String]) -> Command {
+    let mut c = Command::new("timeout");
+    c.args(["-k", "5", CALL_LIMIT])
+        .args(argv)
+        .env("RUNVM_KERNEL", guest_kernel_dir().join("vmlinux"))
+        .env("RUNVM_AGENT", agent_binary());
+    c
+}
+
+fn run(argv: &[String]) -> Output {
+    command(argv).stdin(Stdio::null()).output().unwrap()
+}
+
+fn ok(argv: &[String]) -> String {
+    let out = run(argv);
+    assert!(
+        out.status.success(),
+        "{argv:?}: {}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// `argv` on a terminal (util-linux `script` gives it a pty), as a user
+/// typing `-t` commands has.
+fn on_terminal(argv: &[String]) -> Output {
+    let line: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+    let mut c = command(&[
+        "script".into(),
+        "-qec".into(),
+        line.join(" "),
+        "/dev/null".into(),
+    ]);
+    c.stdin(Stdio::null()).output().unwrap()
+}
+
+/// Waits until `check` holds, failing after `limit`.
+fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < limit,
+            "{what} did not happen in {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What must be gone once the engine deleted its containers.
+struct Leftovers {
+    net_before: Vec<String>,
+}
+
+impl Leftovers {
+    fn note() -> Self {
+        Leftovers {
+            net_before: net_devices(),
+        }
+    }
+
+    /// No runvm process, nothing in `state_root`, no mount whose path
+    /// contains `mount_marker`, no new network device.
+    fn assert_none(&self, state_root: &Path, mount_marker: &str) {
+        let procs = runvm_processes();
+        assert!(procs.is_empty(), "runvm processes left: {procs:?}");
+        let left: Vec<_> = std::fs::read_dir(state_root)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "state left in {}: {left:?}",
+            state_root.display()
+        );
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let stale: Vec<&str> = mounts
+            .lines()
+            .filter(|l| l.contains(mount_marker))
+            .collect();
+        assert!(stale.is_empty(), "mounts left: {stale:?}");
+        assert_eq!(net_devices(), self.net_before, "network devices changed");
+    }
+}
+
+fn net_devices() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Command lines of live runvm processes (monitors, exec stand-ins).
+fn runvm_processes() -> Vec<String> {
+    let exe = runvm_binary();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = text(&cmd).replace('\0', " ");
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let zombie = stat.rsplit(')').next()?.trim_start().starts_with('Z');
+            (cmd.starts_with(exe.to_str()?) && !zombie).then_some(cmd)
+        })
+        .collect()
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// A private containerd; stopped (by its PID) when dropped.
+struct Containerd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Self {
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{}\"\nstate = \"{}\"\n[grpc]\n  address = \"{}\"\n",
+                dir.join("croot").display(),
+                dir.join("cstate").display(),
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .env("RUNVM_KERNEL", guest_kernel_dir().join("vmlinux"))
+            .env("RUNVM_AGENT", agent_binary())
+            .spawn()
+            .expect("containerd (Debian package containerd; setup.sh installs it)");
+        wait_until("containerd's socket", Duration::from_secs(60), || {
+            socket.exists()
+        });
+        Containerd { child, socket }
+    }
+
+    /// `ctr --address SOCKET args...`
+    fn ctr(&self, args: &[&str]) -> Vec<String> {
+        let mut v = strings(&["ctr", "--address"]);
+        v.push(self.socket.to_string_lossy().into_owned());
+        v.extend(strings(args));
+        v
+    }
+
+    /// `ctr run` with runvm as the runtime binary.
+    fn ctr_run(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Vec<String> {
+        let mut v = self.ctr(&["run", "--runc-binary"]);
+        v.push(runvm_binary().to_string_lossy().into_owned());
+        v.extend(strings(flags));
+        v.push(IMAGE.into());
+        v.push(id.into());
+        v.extend(strings(cmd));
+        v
+    }
+
+    fn task_status(&self, id: &str) -> String {
+        let out = run(&self.ctr(&["task", "ls"]));
+        text(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+kvm_test!(
+    fn containerd_runs_containers_in_micro_vms_through_runvm() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = image_archive(dir.path());
+        let before = Leftovers::note();
+        let c = Containerd::start(dir.path());
+        ok(&c.ctr(&["images", "import", image.to_str().unwrap()]));
+
+        // Output (stdout and stderr apart), env, working directory and the
+        // exit status.
+        let out = run(&c.ctr_run(
+            &["--rm", "--env", "GREETING=hi", "--cwd", "/tmp"],
+            "c1",
+            &[
+                "sh",
+                "-c",
+                "echo out:$GREETING:$(pwd); echo err >&2; exit 3",
+            ],
+        ));
+        assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "out:hi:/tmp\n");
+        assert!(text(&out.stderr).contains("err\n"), "{}", text(&out.stderr));
+
+        // Piped stdin and its EOF (written once the task runs: ctr drops
+        // input that ends before it wired the task's stdin).
+        let mut cat = command(&c.ctr_run(&["--rm"], "c2", &["cat"]))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_until("c2 running", Duration::from_secs(240), || {
+            c.task_status("c2") == "RUNNING"
+        });
+        let mut stdin = cat.stdin.take().unwrap();
+        stdin.write_all(b"piped through\n").unwrap();
+        drop(stdin);
+        let out = cat.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "piped through\n");
+
+        // A terminal session.
+        let out = on_terminal(&c.ctr_run(
+            &["--rm", "-t"],
+            "c3",
+            &["sh", "-c", "tty; stty size; exit 7"],
+        ));
+        assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("/dev/pts/"),
+            "{}",
+            text(&out.stdout)
+        );
+
+        // A long-running task: exec (plain and on a terminal), ps, and
+        // stopping it with SIGTERM.
+        ok(&c.ctr_run(&["-d"], "c4", &["sleep", "1000"]));
+        let out = run(&c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "c4",
+            "sh",
+            "-c",
+            "echo exec-out:$(cat /proc/1/comm >/dev/null; echo ok); exit 4",
+        ]));
+        assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "exec-out:ok\n");
+        let out = on_terminal(&c.ctr(&[
+            "task",
+            "exec",
+            "-t",
+            "--exec-id",
+            "e2",
+            "c4",
+            "sh",
+            "-c",
+            "tty; exit 6",
+        ]));
+        assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("/dev/pts/"),
+            "{}",
+            text(&out.stdout)
+        );
+        let ps = ok(&c.ctr(&["task", "ps", "c4"]));
+        assert!(ps.starts_with("PID"), "{ps}");
+        assert!(ps.lines().count() >= 2, "no process listed: {ps}");
+        ok(&c.ctr(&["task", "kill", "c4"]));
+        wait_until("c4 stopped", Duration::from_secs(120), || {
+            c.task_status("c4") == "STOPPED"
+        });
+        let out = run(&c.ctr(&["task", "delete", "c4"]));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("143"), "{}", text(&out.stderr));
+        ok(&c.ctr(&["container", "delete", "c4"]));
+
+        let tasks = ok(&c.ctr(&["task", "ls", "-q"]));
+        assert_eq!(tasks.trim(), "", "tasks left");
+        before.assert_none(
+            Path::new("/run/containerd/runc/default"),
+            "io.containerd.runtime.v2.task",
+        );
+    }
+);
+
+/// podman with private storage, runvm as its runtime.
+fn podman(dir: &Path, args: &[&str]) -> Vec<String> {
+    let mut v = strings(&["podman", "--root"]);
+    v.push(dir.join("storage").to_string_lossy().into_owned());
+    v.push("--runroot".into());
+    v.push(dir.join("run").to_string_lossy().into_owned());
+    v.extend(strings(&[
+        "--storage-driver",
+        "vfs",
+        "--cgroup-manager",
+        "cgroupfs",
+        "--events-backend",
+        "file",
+        "--runtime",
+    ]));
+    v.push(runvm_binary().to_string_lossy().into_owned());
+    v.extend(strings(args));
+    v
+}
+
+/// `podman run` flags every container here gets: no CNI, and rlimits this
+/// sandbox's host could not raise (see ../shared/CLIENTS.md; the guest could).
+const POD_FLAGS: [&str; 6] = [
+    "--network",
+    "none",
+    "--ulimit",
+    "nofile=1024:1024",
+    "--ulimit",
+    "nproc=4096:4096",
+];
+
+fn podman_run(dir: &Path, flags: &[&str], cmd: &[&str]) -> Vec<String> {
+    let mut args = vec!["run"];
+    args.extend(POD_FLAGS);
+    args.extend(flags);
+    args.push(IMAGE);
+    args.extend(cmd);
+    podman(dir, &args)
+}
+
+kvm_test!(
+    fn podman_runs_containers_in_micro_vms_through_runvm() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let image = image_archive(dir);
+        let before = Leftovers::note();
+        ok(&podman(dir, &["load", "-q", "-i", image.to_str().unwrap()]));
+
+        let out = run(&podman_run(
+            dir,
+            &["--rm", "-e", "GREETING=hi", "-w", "/tmp"],
+            &[
+                "sh",
+                "-c",
+                "echo out:$GREETING:$(pwd); echo err >&2; exit 3",
+            ],
+        ));
+        assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "out:hi:/tmp\n");
+        assert!(text(&out.stderr).contains("err\n"), "{}", text(&out.stderr));
+
+        let mut cat = command(&podman_run(dir, &["--rm", "-i"], &["cat"]))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = cat.stdin.take().unwrap();
+        stdin.write_all(b"piped through\n").unwrap();
+        drop(stdin);
+        let out = cat.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "piped through\n");
+
+        let out = run(&podman_run(
+            dir,
+            &["--rm", "-t"],
+            &["sh", "-c", "tty; stty size; exit 5"],
+        ));
+        assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("/dev/pts/"),
+            "{}",
+            text(&out.stdout)
+        );
+
+        ok(&podman_run(
+            dir,
+            &["-d", "--name", "s1"],
+            &["sh", "-c", "echo started; sleep 1000"],
+        ));
+        wait_until("s1's output", Duration::from_secs(120), || {
+            text(&run(&podman(dir, &["logs", "s1"])).stdout).contains("started")
+        });
+        let out = run(&podman(
+            dir,
+            &[
+                "exec",
+                "-e",
+                "X=1",
+                "-w",
+                "/tmp",
+                "s1",
+                "sh",
+                "-c",
+                "echo $X $(pwd); exit 4",
+            ],
+        ));
+        assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "1 /tmp\n");
+        let out = run(&podman(
+            dir,
+            &["exec", "-t", "s1", "sh", "-c", "tty; exit 6"],
+        ));
+        assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("/dev/pts/"),
+            "{}",
+            text(&out.stdout)
+        );
+        ok(&podman(dir, &["stop", "-t", "5", "s1"]));
+        let code = ok(&podman(
+            dir,
+            &["inspect", "--format", "{{.State.ExitCode}}", "s1"],
+        ));
+        assert_eq!(code.trim(), "143");
+        assert!(ok(&podman(dir, &["logs", "s1"])).contains("started"));
+        ok(&podman(dir, &["rm", "s1"]));
+
+        let all = ok(&podman(dir, &["ps", "-a", "-q"]));
+        assert_eq!(all.trim(), "", "containers left");
+        before.assert_none(Path::new("/run/runvm"), &dir.to_string_lossy());
+    }
+);
