@@ -262,8 +262,12 @@ impl ChildSetup {
             )
         };
         os_err(rc as libc::c_int)?;
+        // The kernel takes into the ambient set only capabilities that are
+        // both permitted and inheritable; runc's own default spec lists
+        // ambient ones with no inheritable set, and runc skips them too.
+        let raisable = caps.ambient & caps.permitted & caps.inheritable;
         for cap in 0..=self.last_cap {
-            if caps.ambient & (1 << cap) != 0 {
+            if raisable & (1 << cap) != 0 {
                 // SAFETY: prctl with integer arguments.
                 os_err(unsafe {
                     libc::prctl(

@@ -432,6 +432,27 @@ fn user_groups_umask_rlimits_capabilities_and_no_new_privs_apply() {
         c.output(2, StreamId::Stdout).trim(),
         "CapEff:\t0000000000000000"
     );
+
+    // `runc spec`'s default: ambient capabilities but no inheritable set.
+    // The kernel cannot raise those; as runc, the process starts without.
+    let mut p = sh("grep -E '^Cap(Eff|Amb)' /proc/self/status");
+    let three = vec![
+        "CAP_AUDIT_WRITE".to_owned(),
+        "CAP_KILL".into(),
+        "CAP_NET_BIND_SERVICE".into(),
+    ];
+    p.capabilities = Some(runvm_protocol::Capabilities {
+        bounding: three.clone(),
+        effective: three.clone(),
+        permitted: three.clone(),
+        inheritable: Vec::new(),
+        ambient: three,
+    });
+    assert_eq!(c.run(3, p), 0, "{}", c.output(3, StreamId::Stderr));
+    let st = status_lines(&c.output(3, StreamId::Stdout));
+    // CAP_KILL bit 5, CAP_NET_BIND_SERVICE bit 10, CAP_AUDIT_WRITE bit 29.
+    assert_eq!(st["CapEff"], "0000000020000420", "{st:?}");
+    assert_eq!(st["CapAmb"], "0000000000000000", "{st:?}");
 }
 
 #[test]

@@ -37,6 +37,12 @@ const ROOTFS_TAG: &str = "rootfs";
 const GUEST_CID: u32 = 3;
 /// The status a container reports when its VM ended under it.
 const VM_LOST_STATUS: i32 = 128 + libc::SIGKILL;
+/// Debug log lines that mark where `create` spends its time start with
+/// this (the runtime benchmark reads them with their timestamps).
+pub const TIMING: &str = "timing:";
+/// What the agent prints on the console once it runs as the guest's init.
+const AGENT_READY: &[u8] = b"RUNVM_AGENT_READY";
+
 /// How long the vCPUs may take to stop for a pause.
 const PAUSE_LIMIT: Duration = Duration::from_secs(10);
 /// How long an ending guest gets to sync and reset.
@@ -102,6 +108,7 @@ impl Monitor {
         dir: &ContainerDir,
         console_socket: Option<&Path>,
     ) -> anyhow::Result<(Monitor, Receiver<Input>)> {
+        logger::debug(&format!("{TIMING} monitor started"));
         let mut record = dir.load()?;
         let me = std::process::id() as i32;
         record.pid = Some(me);
@@ -117,6 +124,7 @@ impl Monitor {
         let vm = VmControl::new();
         start_vm(dir, &plan, tx.clone(), vm.clone())?;
         let conn = connect_agent(dir, &plan, &inputs)?;
+        logger::debug(&format!("{TIMING} agent connected"));
         let reader = conn
             .try_clone()
             .context("duplicating the agent connection")?;
@@ -131,6 +139,7 @@ impl Monitor {
             Outcome::Error { message } => bail!("the guest agent refused the process: {message}"),
             other => bail!("unexpected answer from the guest agent: {other:?}"),
         }
+        logger::debug(&format!("{TIMING} process created"));
         let tty = match (plan.process.terminal, console_socket) {
             (true, Some(sock)) => Some(console::hand_over(sock)?),
             (true, None) => bail!("process.terminal is true: --console-socket is required"),
@@ -230,6 +239,7 @@ impl Monitor {
                     }
                     other => bail!("unexpected answer from the guest agent: {other:?}"),
                 };
+                logger::debug(&format!("{TIMING} process started"));
                 self.record.status = Status::Running;
                 self.dir.save(&self.record)?;
                 logger::debug(&format!(
@@ -322,7 +332,12 @@ impl Monitor {
                 let started =
                     relay::stdin(Arc::clone(&self.agent), handle, input, Arc::clone(&sink))
                         .and_then(|()| {
-                            forward_exec_signals(&conn, Arc::clone(&self.agent), handle)
+                            forward_exec_signals(
+                                &conn,
+                                Arc::clone(&self.agent),
+                                handle,
+                                Arc::clone(&sink),
+                            )
                         });
                 if let Err(e) = started {
                     logger::warn(&format!("exec {handle}: {e:#}"));
@@ -471,6 +486,7 @@ fn start_vm(
     let kernel = assets::kernel(plan.kernel.as_deref())?;
     let initramfs = dir.file(state::INITRAMFS);
     assets::write_initramfs(&assets::agent()?, &initramfs)?;
+    logger::debug(&format!("{TIMING} initramfs written"));
     let mut cmdline = format!("quiet runvm.rootfs={ROOTFS_TAG}");
     if plan.rootfs_ro {
         cmdline.push_str(" runvm.rootfs_ro");
@@ -506,10 +522,21 @@ fn start_vm(
         .name("vmm".into())
         .spawn(move || {
             let opts = RunOptions {
-                console: Some(Box::new(console)),
+                console: Some(Box::new(ReadyMark {
+                    inner: console,
+                    tail: Vec::with_capacity(AGENT_READY.len()),
+                    seen: false,
+                })),
                 console_input: None,
                 timeout: None,
-                on_started: None,
+                on_started: Some(Box::new(|times: &vm::BuildTimes| {
+                    let phases: Vec<String> = times
+                        .phases
+                        .iter()
+                        .map(|(name, d)| format!("{name} {:.1} ms", d.as_secs_f64() * 1000.0))
+                        .collect();
+                    logger::debug(&format!("{TIMING} vcpus running ({})", phases.join(", ")));
+                })),
                 on_timeout: None,
                 control: Some(control),
             };
@@ -521,6 +548,38 @@ fn start_vm(
         })
         .context("starting the VMM thread")?;
     Ok(())
+}
+
+/// The guest console, marking in the log when the agent's ready line
+/// passes (the end of the kernel's boot, seen from the host).
+struct ReadyMark {
+    inner: File,
+    /// The last bytes written (the serial port writes one at a time).
+    tail: Vec<u8>,
+    seen: bool,
+}
+
+impl Write for ReadyMark {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.seen {
+            for &b in buf {
+                if self.tail.len() == AGENT_READY.len() {
+                    self.tail.remove(0);
+                }
+                self.tail.push(b);
+                if self.tail == AGENT_READY {
+                    self.seen = true;
+                    logger::debug(&format!("{TIMING} agent up"));
+                    break;
+                }
+            }
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Waits for the agent to listen, giving up when the VM ends or the boot
@@ -598,13 +657,18 @@ fn relay_output(
 }
 
 /// Passes the signals an exec's caller sends on its connection to the
-/// process; ends when the caller hangs up.
+/// process. A caller that hangs up while the process runs was killed (its
+/// stand-in is the process to the engine, which may SIGKILL it): the
+/// process is killed too, as it would be under runc.
 fn forward_exec_signals(
     conn: &UnixStream,
     agent: Arc<MuxClient<UnixStream>>,
     handle: u32,
+    sink: Arc<Sink>,
 ) -> anyhow::Result<()> {
     let conn = conn.try_clone()?;
+    // The request was read with a timeout; signals may come at any time.
+    conn.set_read_timeout(None)?;
     thread::Builder::new()
         .name(format!("exec-{handle}"))
         .spawn(move || {
@@ -612,6 +676,10 @@ fn forward_exec_signals(
                 if let Ok(Request::Kill { signal }) = serde_json::from_slice(&line) {
                     let _ = agent.call(Op::Signal { handle, signal });
                 }
+            }
+            if !sink.is_done() {
+                let signal = libc::SIGKILL;
+                let _ = agent.call(Op::Signal { handle, signal });
             }
         })
         .context("starting an exec's signal relay")?;

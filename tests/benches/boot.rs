@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use runvm_tests::artifacts::{guest_kernel_dir, vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
-use runvm_tests::kvm::{self, KvmPlace};
+use runvm_tests::kvm;
 
 const READY: &str = "RUNVM_AGENT_READY";
 
@@ -153,17 +153,10 @@ fn report(name: &str, samples: &[Sample]) -> Figures {
 
 fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
-    if std::env::args().skip(1).any(|a| a != "--bench") {
-        eprintln!("usage: boot [--bench]   (RUNVM_BENCH_RUNS=N sets the run count)");
-        std::process::exit(2);
-    }
-    if kvm::place() == KvmPlace::TestHost {
-        let exe = std::env::current_exe().expect("bench executable");
-        let status = kvm::testhost_run(&exe, "1200")
-            .status()
-            .expect("run the test host");
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    kvm::bench_here_or_in_testhost(
+        "boot [--bench]   (RUNVM_BENCH_RUNS=N sets the run count)",
+        "1200",
+    );
     let runs: usize = std::env::var("RUNVM_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -18,7 +18,7 @@ use std::time::Duration;
 use runvm_tests::artifacts::{guest_tool_binary, vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
 use runvm_tests::host::{echo_server, HostTap};
-use runvm_tests::kvm::{self, KvmPlace};
+use runvm_tests::kvm;
 
 /// `key=value` fields of the first line starting with `tag`.
 fn fields(output: &str, tag: &str) -> Vec<(String, String)> {
@@ -40,17 +40,10 @@ fn field(f: &[(String, String)], key: &str) -> f64 {
 }
 
 fn main() {
-    if std::env::args().skip(1).any(|a| a != "--bench") {
-        eprintln!("usage: devices [--bench]   (RUNVM_BENCH_FS_MIB=N, RUNVM_BENCH_FS_FILES=N)");
-        std::process::exit(2);
-    }
-    if kvm::place() == KvmPlace::TestHost {
-        let exe = std::env::current_exe().expect("bench executable");
-        let status = kvm::testhost_run(&exe, "1800")
-            .status()
-            .expect("run the test host");
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    kvm::bench_here_or_in_testhost(
+        "devices [--bench]   (RUNVM_BENCH_FS_MIB=N, RUNVM_BENCH_FS_FILES=N)",
+        "1800",
+    );
     let mib: usize = std::env::var("RUNVM_BENCH_FS_MIB")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -50,6 +50,24 @@ pub fn testhost_script() -> PathBuf {
     artifacts::repo_root().join("tests/testhost/testhost.sh")
 }
 
+/// The start of a benchmark's `main` (`harness = false`): refuses any
+/// argument but `--bench` (printing `usage`), and where KVM needs the test
+/// host, runs this benchmark there and exits with its status. Returns when
+/// the benchmark should run in this process.
+pub fn bench_here_or_in_testhost(usage: &str, timeout_s: &str) {
+    if std::env::args().skip(1).any(|a| a != "--bench") {
+        eprintln!("usage: {usage}");
+        std::process::exit(2);
+    }
+    if place() == KvmPlace::TestHost {
+        let exe = std::env::current_exe().expect("bench executable");
+        let status = testhost_run(&exe, timeout_s)
+            .status()
+            .expect("run the test host");
+        std::process::exit(status.code().unwrap_or(1));
+    }
+}
+
 /// libtest names a test by its module path below the crate root.
 fn libtest_name(path: &str) -> &str {
     path.split_once("::").map_or(path, |(_, rest)| rest)

@@ -31,9 +31,9 @@ usage: $(basename "$0") COMMAND
       --timeout SECONDS     kill the test host after this long (default 1800)
       --mem MIB             test host memory (default 6144)
       --smp N               test host CPUs (default: this machine's, at most 2)
-                            (a test host whose own kernel locks up or stops
-                            its heartbeat is stopped and the command run once
-                            more in a fresh one)
+                            (a test host whose own kernel locks up, panics or
+                            stops its heartbeat is stopped and the command
+                            run once more in a fresh one)
 
 Environment: RUNVM_TESTHOST=auto|always|never (default auto) forces or forbids
 the test host; RUNVM_CACHE_DIR moves the cache (default ~/.cache/runvm);
@@ -254,6 +254,8 @@ run_testhost() {
             if grep -qE 'soft lockup - CPU#[0-9]+ stuck for (1[2-9][0-9]|[2-9][0-9]{2}|[0-9]{4,})s' \
                 "$scratch/console.log" 2>/dev/null; then
                 why="a CPU stuck in its KVM for 2 minutes (soft lockup)"
+            elif grep -q 'Kernel panic - not syncing' "$scratch/console.log" 2>/dev/null; then
+                why="its kernel panicked"
             elif [ -f "$scratch/heartbeat" ] &&
                 [ $(( $(date +%s) - $(stat -c %Y "$scratch/heartbeat") )) -gt 180 ]; then
                 why="no heartbeat for 3 minutes"
@@ -276,13 +278,22 @@ run_testhost() {
 
     if [ -f "$scratch/lockup" ]; then
         log "the test host's kernel locked up ($(cat "$scratch/lockup")); console:"
-        tail -n 5 "$scratch/console.log" >&2 2>/dev/null || true
+        tail -n 16 "$scratch/console.log" >&2 2>/dev/null || true
         [ -n "${RUNVM_TESTHOST_KEEP:-}" ] || rm -rf "$scratch"
         testhost_locked_up=1
         return 125
     fi
     if [ -f "$scratch/rc" ]; then
         return "$(cat "$scratch/rc")"
+    fi
+    # The test host's console carries only its own kernel's messages (the
+    # nested guests' go to files): a panic there is the emulated host's.
+    if grep -q 'Kernel panic - not syncing' "$scratch/console.log" 2>/dev/null; then
+        log "the test host's kernel locked up (its kernel panicked); console:"
+        grep -B 12 -m1 'Kernel panic - not syncing' "$scratch/console.log" >&2 || true
+        [ -n "${RUNVM_TESTHOST_KEEP:-}" ] || rm -rf "$scratch"
+        testhost_locked_up=1
+        return 125
     fi
     if [ "$qrc" = 124 ]; then
         log "timed out after $timeout s; last console lines:"

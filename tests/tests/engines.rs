@@ -108,6 +108,44 @@ fn on_terminal(argv: &[String]) -> Output {
     c.stdin(Stdio::null()).output().unwrap()
 }
 
+/// The script the first container of each engine runs, and its output.
+const ENV_CWD_SCRIPT: &str = "echo out:$GREETING:$(pwd); echo err >&2; exit 3";
+const ENV_CWD_OUTPUT: &str = "out:hi:/tmp\n";
+
+/// Asserts exit status `code`, exact stdout `want` and `err` within stderr.
+fn assert_output(out: &Output, code: i32, want: &str, err: &str) {
+    assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), want);
+    assert!(text(&out.stderr).contains(err), "{}", text(&out.stderr));
+}
+
+/// Asserts exit status `code` and a terminal (`tty` printed a pty).
+fn assert_terminal(out: &Output, code: i32) {
+    assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("/dev/pts/"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+/// Runs a `cat` container, writes a line to it once `ready` says so, closes
+/// its stdin and checks the line comes back and the container ends well.
+fn pipe_through(argv: &[String], ready: impl FnOnce()) {
+    let mut cat = command(argv)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    ready();
+    let mut stdin = cat.stdin.take().unwrap();
+    stdin.write_all(b"piped through\n").unwrap();
+    drop(stdin);
+    let out = cat.wait_with_output().unwrap();
+    assert_output(&out, 0, "piped through\n", "");
+}
+
 /// Waits until `check` holds, failing after `limit`.
 fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -275,33 +313,17 @@ kvm_test!(
         let out = run(&c.ctr_run(
             &["--rm", "--env", "GREETING=hi", "--cwd", "/tmp"],
             "c1",
-            &[
-                "sh",
-                "-c",
-                "echo out:$GREETING:$(pwd); echo err >&2; exit 3",
-            ],
+            &["sh", "-c", ENV_CWD_SCRIPT],
         ));
-        assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
-        assert_eq!(text(&out.stdout), "out:hi:/tmp\n");
-        assert!(text(&out.stderr).contains("err\n"), "{}", text(&out.stderr));
+        assert_output(&out, 3, ENV_CWD_OUTPUT, "err\n");
 
         // Piped stdin and its EOF (written once the task runs: ctr drops
         // input that ends before it wired the task's stdin).
-        let mut cat = command(&c.ctr_run(&["--rm"], "c2", &["cat"]))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_until("c2 running", Duration::from_secs(240), || {
-            c.task_status("c2") == "RUNNING"
+        pipe_through(&c.ctr_run(&["--rm"], "c2", &["cat"]), || {
+            wait_until("c2 running", Duration::from_secs(240), || {
+                c.task_status("c2") == "RUNNING"
+            })
         });
-        let mut stdin = cat.stdin.take().unwrap();
-        stdin.write_all(b"piped through\n").unwrap();
-        drop(stdin);
-        let out = cat.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        assert_eq!(text(&out.stdout), "piped through\n");
 
         // A terminal session.
         let out = on_terminal(&c.ctr_run(
@@ -309,12 +331,7 @@ kvm_test!(
             "c3",
             &["sh", "-c", "tty; stty size; exit 7"],
         ));
-        assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
-        assert!(
-            text(&out.stdout).contains("/dev/pts/"),
-            "{}",
-            text(&out.stdout)
-        );
+        assert_terminal(&out, 7);
 
         // A long-running task: exec (plain and on a terminal), ps, and
         // stopping it with SIGTERM.
@@ -329,8 +346,7 @@ kvm_test!(
             "-c",
             "echo exec-out:$(cat /proc/1/comm >/dev/null; echo ok); exit 4",
         ]));
-        assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
-        assert_eq!(text(&out.stdout), "exec-out:ok\n");
+        assert_output(&out, 4, "exec-out:ok\n", "");
         let out = on_terminal(&c.ctr(&[
             "task",
             "exec",
@@ -342,12 +358,7 @@ kvm_test!(
             "-c",
             "tty; exit 6",
         ]));
-        assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
-        assert!(
-            text(&out.stdout).contains("/dev/pts/"),
-            "{}",
-            text(&out.stdout)
-        );
+        assert_terminal(&out, 6);
         let ps = ok(&c.ctr(&["task", "ps", "c4"]));
         assert!(ps.starts_with("PID"), "{ps}");
         assert!(ps.lines().count() >= 2, "no process listed: {ps}");
@@ -420,40 +431,17 @@ kvm_test!(
         let out = run(&podman_run(
             dir,
             &["--rm", "-e", "GREETING=hi", "-w", "/tmp"],
-            &[
-                "sh",
-                "-c",
-                "echo out:$GREETING:$(pwd); echo err >&2; exit 3",
-            ],
+            &["sh", "-c", ENV_CWD_SCRIPT],
         ));
-        assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
-        assert_eq!(text(&out.stdout), "out:hi:/tmp\n");
-        assert!(text(&out.stderr).contains("err\n"), "{}", text(&out.stderr));
-
-        let mut cat = command(&podman_run(dir, &["--rm", "-i"], &["cat"]))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = cat.stdin.take().unwrap();
-        stdin.write_all(b"piped through\n").unwrap();
-        drop(stdin);
-        let out = cat.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        assert_eq!(text(&out.stdout), "piped through\n");
+        assert_output(&out, 3, ENV_CWD_OUTPUT, "err\n");
+        pipe_through(&podman_run(dir, &["--rm", "-i"], &["cat"]), || {});
 
         let out = run(&podman_run(
             dir,
             &["--rm", "-t"],
             &["sh", "-c", "tty; stty size; exit 5"],
         ));
-        assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
-        assert!(
-            text(&out.stdout).contains("/dev/pts/"),
-            "{}",
-            text(&out.stdout)
-        );
+        assert_terminal(&out, 5);
 
         ok(&podman_run(
             dir,
@@ -477,18 +465,12 @@ kvm_test!(
                 "echo $X $(pwd); exit 4",
             ],
         ));
-        assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
-        assert_eq!(text(&out.stdout), "1 /tmp\n");
+        assert_output(&out, 4, "1 /tmp\n", "");
         let out = run(&podman(
             dir,
             &["exec", "-t", "s1", "sh", "-c", "tty; exit 6"],
         ));
-        assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
-        assert!(
-            text(&out.stdout).contains("/dev/pts/"),
-            "{}",
-            text(&out.stdout)
-        );
+        assert_terminal(&out, 6);
         ok(&podman(dir, &["stop", "-t", "5", "s1"]));
         let code = ok(&podman(
             dir,

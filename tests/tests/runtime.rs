@@ -565,11 +565,27 @@ kvm_test!(
         rt.fails(&["resume", "x1"], "not paused");
         assert_eq!(rt.state("x1")["status"], "running");
         wait_for(&ticks, &format!("{frozen}tick"), Duration::from_secs(120));
+
+        // An engine that SIGKILLs an exec's stand-in kills the process.
+        // SAFETY: kill takes plain integers.
+        assert_eq!(unsafe { libc::kill(ticker, libc::SIGKILL) }, 0);
+        assert_eq!(wait_pid(ticker, Duration::from_secs(60)), 137);
+        let stopped_ticking = || {
+            let before = std::fs::read_to_string(&ticks).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            std::fs::read_to_string(&ticks).unwrap() == before
+        };
+        let start = Instant::now();
+        while !stopped_ticking() {
+            assert!(start.elapsed() < Duration::from_secs(60), "still ticking");
+        }
+
+        let sleeper = rt.exec_detached("x1", "sleep 1000", &rt.path("sleeper"));
         rt.ok(&["pause", "x1"]);
         rt.ok(&["kill", "x1", "KILL"]);
         assert_eq!(wait_pid(init, Duration::from_secs(120)), 137);
         // The exec's stand-in goes with its container.
-        assert_eq!(wait_pid(ticker, Duration::from_secs(60)), 137);
+        assert_eq!(wait_pid(sleeper, Duration::from_secs(60)), 137);
         rt.fails(&["exec", "x1", "true"], "stopped");
         rt.ok(&["delete", "x1"]);
         rt.assert_clean();

@@ -77,9 +77,9 @@ fn bad_input_gets_a_message_and_a_non_zero_exit() {
 }
 
 /// A stand-in for QEMU that plays a test host whose kernel hangs on the
-/// first `lockups` runs (`hang`: a soft lockup on the console, or a
-/// heartbeat that stopped long ago) and then runs the command (prints and
-/// exits 0).
+/// first `lockups` runs (`hang`: a soft lockup on the console, a heartbeat
+/// that stopped long ago, or a kernel panic that ends QEMU) and then runs
+/// the command (prints and exits 0).
 fn fake_qemu(dir: &std::path::Path, lockups: u32, hang: &str) -> std::path::PathBuf {
     let script = dir.join("fake-qemu");
     let count = dir.join("runs");
@@ -98,6 +98,11 @@ n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}
 if [ $n -le {lockups} ]; then
     if [ {hang} = lockup ]; then
         echo "[ 150.1] watchdog: BUG: soft lockup - CPU#1 stuck for 130s! [runvm-vmm:142]" > "$console"
+    elif [ {hang} = panic ]; then
+        # As seen in CI: the kernel dies under a vCPU thread; QEMU exits.
+        echo "[ 30.7] BUG: TASK stack guard page was hit at 000000002bab995d" > "$console"
+        echo "[ 30.9] Kernel panic - not syncing: corrupted stack end detected inside scheduler" >> "$console"
+        exit 0
     else
         touch -d '10 minutes ago' "$scratch/heartbeat"
     fi
@@ -120,6 +125,8 @@ fn a_test_host_that_hangs_is_stopped_and_the_command_run_once_more() {
         (1, "lockup", Some(0), "ran in attempt 2"),
         (2, "lockup", Some(125), ""),
         (1, "silent", Some(0), "ran in attempt 2"),
+        (1, "panic", Some(0), "ran in attempt 2"),
+        (2, "panic", Some(125), ""),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(testhost_script())
@@ -133,10 +140,10 @@ fn a_test_host_that_hangs_is_stopped_and_the_command_run_once_more() {
         assert_eq!(out.status.code(), code, "{stdout}\n{stderr}");
         assert!(stdout.contains(says), "{stdout}");
         assert!(stderr.contains("locked up"), "{stderr}");
-        let why = if hang == "lockup" {
-            "soft lockup"
-        } else {
-            "no heartbeat"
+        let why = match hang {
+            "lockup" => "soft lockup",
+            "panic" => "kernel panicked",
+            _ => "no heartbeat",
         };
         assert!(stderr.contains(why), "{stderr}");
         assert!(stderr.contains("once more"), "{stderr}");
