@@ -126,6 +126,8 @@ pub struct BootParams {
     pub rootfs_ro: bool,
     /// The guest's hostname.
     pub hostname: Option<String>,
+    /// The container's mounts (from the initramfs, not the command line).
+    pub mounts: Vec<runvm_protocol::GuestMount>,
 }
 
 impl BootParams {
@@ -197,10 +199,26 @@ fn leave_initramfs() -> Result<(), String> {
 }
 
 fn prepare() -> Result<BootParams, String> {
+    // Read while the initramfs is still `/`.
+    let mounts = match fs::read(format!("/{}", runvm_protocol::MOUNTS_FILE)) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("mount list: {e}"))?,
+        Err(_) => Vec::new(),
+    };
+    let copied: Vec<Vec<u8>> = (0..)
+        .map_while(|i| fs::read(format!("/{}/{i}", runvm_protocol::COPIED_FILES_DIR)).ok())
+        .collect();
     leave_initramfs()?;
     mount_all(BASICS, "")?;
     mount_all(EXTRAS, "")?;
-    let params = BootParams::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if !copied.is_empty() {
+        let dir = runvm_agent::mount_ns::COPIED_FILES;
+        fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+        for (i, data) in copied.iter().enumerate() {
+            fs::write(format!("{dir}/{i}"), data).map_err(|e| format!("write {dir}/{i}: {e}"))?;
+        }
+    }
+    let mut params = BootParams::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    params.mounts = mounts;
     if let Some(h) = &params.hostname {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h}: {e}"))?;
     }
@@ -233,7 +251,9 @@ fn serve(params: &BootParams) -> Result<(), String> {
     let rootfs = params
         .rootfs_tag
         .as_ref()
-        .map(|_| runvm_agent::mount_ns::MountNs::create(std::path::Path::new(ROOTFS)))
+        .map(|_| {
+            runvm_agent::mount_ns::MountNs::create(std::path::Path::new(ROOTFS), &params.mounts)
+        })
         .transpose()
         .map_err(|e| format!("container mount namespace: {e}"))?;
     let resolv_conf = match params.rootfs_tag {
@@ -290,6 +310,7 @@ mod tests {
                 rootfs_tag: Some("root".into()),
                 rootfs_ro: true,
                 hostname: Some("box".into()),
+                mounts: Vec::new(),
             }
         );
         assert_eq!(BootParams::parse("quiet"), BootParams::default());

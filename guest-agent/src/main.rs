@@ -33,7 +33,21 @@ fn main() -> ExitCode {
             return serve_unix(path);
         }
         if flag == "--hold-mount-ns" {
-            return match runvm_agent::mount_ns::hold(std::path::Path::new(path)) {
+            return match runvm_agent::mount_ns::hold(std::path::Path::new(path), &[]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("runvm-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    }
+    if let [flag, path, mounts] = args.as_slice() {
+        if flag == "--hold-mount-ns" {
+            let held = serde_json::from_str::<Vec<runvm_protocol::GuestMount>>(mounts)
+                .map_err(|e| format!("mount list: {e}"))
+                .and_then(|m| runvm_agent::mount_ns::hold(std::path::Path::new(path), &m));
+            return match held {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("runvm-agent: {e}");

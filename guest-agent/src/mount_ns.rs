@@ -11,6 +11,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
+use runvm_protocol::GuestMount;
 
 /// A live container mount namespace.
 #[derive(Debug)]
@@ -23,14 +24,14 @@ pub struct MountNs {
 
 impl MountNs {
     /// Creates the namespace with `rootfs` (already mounted, with its
-    /// pseudo filesystems) as its root.
-    pub fn create(rootfs: &Path) -> io::Result<Self> {
-        let mut holder = Command::new("/proc/self/exe")
-            .arg("--hold-mount-ns")
-            .arg(rootfs)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
+    /// pseudo filesystems) as its root and `mounts` mounted in it.
+    pub fn create(rootfs: &Path, mounts: &[GuestMount]) -> io::Result<Self> {
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg("--hold-mount-ns").arg(rootfs);
+        if !mounts.is_empty() {
+            cmd.arg(serde_json::to_string(mounts).map_err(io::Error::other)?);
+        }
+        let mut holder = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let mut line = String::new();
         if let Some(out) = holder.stdout.take() {
             BufReader::new(out).read_line(&mut line)?;
@@ -66,9 +67,9 @@ impl MountNs {
     }
 }
 
-/// `--hold-mount-ns ROOTFS`: sets up the namespace, says `ready`, and waits
-/// until its stdin closes.
-pub fn hold(rootfs: &Path) -> Result<(), String> {
+/// `--hold-mount-ns ROOTFS [MOUNTS]`: sets up the namespace, says `ready`,
+/// and waits until its stdin closes.
+pub fn hold(rootfs: &Path, mounts: &[GuestMount]) -> Result<(), String> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare: {e}"))?;
     // Nothing done here may propagate back to the agent's namespace.
     mount(
@@ -87,10 +88,29 @@ pub fn hold(rootfs: &Path) -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| format!("bind the rootfs: {e}"))?;
+    // Copied files are bound while the agent's copies are still in view;
+    // their destinations resolve inside the rootfs all the same.
+    let mut read_only_files = Vec::new();
+    for m in mounts.iter().filter(|m| m.fstype == "file") {
+        bind_copied_file(rootfs, m)?;
+        if m.flags.iter().any(|f| f == "ro") {
+            read_only_files.push(destination(m)?);
+        }
+    }
     nix::unistd::chdir(rootfs).map_err(|e| format!("chdir rootfs: {e}"))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach the old root: {e}"))?;
     nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    // Only now, with the container's root as `/` and the old root gone, do
+    // destinations resolve: a symlink in the rootfs cannot lead outside it.
+    for m in mounts.iter().filter(|m| m.fstype != "file") {
+        mount_one(m)?;
+    }
+    for dest in read_only_files {
+        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+        mount(None::<&str>, dest, None::<&str>, flags, None::<&str>)
+            .map_err(|e| format!("make {dest} read-only: {e}"))?;
+    }
     println!("ready");
     let mut sink = String::new();
     while io::stdin()
@@ -99,4 +119,241 @@ pub fn hold(rootfs: &Path) -> Result<(), String> {
         .unwrap_or(false)
     {}
     Ok(())
+}
+
+/// Where the agent keeps the files `file` mounts copy in (the Nth is `N`).
+pub const COPIED_FILES: &str = "/run/runvm-files";
+
+/// `struct open_how` of openat2(2) (libc's is non-exhaustive).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Opens `path` below `root` as if `root` were `/` (openat2 with
+/// RESOLVE_IN_ROOT): symlinks and `..` in the container's rootfs cannot
+/// lead out of it.
+fn open_in_root(root: &OwnedFd, path: &str, flags: i32) -> io::Result<OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let c = std::ffi::CString::new(path).map_err(io::Error::other)?;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 reads the path and an open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            std::ptr::from_ref(&how),
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Opens directory `rel` below `root` (as [`open_in_root`]), creating the
+/// missing ones on the way (mode 0755), like `mkdir -p` in a chroot.
+fn mkdir_in_root(root: &OwnedFd, rel: &str) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let mut dir = open_in_root(root, ".", libc::O_DIRECTORY)?;
+    let mut sofar = String::new();
+    for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if !sofar.is_empty() {
+            sofar.push('/');
+        }
+        sofar.push_str(part);
+        match open_in_root(root, &sofar, libc::O_DIRECTORY) {
+            Ok(d) => dir = d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let c = std::ffi::CString::new(part).map_err(io::Error::other)?;
+                // SAFETY: mkdirat on a directory we hold, with a valid name.
+                if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                dir = open_in_root(root, &sofar, libc::O_DIRECTORY)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(dir)
+}
+
+/// Binds the agent's copy of a host file onto `m`'s destination in the
+/// rootfs, creating an empty file (and its directories) there first if
+/// need be. The bind goes through /proc/self/fd, so what is mounted on is
+/// exactly the file that was resolved inside the rootfs.
+fn bind_copied_file(rootfs: &Path, m: &GuestMount) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let dest = destination(m)?;
+    if m.source.is_empty() || !m.source.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("bad copied file {:?} for {dest}", m.source));
+    }
+    let source = format!("{COPIED_FILES}/{}", m.source);
+    let root: OwnedFd = std::fs::File::open(rootfs)
+        .map_err(|e| format!("open the rootfs: {e}"))?
+        .into();
+    let rel = dest.trim_start_matches('/');
+    let target = match open_in_root(&root, rel, libc::O_PATH) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let (parent, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+            let dir =
+                mkdir_in_root(&root, parent).map_err(|e| format!("mount point {dest}: {e}"))?;
+            let c = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+            // SAFETY: openat on a directory we hold, with a valid name.
+            let fd = unsafe {
+                libc::openat(
+                    dir.as_raw_fd(),
+                    c.as_ptr(),
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_NOFOLLOW
+                        | libc::O_WRONLY
+                        | libc::O_CLOEXEC,
+                    0o644,
+                )
+            };
+            if fd < 0 {
+                return Err(format!(
+                    "create mount point {dest}: {}",
+                    io::Error::last_os_error()
+                ));
+            }
+            // SAFETY: closing the descriptor openat just returned.
+            unsafe { libc::close(fd) };
+            open_in_root(&root, rel, libc::O_PATH)
+                .map_err(|e| format!("mount point {dest}: {e}"))?
+        }
+        Err(e) => return Err(format!("mount point {dest}: {e}")),
+    };
+    let via = format!("/proc/self/fd/{}", target.as_raw_fd());
+    mount(
+        Some(source.as_str()),
+        via.as_str(),
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| format!("bind {source} on {dest}: {e}"))
+}
+
+/// The flags an OCI mount option names (`rw`, `suid` and the like clear
+/// nothing that is set by default, so they map to no flag).
+fn flag(name: &str) -> Result<MsFlags, String> {
+    Ok(match name {
+        "ro" => MsFlags::MS_RDONLY,
+        "nosuid" => MsFlags::MS_NOSUID,
+        "nodev" => MsFlags::MS_NODEV,
+        "noexec" => MsFlags::MS_NOEXEC,
+        "noatime" => MsFlags::MS_NOATIME,
+        "nodiratime" => MsFlags::MS_NODIRATIME,
+        "strictatime" => MsFlags::MS_STRICTATIME,
+        "relatime" => MsFlags::MS_RELATIME,
+        "sync" => MsFlags::MS_SYNCHRONOUS,
+        "rw" | "suid" | "dev" | "exec" | "norelatime" | "async" => MsFlags::empty(),
+        other => return Err(format!("unknown mount flag {other:?}")),
+    })
+}
+
+/// Checks `m`'s destination: absolute, no `..` (the host checks too; the
+/// agent trusts nothing it did not check).
+fn destination(m: &GuestMount) -> Result<&str, String> {
+    let d = m.destination.as_str();
+    if !d.starts_with('/') || d.split('/').any(|c| c == "..") || d.contains('\0') {
+        return Err(format!("bad mount destination {d:?}"));
+    }
+    Ok(d)
+}
+
+/// Mounts `m` in the current (container) namespace, creating its mount
+/// point.
+fn mount_one(m: &GuestMount) -> Result<(), String> {
+    let dest = destination(m)?;
+    let mut flags = MsFlags::empty();
+    for f in &m.flags {
+        flags |= flag(f)?;
+    }
+    std::fs::create_dir_all(dest).map_err(|e| format!("mount point {dest}: {e}"))?;
+    let data = (!m.data.is_empty()).then_some(m.data.as_str());
+    mount(
+        Some(m.source.as_str()),
+        dest,
+        Some(m.fstype.as_str()),
+        flags,
+        data,
+    )
+    .map_err(|e| format!("mount {} {} on {dest}: {e}", m.fstype, m.source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(dest: &str) -> GuestMount {
+        GuestMount {
+            destination: dest.into(),
+            fstype: "tmpfs".into(),
+            source: "tmpfs".into(),
+            flags: Vec::new(),
+            data: String::new(),
+        }
+    }
+
+    #[test]
+    fn paths_resolve_inside_the_root_whatever_its_symlinks_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_path = dir.path().join("root");
+        std::fs::create_dir_all(root_path.join("etc")).unwrap();
+        std::fs::write(root_path.join("etc/hosts"), "inside").unwrap();
+        std::fs::write(dir.path().join("outside"), "outside").unwrap();
+        std::os::unix::fs::symlink("/etc/hosts", root_path.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../outside", root_path.join("up")).unwrap();
+        let root: OwnedFd = std::fs::File::open(&root_path).unwrap().into();
+        let read = |p: &str| {
+            let fd = open_in_root(&root, p, libc::O_RDONLY).map_err(|e| e.kind())?;
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).unwrap();
+            Ok::<_, io::ErrorKind>(text)
+        };
+        assert_eq!(read("etc/hosts").unwrap(), "inside");
+        assert_eq!(
+            read("abs").unwrap(),
+            "inside",
+            "an absolute link stays in the root"
+        );
+        assert_eq!(
+            read("up"),
+            Err(io::ErrorKind::NotFound),
+            "`..` stops at the root"
+        );
+        assert_eq!(read("../outside"), Err(io::ErrorKind::NotFound));
+
+        // Directories made on the way are made inside the root; a dangling
+        // link on the way is refused rather than followed out.
+        mkdir_in_root(&root, "new/a/b").unwrap();
+        assert!(root_path.join("new/a/b").is_dir());
+        std::os::unix::fs::symlink("/made-by-runvm-test", root_path.join("via")).unwrap();
+        assert!(mkdir_in_root(&root, "via/a").is_err());
+        assert!(!Path::new("/made-by-runvm-test").exists());
+    }
+
+    #[test]
+    fn destinations_and_flags_are_checked() {
+        assert!(destination(&m("/data")).is_ok());
+        for bad in ["data", "/a/../etc", "/a\0b"] {
+            assert!(destination(&m(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(flag("ro").unwrap(), MsFlags::MS_RDONLY);
+        assert_eq!(flag("rw").unwrap(), MsFlags::empty());
+        assert!(flag("bogus").is_err());
+    }
 }

@@ -1,15 +1,20 @@
 //! Collects every child's exit status with waitpid(-1): as PID 1 the agent
 //! must reap orphans too, so no other code may wait on a single child.
 //! Processes the agent started get their status through [`Reaper::watch`].
+//!
+//! One exception: `Command::spawn` itself waits for a child whose exec
+//! failed (and panics if it was reaped first). Spawns therefore go through
+//! [`Reaper::spawn`], and the reaper only reaps while no spawn is under way.
 
 use std::collections::{HashMap, VecDeque};
+use std::process::{Child, Command};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 /// Statuses of children nobody watches yet, kept briefly: a process can
@@ -26,6 +31,8 @@ struct State {
 #[derive(Default)]
 pub struct Reaper {
     state: Mutex<State>,
+    /// Spawns hold it shared; the reaper takes it alone to reap.
+    spawning: RwLock<()>,
 }
 
 impl std::fmt::Debug for Reaper {
@@ -47,16 +54,35 @@ impl Reaper {
 
     fn run(&self) {
         loop {
-            match waitpid(Pid::from_raw(-1), None) {
-                Ok(WaitStatus::Exited(pid, code)) => self.deliver(pid.as_raw(), code),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                    self.deliver(pid.as_raw(), 128 + sig as i32)
-                }
+            // Wait until some child can be reaped, without reaping it.
+            match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 // No children right now.
-                Err(_) => thread::sleep(Duration::from_millis(20)),
+                Err(_) => {
+                    thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            }
+            let _alone = self.spawning.write().unwrap_or_else(|p| p.into_inner());
+            loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(pid, code)) => self.deliver(pid.as_raw(), code),
+                    Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                        self.deliver(pid.as_raw(), 128 + sig as i32)
+                    }
+                    Err(Errno::EINTR) => {}
+                    // Nothing more to reap (a failed spawn took its own).
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(_) => {}
+                }
             }
         }
+    }
+
+    /// Spawns `cmd`; the reaper stays off its child until spawn returned.
+    pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<Child> {
+        let _shared = self.spawning.read().unwrap_or_else(|p| p.into_inner());
+        cmd.spawn()
     }
 
     fn deliver(&self, pid: i32, status: i32) {

@@ -329,7 +329,7 @@ impl Agent {
             Some(m) => Some((File::from(m.try_clone()?), File::from(m.try_clone()?))),
             None => None,
         };
-        let mut child = cmd.spawn()?;
+        let mut child = self.reaper.spawn(&mut cmd)?;
         // The Command holds the agent's copies of the terminal's slave
         // side: dropping it lets the master read EOF once the last process
         // on the terminal is gone.

@@ -607,3 +607,26 @@ fn processes_and_stats_describe_what_the_host_started() {
     unsafe { libc::kill(sleep.pid, libc::SIGKILL) };
     assert_eq!(c.wait(1), 0);
 }
+
+#[test]
+fn programs_that_cannot_start_never_bring_the_agent_down() {
+    // Each failed exec is waited by the spawner while the reaper runs
+    // beside it; other children end meanwhile to keep the reaper busy.
+    let a = agent();
+    let mut c = Client::connect(&a);
+    c.spawn(1, sh("for i in $(seq 200); do true & done; wait"));
+    for handle in 2..60 {
+        let mut p = sh("true");
+        p.args = vec!["/no/such/program".into()];
+        c.call(Op::Create {
+            handle,
+            process: p.into(),
+        });
+        let Outcome::Error { message } = c.call(Op::Start { handle }) else {
+            panic!("a missing program started");
+        };
+        assert!(message.contains("/no/such/program"), "{message}");
+    }
+    assert_eq!(c.wait(1), 0);
+    assert_eq!(c.run(100, sh("exit 6")), 6);
+}

@@ -258,6 +258,36 @@ pub enum Outcome {
     },
 }
 
+/// A mount the agent sets up in the container's mount namespace once the
+/// rootfs is its root (the OCI spec's `mounts`, as the host mapped them:
+/// bind mounts of host directories arrive as virtio-fs shares).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestMount {
+    /// Absolute path in the container.
+    pub destination: String,
+    /// `virtiofs`, `tmpfs`, `proc`, `sysfs`, `mqueue`, ..., or `file`: a
+    /// copy of a host file bound onto the destination.
+    pub fstype: String,
+    /// The share's tag for virtiofs, the copied file's number for `file`,
+    /// the type's name otherwise.
+    pub source: String,
+    /// Mount flags by name: `ro`, `nosuid`, `nodev`, `noexec`, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
+    /// Filesystem options (`size=64m,mode=1777`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub data: String,
+}
+
+/// Where the host puts the container's [`GuestMount`]s (JSON) in the
+/// initramfs it boots the guest with.
+pub const MOUNTS_FILE: &str = "runvm-mounts.json";
+
+/// The initramfs directory holding the files that `file` mounts copy in
+/// (mount source `N` is the file `N` there).
+pub const COPIED_FILES_DIR: &str = "runvm-files";
+
 /// One process in the container, as `ps` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestProcess {

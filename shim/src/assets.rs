@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use runvm_protocol::{COPIED_FILES_DIR, MOUNTS_FILE};
 use vmm::initramfs::Initramfs;
+
+use crate::mounts::{MountPlan, MAX_COPIED_FILE};
 
 /// Searched in order when no variable or annotation names a file.
 pub const SEARCH_DIRS: &[&str] = &["/usr/local/share/runvm", "/usr/share/runvm"];
@@ -42,9 +45,27 @@ pub fn agent() -> anyhow::Result<PathBuf> {
     find("RUNVM_AGENT", "runvm-agent", None)
 }
 
-/// Writes the initramfs (the agent as /init) to `dest`.
-pub fn write_initramfs(agent: &Path, dest: &Path) -> anyhow::Result<()> {
+/// Writes the initramfs (the agent as /init, the container's mounts for
+/// it to set up and the files they copy in) to `dest`.
+pub fn write_initramfs(agent: &Path, mounts: &MountPlan, dest: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(agent).with_context(|| format!("cannot read {}", agent.display()))?;
-    let ar = Initramfs::with_init(bytes)?;
+    let mut ar = Initramfs::with_init(bytes)?;
+    if !mounts.mounts.is_empty() {
+        ar.file(MOUNTS_FILE, 0o644, serde_json::to_vec(&mounts.mounts)?)?;
+    }
+    if !mounts.files.is_empty() {
+        ar.dir(COPIED_FILES_DIR, 0o755)?;
+    }
+    for (i, path) in mounts.files.iter().enumerate() {
+        let data = std::fs::read(path)
+            .with_context(|| format!("cannot read mount source {}", path.display()))?;
+        if data.len() as u64 > MAX_COPIED_FILE {
+            bail!(
+                "mount source {} grew over {MAX_COPIED_FILE} bytes",
+                path.display()
+            );
+        }
+        ar.file(&format!("{COPIED_FILES_DIR}/{i}"), 0o644, data)?;
+    }
     std::fs::write(dest, ar.to_bytes()?).with_context(|| format!("cannot write {}", dest.display()))
 }

@@ -9,6 +9,8 @@ use anyhow::{bail, Context};
 use oci_spec::runtime::{LinuxCapabilities, Spec};
 use runvm_protocol::{Capabilities, ConsoleSize, ProcessSpec, Rlimit};
 
+use crate::mounts::MountPlan;
+
 /// Annotation: number of vCPUs.
 pub const ANN_VCPUS: &str = "io.runvm.vcpus";
 /// Annotation: guest memory in MiB.
@@ -47,23 +49,11 @@ pub struct Plan {
     pub kernel: Option<PathBuf>,
     /// How long to wait for the agent.
     pub boot_timeout: Duration,
-    /// Mounts the guest does not set up yet (destination, type), for a warning.
-    pub unsupported_mounts: Vec<String>,
+    /// The spec's mounts, mapped onto the VM.
+    pub mounts: MountPlan,
     /// config.json annotations.
     pub annotations: BTreeMap<String, String>,
 }
-
-/// Mount destinations the agent provides itself in every container.
-const GUEST_PROVIDED: &[&str] = &[
-    "/proc",
-    "/dev",
-    "/dev/pts",
-    "/dev/shm",
-    "/dev/mqueue",
-    "/sys",
-    "/sys/fs/cgroup",
-    "/tmp",
-];
 
 /// Reads and checks `bundle/config.json`.
 pub fn load(bundle: &Path) -> anyhow::Result<Plan> {
@@ -105,19 +95,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         Some(v) => Duration::from_secs(number(ANN_BOOT_TIMEOUT, v)?),
         None => DEFAULT_BOOT_TIMEOUT,
     };
-    let unsupported_mounts = spec
-        .mounts()
-        .iter()
-        .flatten()
-        .filter(|m| !GUEST_PROVIDED.contains(&m.destination().to_str().unwrap_or("")))
-        .map(|m| {
-            format!(
-                "{} ({})",
-                m.destination().display(),
-                m.typ().as_deref().unwrap_or("bind")
-            )
-        })
-        .collect();
+    let mounts = crate::mounts::plan(bundle, spec.mounts().as_deref().unwrap_or_default())?;
     Ok(Plan {
         rootfs,
         rootfs_ro: root.readonly().unwrap_or(false),
@@ -127,7 +105,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         mem_mib,
         kernel: annotations.get(ANN_KERNEL).map(PathBuf::from),
         boot_timeout,
-        unsupported_mounts,
+        mounts,
         annotations,
     })
 }
@@ -318,7 +296,10 @@ mod tests {
         assert_eq!(plan.hostname.as_deref(), Some("box"));
         assert_eq!((plan.vcpus, plan.mem_mib), (2, 512 + GUEST_OVERHEAD_MIB));
         assert_eq!(plan.boot_timeout, DEFAULT_BOOT_TIMEOUT);
-        assert_eq!(plan.unsupported_mounts, ["/data (bind)"]);
+        assert_eq!(
+            plan.mounts.unsupported,
+            ["/data (its source does not exist)"]
+        );
         let p = plan.process;
         assert_eq!(p.args, ["sh", "-c", "echo hi"]);
         assert_eq!(p.env, ["PATH=/bin", "A=b"]);

@@ -16,6 +16,95 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg, Termios};
 use runvm_protocol::ConsoleSize;
 
+/// Where a terminal's master goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// `--console-socket`: connect and send it (as runc does).
+    Socket(std::path::PathBuf),
+    /// A connected socket the caller handed down (a foreground `runvm run`
+    /// that relays the terminal itself).
+    Fd(RawFd),
+}
+
+/// Opens a pty, sends its master to `target` and returns the slave.
+pub fn hand_over_to(target: &Target) -> anyhow::Result<File> {
+    match target {
+        Target::Socket(path) => hand_over(path),
+        Target::Fd(fd) => {
+            // SAFETY: the caller passed this descriptor to this process for
+            // this use alone (see `fdpass::inherit_as`).
+            let conn = UnixStream::from(unsafe { OwnedFd::from_raw_fd(*fd) });
+            hand_over_on(&conn)
+        }
+    }
+}
+
+/// A foreground terminal session: this process's terminal (raw) relayed to
+/// and from `master` until [`Attached::finish`].
+pub struct Attached {
+    _raw: Option<RawGuard>,
+    output: std::thread::JoinHandle<()>,
+    master: File,
+}
+
+impl Attached {
+    /// Starts relaying stdin to `master` and `master` to stdout.
+    pub fn start(master: File) -> anyhow::Result<Attached> {
+        use std::io::{Read, Write};
+        let stdin = std::io::stdin();
+        let raw = if nix::unistd::isatty(stdin.as_fd()).unwrap_or(false) {
+            copy_size(stdin.as_fd(), master.as_fd());
+            Some(make_raw(stdin.as_fd())?)
+        } else {
+            None
+        };
+        let mut to_guest = master.try_clone()?;
+        std::thread::Builder::new()
+            .name("tty-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut input = std::io::stdin().lock();
+                while let Ok(n) = input.read(&mut buf) {
+                    if n == 0 || to_guest.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        let mut from_guest = master.try_clone()?;
+        let output = std::thread::Builder::new()
+            .name("tty-out".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut out = std::io::stdout();
+                // EIO once the last slave fd is gone.
+                while let Ok(n) = from_guest.read(&mut buf) {
+                    if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Attached {
+            _raw: raw,
+            output,
+            master,
+        })
+    }
+
+    /// The master, to resize on SIGWINCH.
+    pub fn master(&self) -> &File {
+        &self.master
+    }
+
+    /// Lets trailing output drain (at most `limit`), then restores the
+    /// terminal.
+    pub fn finish(self, limit: std::time::Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.output.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 /// Opens a pty, sends its master to `socket` and returns the slave.
 pub fn hand_over(socket: &Path) -> anyhow::Result<File> {
     let conn = UnixStream::connect(socket)

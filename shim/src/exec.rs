@@ -5,14 +5,14 @@
 //! host: it forwards signals and exits with the process's status.
 
 use std::fs::File;
-use std::io::{Read, Write};
+
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use nix::sys::signalfd::SignalFd;
@@ -228,25 +228,7 @@ fn spawn_waiter(g: &Globals, conn: &UnixStream) -> anyhow::Result<u32> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let fd = conn.as_raw_fd();
-    let hook = move || {
-        // dup2 onto itself would keep close-on-exec set.
-        let r = if fd == WAITER_FD {
-            // SAFETY: fcntl on a descriptor this process owns.
-            unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }
-        } else {
-            // SAFETY: dup2 on a descriptor this process owns; the copy
-            // has close-on-exec clear.
-            unsafe { libc::dup2(fd, WAITER_FD) }
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    // SAFETY: between fork and exec the hook only calls dup2 or fcntl,
-    // which are async-signal-safe.
-    unsafe { cmd.pre_exec(hook) };
+    crate::fdpass::inherit_as(&mut cmd, conn.as_raw_fd(), WAITER_FD);
     let child = cmd.spawn().context("cannot start the exec waiter")?;
     Ok(child.id())
 }
@@ -303,43 +285,9 @@ fn foreground_tty(
     if let Some(p) = pid_file {
         lifecycle::write_pid_file(p, std::process::id())?;
     }
-    let stdin = std::io::stdin();
-    let _raw = if nix::unistd::isatty(stdin.as_fd()).unwrap_or(false) {
-        console::copy_size(stdin.as_fd(), master.as_fd());
-        Some(console::make_raw(stdin.as_fd())?)
-    } else {
-        None
-    };
-    let mut to_guest = master.try_clone()?;
-    thread::Builder::new()
-        .name("tty-in".into())
-        .spawn(move || {
-            let mut buf = [0u8; 4096];
-            let mut input = std::io::stdin().lock();
-            while let Ok(n) = input.read(&mut buf) {
-                if n == 0 || to_guest.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-        })?;
-    let mut from_guest = master.try_clone()?;
-    let output = thread::Builder::new()
-        .name("tty-out".into())
-        .spawn(move || {
-            let mut buf = [0u8; 4096];
-            let mut out = std::io::stdout();
-            // EIO once the last slave fd is gone.
-            while let Ok(n) = from_guest.read(&mut buf) {
-                if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
-                    return;
-                }
-            }
-        })?;
-    let status = wait(conn, sigs, Some(master));
-    let deadline = Instant::now() + TTY_DRAIN;
-    while !output.is_finished() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
+    let attached = console::Attached::start(master)?;
+    let status = wait(conn, sigs, Some(attached.master().try_clone()?));
+    attached.finish(TTY_DRAIN);
     Ok(status)
 }
 

@@ -1,6 +1,8 @@
 //! `create`, `start`, `kill`, `delete` and `run`: the commands that move a
 //! container through its states.
 
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +13,7 @@ use nix::unistd::Pid;
 
 use crate::control::{self, Request};
 use crate::state::{self, ContainerDir, Record, Root, Status};
-use crate::{assets, bundle, logger, signals};
+use crate::{assets, bundle, console, logger, signals};
 
 /// How long a control request may take (start and kill are one agent call).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -49,15 +51,39 @@ impl Globals {
         Ok(cmd)
     }
 
-    fn monitor_command(&self, id: &str, console_socket: Option<&Path>) -> anyhow::Result<Command> {
+    fn monitor_command(
+        &self,
+        id: &str,
+        console: Option<&ConsoleTo<'_>>,
+    ) -> anyhow::Result<Command> {
         let mut cmd = self.self_command()?;
         cmd.arg("monitor").arg(id);
-        if let Some(s) = console_socket {
-            cmd.arg("--console-socket").arg(s);
+        match console {
+            Some(ConsoleTo::Socket(s)) => {
+                cmd.arg("--console-socket").arg(s);
+            }
+            Some(ConsoleTo::Caller(conn)) => {
+                crate::fdpass::inherit_as(&mut cmd, conn.as_raw_fd(), CONSOLE_FD);
+                cmd.arg("--console-fd").arg(CONSOLE_FD.to_string());
+            }
+            None => {}
         }
         Ok(cmd)
     }
 }
+
+/// Where the terminal's master goes in terminal mode.
+enum ConsoleTo<'a> {
+    /// `--console-socket`.
+    Socket(&'a Path),
+    /// This process, on its end of a socket pair (foreground `run`).
+    Caller(&'a UnixStream),
+}
+
+/// The fd the monitor finds the caller's console connection on.
+const CONSOLE_FD: i32 = 3;
+/// How long terminal output may trail the container's end.
+const TTY_DRAIN: Duration = Duration::from_secs(2);
 
 /// `runvm create`: boots the VM and prepares the process; the monitor's PID
 /// goes to `pid_file`.
@@ -68,7 +94,8 @@ pub fn create(
     pid_file: Option<&Path>,
     console_socket: Option<&Path>,
 ) -> anyhow::Result<()> {
-    spawn_monitor(g, id, bundle_dir, pid_file, console_socket)?;
+    let console = console_socket.map(ConsoleTo::Socket);
+    spawn_monitor(g, id, bundle_dir, pid_file, console)?;
     Ok(())
 }
 
@@ -80,11 +107,11 @@ fn spawn_monitor(
     id: &str,
     bundle_dir: &Path,
     pid_file: Option<&Path>,
-    console_socket: Option<&Path>,
+    console: Option<ConsoleTo<'_>>,
 ) -> anyhow::Result<(ContainerDir, Child)> {
     state::validate_id(id)?;
     let plan = bundle::load(bundle_dir)?;
-    match (plan.process.terminal, console_socket) {
+    match (plan.process.terminal, &console) {
         (true, None) => bail!("process.terminal is true: --console-socket is required"),
         (false, Some(_)) => {
             logger::debug("ignoring --console-socket: process.terminal is false");
@@ -92,7 +119,14 @@ fn spawn_monitor(
         _ => {}
     }
     // The socket path must resolve the same from the monitor.
-    let console_socket = console_socket.map(std::path::absolute).transpose()?;
+    let absolute = match &console {
+        Some(ConsoleTo::Socket(s)) => Some(std::path::absolute(s)?),
+        _ => None,
+    };
+    let console = match console {
+        Some(ConsoleTo::Socket(_)) => absolute.as_deref().map(ConsoleTo::Socket),
+        other => other,
+    };
     // Fail before anything exists when the guest cannot be built.
     assets::kernel(plan.kernel.as_deref())?;
     assets::agent()?;
@@ -114,21 +148,19 @@ fn spawn_monitor(
         let _ = dir.remove();
         return Err(e);
     }
-    let console_socket = console_socket.filter(|_| plan.process.terminal);
     let terminal = plan.process.terminal;
-    let spawned = g
-        .monitor_command(id, console_socket.as_deref())
-        .and_then(|mut c| {
-            // In terminal mode the container's stdio is the pty. The monitor
-            // must not hold `create`'s own: containerd's shim reads those
-            // to EOF before it goes on (runc's init does not keep them).
-            if terminal {
-                c.stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
-            }
-            Ok(c.spawn()?)
-        });
+    let console = console.filter(|_| terminal);
+    let spawned = g.monitor_command(id, console.as_ref()).and_then(|mut c| {
+        // In terminal mode the container's stdio is the pty. The monitor
+        // must not hold `create`'s own: containerd's shim reads those
+        // to EOF before it goes on (runc's init does not keep them).
+        if terminal {
+            c.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+        }
+        Ok(c.spawn()?)
+    });
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
@@ -311,19 +343,46 @@ fn wait_monitor_gone(r: &Record, limit: Duration) -> bool {
 }
 
 /// `runvm run`: create and start; without `detach`, waits for the container
-/// and returns its exit status, then deletes it.
+/// and returns its exit status, then deletes it. A terminal goes to
+/// `console_socket`, or in the foreground without one, to this process,
+/// which relays it to its own terminal (as `runc run -t`).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     g: &Globals,
     id: &str,
     bundle_dir: &Path,
     pid_file: Option<&Path>,
+    console_socket: Option<&Path>,
     detach: bool,
     keep: bool,
 ) -> anyhow::Result<i32> {
     // Blocked before the monitor starts so a ^C between the two reaches the
     // container through the monitor rather than killing only this process.
     let sigs = signals::forwarded_signalfd()?;
-    let (dir, mut child) = spawn_monitor(g, id, bundle_dir, pid_file, None)?;
+    let pair = match console_socket {
+        None if !detach => Some(UnixStream::pair().context("socketpair")?),
+        _ => None,
+    };
+    let console = match (console_socket, &pair) {
+        (Some(s), _) => Some(ConsoleTo::Socket(s)),
+        (None, Some((_, theirs))) => Some(ConsoleTo::Caller(theirs)),
+        (None, None) => None,
+    };
+    let (dir, mut child) = spawn_monitor(g, id, bundle_dir, pid_file, console)?;
+    // The monitor sent the master only if the process has a terminal.
+    let attached = match pair {
+        Some((ours, theirs)) if bundle::load(bundle_dir).is_ok_and(|p| p.process.terminal) => {
+            drop(theirs);
+            match console::receive(&ours).and_then(console::Attached::start) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    destroy(dir, Some(child));
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
     if let Err(e) = control::call(
         &dir.file(state::CONTROL_SOCKET),
         &Request::Start,
@@ -339,19 +398,33 @@ pub fn run(
     // terminal raises (^C) reach the monitor directly, as it shares this
     // process group; forwarding them too would deliver them twice.
     let monitor = Pid::from_raw(child.id() as i32);
+    let winch_to = match &attached {
+        Some(a) => Some(a.master().try_clone()?),
+        None => None,
+    };
     std::thread::Builder::new()
         .name("forward".into())
         .spawn(move || {
             while let Ok(Some(info)) = sigs.read_signal() {
+                let signal = info.ssi_signo as i32;
+                // Our terminal's new size goes to the container's; the
+                // monitor passes it on.
+                if let (libc::SIGWINCH, Some(master)) = (signal, &winch_to) {
+                    console::copy_size(std::io::stdin().as_fd(), master.as_fd());
+                    continue;
+                }
                 if info.ssi_code == libc::SI_KERNEL {
                     continue;
                 }
-                if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
+                if let Ok(sig) = Signal::try_from(signal) {
                     let _ = kill(monitor, sig);
                 }
             }
         })?;
     let status = child.wait()?;
+    if let Some(a) = attached {
+        a.finish(TTY_DRAIN);
+    }
     let code = match (
         status.code(),
         std::os::unix::process::ExitStatusExt::signal(&status),

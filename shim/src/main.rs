@@ -7,10 +7,12 @@ mod bundle;
 mod console;
 mod control;
 mod exec;
+mod fdpass;
 mod info;
 mod lifecycle;
 mod logger;
 mod monitor;
+mod mounts;
 mod relay;
 mod report;
 mod signals;
@@ -181,6 +183,9 @@ enum Cmd {
         /// Where the terminal's master goes (terminal mode).
         #[arg(long)]
         console_socket: Option<PathBuf>,
+        /// A connected socket (inherited) to send the terminal's master on.
+        #[arg(long, conflicts_with = "console_socket")]
+        console_fd: Option<i32>,
     },
 }
 
@@ -279,6 +284,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 &id,
                 &opts.bundle,
                 opts.pid_file.as_deref(),
+                opts.console_socket.as_deref(),
                 detach,
                 keep,
             );
@@ -305,9 +311,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::List { format, quiet } => print!("{}", info::list(&g.root, &format, quiet)?),
         Cmd::Spec { bundle } => info::spec(&bundle)?,
         Cmd::Features => print!("{}", info::features()?),
-        Cmd::Monitor { id, console_socket } => {
+        Cmd::Monitor {
+            id,
+            console_socket,
+            console_fd,
+        } => {
             let dir = state::Root::new(&g.root).open(&id)?;
-            return Ok(monitor::run(&dir, console_socket.as_deref()));
+            let target = match (console_socket, console_fd) {
+                (Some(s), _) => Some(console::Target::Socket(s)),
+                (None, Some(fd)) => Some(console::Target::Fd(fd)),
+                (None, None) => None,
+            };
+            return Ok(monitor::run(&dir, target));
         }
     }
     Ok(0)

@@ -59,13 +59,13 @@ enum Input {
 }
 
 /// Runs the monitor of container `dir`; returns the exit status. In
-/// terminal mode the pty's master goes to `console_socket`.
-pub fn run(dir: &ContainerDir, console_socket: Option<&Path>) -> i32 {
+/// terminal mode the pty's master goes to `console`.
+pub fn run(dir: &ContainerDir, console: Option<console::Target>) -> i32 {
     let signals = match signals::forwarded_signalfd() {
         Ok(s) => s,
         Err(e) => return fail(dir, &e),
     };
-    match Monitor::boot(dir, console_socket) {
+    match Monitor::boot(dir, console) {
         Ok((m, inputs)) => m.serve(signals, inputs),
         Err(e) => fail(dir, &e),
     }
@@ -106,7 +106,7 @@ struct Monitor {
 impl Monitor {
     fn boot(
         dir: &ContainerDir,
-        console_socket: Option<&Path>,
+        console: Option<console::Target>,
     ) -> anyhow::Result<(Monitor, Receiver<Input>)> {
         logger::debug(&format!("{TIMING} monitor started"));
         let mut record = dir.load()?;
@@ -117,8 +117,8 @@ impl Monitor {
         vmm::fd_limit::raise_to_hard_limit();
 
         let plan = bundle::load(&record.bundle)?;
-        for m in &plan.unsupported_mounts {
-            logger::warn(&format!("mount {m} is not set up in the guest yet"));
+        for m in &plan.mounts.unsupported {
+            logger::warn(&format!("mount {m} is not set up in the guest"));
         }
         let (tx, inputs) = mpsc::channel();
         let vm = VmControl::new();
@@ -140,8 +140,8 @@ impl Monitor {
             other => bail!("unexpected answer from the guest agent: {other:?}"),
         }
         logger::debug(&format!("{TIMING} process created"));
-        let tty = match (plan.process.terminal, console_socket) {
-            (true, Some(sock)) => Some(console::hand_over(sock)?),
+        let tty = match (plan.process.terminal, console) {
+            (true, Some(target)) => Some(console::hand_over_to(&target)?),
             (true, None) => bail!("process.terminal is true: --console-socket is required"),
             (false, _) => None,
         };
@@ -210,7 +210,10 @@ impl Monitor {
                 }
                 Input::Exited(status) => return self.finish(status, Some(&inputs)),
                 Input::AgentGone(why) => {
-                    logger::monitor_error(&format!("lost the guest agent: {why}"));
+                    logger::monitor_error(&format!(
+                        "lost the guest agent: {why}{}",
+                        console_tail(&self.dir)
+                    ));
                     return self.finish(VM_LOST_STATUS, Some(&inputs));
                 }
                 Input::VmEnded(why) => {
@@ -448,8 +451,13 @@ impl Monitor {
             let _ = thread::Builder::new()
                 .name("shutdown".into())
                 .spawn(move || agent.call(Op::Shutdown));
-            if !wait_vm_end(inputs, SHUTDOWN_GRACE) {
-                logger::warn("the guest did not reset after shutdown; ending it");
+            match wait_vm_end(inputs, SHUTDOWN_GRACE) {
+                None => logger::warn("the guest did not reset after shutdown; ending it"),
+                // How it ended says why an agent went away (a guest crash).
+                Some(why) if status == VM_LOST_STATUS => {
+                    logger::warn(&format!("the VM ended: {why}"))
+                }
+                Some(why) => logger::debug(&format!("the VM ended: {why}")),
             }
         }
         self.record.status = Status::Stopped;
@@ -465,14 +473,14 @@ impl Monitor {
 
 /// Drops other inputs (the container is over) until the VM has ended;
 /// false if it did not within `limit`.
-fn wait_vm_end(inputs: &Receiver<Input>, limit: Duration) -> bool {
+fn wait_vm_end(inputs: &Receiver<Input>, limit: Duration) -> Option<String> {
     let deadline = Instant::now() + limit;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match inputs.recv_timeout(left) {
-            Ok(Input::VmEnded(_)) => return true,
+            Ok(Input::VmEnded(why)) => return Some(why),
             Ok(_) => {}
-            Err(_) => return false,
+            Err(_) => return None,
         }
     }
 }
@@ -485,7 +493,7 @@ fn start_vm(
 ) -> anyhow::Result<()> {
     let kernel = assets::kernel(plan.kernel.as_deref())?;
     let initramfs = dir.file(state::INITRAMFS);
-    assets::write_initramfs(&assets::agent()?, &initramfs)?;
+    assets::write_initramfs(&assets::agent()?, &plan.mounts, &initramfs)?;
     logger::debug(&format!("{TIMING} initramfs written"));
     let mut cmdline = format!("quiet runvm.rootfs={ROOTFS_TAG}");
     if plan.rootfs_ro {
@@ -505,12 +513,19 @@ fn start_vm(
             guest_cid: GUEST_CID,
             uds_path: dir.file(state::VSOCK_SOCKET),
         }),
-        fs: vec![FsConfig {
+        fs: std::iter::once(FsConfig {
             tag: ROOTFS_TAG.into(),
             path: plan.rootfs.clone(),
             read_only: plan.rootfs_ro,
             cache: Default::default(),
-        }],
+        })
+        .chain(plan.mounts.shares.iter().map(|s| FsConfig {
+            tag: s.tag.clone(),
+            path: s.path.clone(),
+            read_only: s.read_only,
+            cache: Default::default(),
+        }))
+        .collect(),
         net: Vec::new(),
     };
     let kvm = vm::open_kvm()?;

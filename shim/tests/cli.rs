@@ -191,8 +191,9 @@ fn terminal_mode_needs_a_console_socket() {
         &[],
         "--console-socket is required",
     );
+    // A foreground `run` relays the terminal itself; a detached one cannot.
     s.fail(
-        &["run", "c", "--bundle", &b],
+        &["run", "--detach", "c", "--bundle", &b],
         &[],
         "--console-socket is required",
     );

@@ -416,6 +416,22 @@ kvm_test!(
         assert_eq!(std::fs::read_to_string(rt.path("stdout")).unwrap(), "");
         rt.ok(&["delete", "tty1"]);
         rt.assert_clean();
+
+        // `runvm run` in the foreground without a console socket relays the
+        // terminal to its own stdio, as `runc run` does.
+        config["process"]["args"] = serde_json::json!(["sh", "-c", "tty; stty size; exit 8"]);
+        config["process"]["consoleSize"] = serde_json::json!({"height": 30, "width": 90});
+        std::fs::write(rt.path("bundle/config.json"), config.to_string()).unwrap();
+        let out = rt
+            .cmd(&["run", "tty2", "--bundle", b.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(8), "{}", text(&out.stderr));
+        let shown = text(&out.stdout);
+        assert!(shown.contains("/dev/pts/"), "{shown:?}");
+        assert!(shown.contains("30 90"), "{shown:?}");
+        rt.assert_clean();
     }
 );
 
@@ -588,6 +604,80 @@ kvm_test!(
         assert_eq!(wait_pid(sleeper, Duration::from_secs(60)), 137);
         rt.fails(&["exec", "x1", "true"], "stopped");
         rt.ok(&["delete", "x1"]);
+        rt.assert_clean();
+    }
+);
+
+kvm_test!(
+    fn oci_mounts_are_set_up_in_the_guest() {
+        let rt = Runtime::new();
+        let vol = rt.path("vol");
+        let ro = rt.path("ro");
+        std::fs::create_dir_all(&vol).unwrap();
+        std::fs::create_dir_all(&ro).unwrap();
+        std::fs::write(ro.join("in"), "from the host\n").unwrap();
+        std::fs::write(rt.path("hosts-file"), "127.0.0.1 fromhost\n").unwrap();
+        let script = "mkdir -p /data/sub && echo written > /data/sub/out; \
+                      cat /ro/in; \
+                      touch /ro/x 2>/dev/null && echo ro-writable || echo ro-refused; \
+                      grep ' /scratch ' /proc/mounts | cut -d' ' -f3,4; \
+                      grep ' /deep/er ' /proc/mounts | cut -d' ' -f3; \
+                      cat /etc/hosts; cat /etc/ro-file; \
+                      echo more >> /etc/ro-file 2>/dev/null && echo file-writable || echo file-refused";
+        let config = serde_json::json!({
+            "ociVersion": "1.2.0",
+            "root": {"path": "rootfs"},
+            "process": {
+                "args": ["sh", "-c", script],
+                "env": ["PATH=/bin"],
+                "cwd": "/",
+                "user": {"uid": 0, "gid": 0}
+            },
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/data", "type": "bind", "source": vol, "options": ["rbind", "rw"]},
+                {"destination": "/ro", "type": "bind", "source": ro, "options": ["rbind", "ro"]},
+                {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "size=1m"]},
+                {"destination": "/deep/er", "type": "tmpfs", "source": "tmpfs"},
+                {"destination": "/etc/hosts", "type": "bind", "source": rt.path("hosts-file"),
+                 "options": ["rbind"]},
+                {"destination": "/etc/ro-file", "type": "bind", "source": ro.join("in"),
+                 "options": ["rbind", "ro"]},
+                {"destination": "/disk", "type": "ext4", "source": "/dev/vdz"}
+            ],
+            "annotations": {"io.runvm.boot_timeout": "600"}
+        });
+        std::fs::write(rt.path("bundle/config.json"), config.to_string()).unwrap();
+        let out = rt
+            .cmd(&["run", "m1", "--bundle", rt.bundle().to_str().unwrap()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let shown = text(&out.stdout);
+        assert!(shown.contains("from the host\n"), "{shown}");
+        assert!(shown.contains("ro-refused\n"), "{shown}");
+        assert!(shown.contains("tmpfs rw,nosuid"), "{shown}");
+        assert!(shown.contains("size=1024k"), "{shown}");
+        assert!(
+            shown.ends_with("tmpfs\n127.0.0.1 fromhost\nfrom the host\nfile-refused\n"),
+            "{shown}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(vol.join("sub/out")).unwrap(),
+            "written\n",
+            "the guest's write reached the host directory"
+        );
+        assert!(!ro.join("x").exists());
+        assert_eq!(
+            std::fs::read_to_string(ro.join("in")).unwrap(),
+            "from the host\n",
+            "a copied file is a snapshot: the host's stays as it was"
+        );
+        // A block device cannot be mapped: said in the log.
+        let log = std::fs::read_to_string(rt.path("log.json")).unwrap();
+        assert!(log.contains("/disk (ext4)"), "{log}");
         rt.assert_clean();
     }
 );
