@@ -116,7 +116,7 @@ pub fn features() -> anyhow::Result<String> {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": OCI_VERSION,
         "hooks": [],
-        "mountOptions": [],
+        "mountOptions": crate::mounts::known_options(),
         "linux": {
             "namespaces": ["mount"],
             "capabilities": caps,

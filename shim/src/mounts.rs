@@ -89,6 +89,12 @@ const BIND_OPTIONS: &[&str] = &[
     "runbindable",
 ];
 
+/// The mount options runvm understands (for `runvm features`); others are
+/// passed to the filesystem as data.
+pub fn known_options() -> Vec<&'static str> {
+    FLAG_OPTIONS.iter().chain(BIND_OPTIONS).copied().collect()
+}
+
 /// Maps `mounts` (relative sources resolve against `bundle`).
 pub fn plan(bundle: &Path, mounts: &[Mount]) -> anyhow::Result<MountPlan> {
     let mut plan = MountPlan::default();

@@ -77,6 +77,10 @@ fn features_are_json() {
     let caps = f["linux"]["capabilities"].as_array().unwrap();
     assert!(caps.iter().any(|c| c == "CAP_SYS_ADMIN"), "{caps:?}");
     assert_eq!(f["linux"]["seccomp"]["enabled"], false);
+    let opts = f["mountOptions"].as_array().unwrap();
+    for o in ["ro", "nosuid", "rbind"] {
+        assert!(opts.iter().any(|v| v == o), "{o}: {opts:?}");
+    }
 }
 
 const CONFIG: &str = r#"{"ociVersion": "1.2.0", "root": {"path": "rootfs"},
