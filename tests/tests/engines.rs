@@ -129,16 +129,37 @@ fn assert_terminal(out: &Output, code: i32) {
     );
 }
 
-/// Runs a `cat` container, writes a line to it once `ready` says so, closes
-/// its stdin and checks the line comes back and the container ends well.
-fn pipe_through(argv: &[String], ready: impl FnOnce()) {
+/// Runs a `cat` container, writes a line to it once `ready` says so (within
+/// `limit`), closes its stdin and checks the line comes back and the
+/// container ends well. A container that never gets ready fails with what
+/// the engine said and with `explain`.
+fn pipe_through(
+    argv: &[String],
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+    explain: impl Fn() -> String,
+) {
     let mut cat = command(argv)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    ready();
+    let start = Instant::now();
+    while !ready() {
+        let exited = cat.try_wait().unwrap().is_some();
+        if exited || start.elapsed() > limit {
+            let _ = cat.kill();
+            let out = cat.wait_with_output().unwrap();
+            panic!(
+                "{argv:?} never got ready (exited: {exited}): {}\n{}\n{}",
+                text(&out.stdout),
+                text(&out.stderr),
+                explain()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let mut stdin = cat.stdin.take().unwrap();
     stdin.write_all(b"piped through\n").unwrap();
     drop(stdin);
@@ -282,6 +303,39 @@ impl Containerd {
         v
     }
 
+    /// What the engine and runvm have to say, for a failure message.
+    fn explain(&self, dir: &Path) -> String {
+        let mut s = String::new();
+        for args in [&["task", "ls"][..], &["containers", "ls"]] {
+            let out = run(&self.ctr(args));
+            s += &format!(
+                "ctr {args:?}:\n{}{}\n",
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+        let log = std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        s += &format!(
+            "containerd.log (last lines, newest first):\n{}\n",
+            tail.join("\n")
+        );
+        let tasks = dir.join("cstate/io.containerd.runtime.v2.task/default");
+        let states = Path::new("/run/containerd/runc/default");
+        for (root, files) in [
+            (tasks.as_path(), &["log.json"][..]),
+            (states, &["state.json", "console.log"][..]),
+        ] {
+            for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+                for f in files {
+                    let text = std::fs::read_to_string(e.path().join(f)).unwrap_or_default();
+                    s += &format!("{}/{f}:\n{text}\n", e.path().display());
+                }
+            }
+        }
+        s
+    }
+
     fn task_status(&self, id: &str) -> String {
         let out = run(&self.ctr(&["task", "ls"]));
         text(&out.stdout)
@@ -319,11 +373,12 @@ kvm_test!(
 
         // Piped stdin and its EOF (written once the task runs: ctr drops
         // input that ends before it wired the task's stdin).
-        pipe_through(&c.ctr_run(&["--rm"], "c2", &["cat"]), || {
-            wait_until("c2 running", Duration::from_secs(240), || {
-                c.task_status("c2") == "RUNNING"
-            })
-        });
+        pipe_through(
+            &c.ctr_run(&["--rm"], "c2", &["cat"]),
+            Duration::from_secs(240),
+            || c.task_status("c2") == "RUNNING",
+            || c.explain(dir.path()),
+        );
 
         // A terminal session.
         let out = on_terminal(&c.ctr_run(
@@ -434,7 +489,12 @@ kvm_test!(
             &["sh", "-c", ENV_CWD_SCRIPT],
         ));
         assert_output(&out, 3, ENV_CWD_OUTPUT, "err\n");
-        pipe_through(&podman_run(dir, &["--rm", "-i"], &["cat"]), || {});
+        pipe_through(
+            &podman_run(dir, &["--rm", "-i"], &["cat"]),
+            Duration::ZERO,
+            || true,
+            String::new,
+        );
 
         let out = run(&podman_run(
             dir,
