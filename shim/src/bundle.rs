@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use oci_spec::runtime::{LinuxCapabilities, Spec};
+use oci_spec::runtime::{LinuxCapabilities, LinuxNamespaceType, Spec};
 use runvm_protocol::{Capabilities, ConsoleSize, ProcessSpec, Rlimit};
 
 use crate::mounts::MountPlan;
@@ -53,6 +53,21 @@ pub struct Plan {
     pub mounts: MountPlan,
     /// config.json annotations.
     pub annotations: BTreeMap<String, String>,
+    /// Where the guest's network comes from.
+    pub network: NetworkPlan,
+}
+
+/// The spec's network namespace, as the VM sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkPlan {
+    /// No network namespace: runc would share the host's, which a VM
+    /// cannot; it gets no NIC.
+    Host,
+    /// A new namespace (only loopback, as runc would make): no NIC.
+    Empty,
+    /// The namespace at this path (set up by CNI, netavark...): its
+    /// interfaces become the guest's.
+    Join(PathBuf),
 }
 
 /// Reads and checks `bundle/config.json`.
@@ -96,6 +111,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         None => DEFAULT_BOOT_TIMEOUT,
     };
     let mounts = crate::mounts::plan(bundle, spec.mounts().as_deref().unwrap_or_default())?;
+    let network = network_plan(spec)?;
     Ok(Plan {
         rootfs,
         rootfs_ro: root.readonly().unwrap_or(false),
@@ -107,7 +123,29 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         boot_timeout,
         mounts,
         annotations,
+        network,
     })
+}
+
+fn network_plan(spec: &Spec) -> anyhow::Result<NetworkPlan> {
+    let namespaces = spec.linux().as_ref().and_then(|l| l.namespaces().as_ref());
+    let Some(ns) = namespaces
+        .into_iter()
+        .flatten()
+        .find(|n| n.typ() == LinuxNamespaceType::Network)
+    else {
+        return Ok(NetworkPlan::Host);
+    };
+    let Some(path) = ns.path() else {
+        return Ok(NetworkPlan::Empty);
+    };
+    if !path.is_absolute() {
+        bail!("network namespace path {} must be absolute", path.display());
+    }
+    if !path.exists() {
+        bail!("network namespace {} does not exist", path.display());
+    }
+    Ok(NetworkPlan::Join(path.clone()))
 }
 
 /// The hostname goes on the kernel command line, so it must be one word.
@@ -343,6 +381,45 @@ mod tests {
         assert!(!plan.rootfs_ro);
         assert_eq!(plan.hostname, None);
         assert!(plan.process.capabilities.is_none());
+    }
+
+    #[test]
+    fn the_network_namespace_decides_where_the_nic_comes_from() {
+        let with = |namespaces: &str| {
+            let config = FULL.replace(
+                r#""linux": {"#,
+                &format!(r#""linux": {{"namespaces": [{namespaces}], "#),
+            );
+            load(bundle(&config).path())
+        };
+        assert_eq!(
+            load(bundle(FULL).path()).unwrap().network,
+            NetworkPlan::Host
+        );
+        assert_eq!(
+            with(r#"{"type": "mount"}"#).unwrap().network,
+            NetworkPlan::Host
+        );
+        assert_eq!(
+            with(r#"{"type": "mount"}, {"type": "network"}"#)
+                .unwrap()
+                .network,
+            NetworkPlan::Empty
+        );
+        let ns = tempfile::NamedTempFile::new().unwrap();
+        let joined = with(&format!(
+            r#"{{"type": "network", "path": "{}"}}"#,
+            ns.path().display()
+        ))
+        .unwrap();
+        assert_eq!(joined.network, NetworkPlan::Join(ns.path().to_owned()));
+        let e = with(r#"{"type": "network", "path": "/run/netns/no-such-ns"}"#).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("network namespace /run/netns/no-such-ns does not exist"),
+            "{e:#}"
+        );
+        let e = with(r#"{"type": "network", "path": "netns/x"}"#).unwrap_err();
+        assert!(format!("{e:#}").contains("must be absolute"), "{e:#}");
     }
 
     #[test]

@@ -143,6 +143,7 @@ fn spawn_monitor(
         exit_status: None,
         created: state::now_rfc3339(),
         annotations: plan.annotations.clone(),
+        network: None,
     };
     if let Err(e) = dir.save(&record) {
         let _ = dir.remove();
@@ -310,6 +311,10 @@ pub fn delete(g: &Globals, id: &str, force: bool) -> anyhow::Result<()> {
             )
         }
         _ => stop_monitor(&dir, &r),
+    }
+    // A monitor that was killed could not undo its network splice.
+    if let Some(net) = dir.load().ok().and_then(|r| r.network) {
+        crate::network::Attached::from_record(net).detach();
     }
     dir.remove()
 }

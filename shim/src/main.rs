@@ -13,6 +13,7 @@ mod lifecycle;
 mod logger;
 mod monitor;
 mod mounts;
+mod network;
 mod relay;
 mod report;
 mod signals;

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -18,16 +18,16 @@ use anyhow::{bail, Context};
 use runvm_protocol::client::{connect_vsock, Notice};
 use runvm_protocol::mux::MuxClient;
 use runvm_protocol::{Event, Op, Outcome, ProcessSpec, AGENT_VSOCK_PORT};
-use vmm::config::{FsConfig, VmConfig, VsockConfig};
+use vmm::config::{FsConfig, NetConfig, TapSource, VmConfig, VsockConfig};
 use vmm::pause::VmControl;
 use vmm::resources::VmResources;
 use vmm::vm::{self, RunOptions};
 
-use crate::bundle::{self, Plan};
+use crate::bundle::{self, NetworkPlan, Plan};
 use crate::control::{self, Reply, Request};
 use crate::relay::{self, Routes, Sink};
 use crate::state::{self, ContainerDir, Record, Status};
-use crate::{assets, console, logger, signals};
+use crate::{assets, console, logger, network, signals};
 
 /// The agent's handle for the container's init process.
 const INIT: u32 = 1;
@@ -101,6 +101,8 @@ struct Monitor {
     vm: VmControl,
     /// While paused: the status to return to, and signals to deliver then.
     paused: Option<(Status, Vec<i32>)>,
+    /// The spec's network namespace, spliced to the VM's NICs.
+    network: Option<network::Attached>,
 }
 
 impl Monitor {
@@ -120,9 +122,23 @@ impl Monitor {
         for m in &plan.mounts.unsupported {
             logger::warn(&format!("mount {m} is not set up in the guest"));
         }
+        let (network, nics) = match &plan.network {
+            NetworkPlan::Join(path) => {
+                let (attached, nics) = network::attach(path)?;
+                record.network = Some(attached.record());
+                dir.save(&record)?;
+                logger::debug(&format!("{TIMING} network attached"));
+                (Some(attached), nics)
+            }
+            NetworkPlan::Host => {
+                logger::debug("the spec has no network namespace: the VM gets no NIC");
+                (None, Vec::new())
+            }
+            NetworkPlan::Empty => (None, Vec::new()),
+        };
         let (tx, inputs) = mpsc::channel();
         let vm = VmControl::new();
-        start_vm(dir, &plan, tx.clone(), vm.clone())?;
+        start_vm(dir, &plan, nics, tx.clone(), vm.clone())?;
         let conn = connect_agent(dir, &plan, &inputs)?;
         logger::debug(&format!("{TIMING} agent connected"));
         let reader = conn
@@ -131,6 +147,18 @@ impl Monitor {
         let (agent, notices) =
             MuxClient::start(reader, conn).context("starting the agent reader")?;
         let agent = Arc::new(agent);
+        if let Some(net) = network.as_ref().filter(|n| !n.config.interfaces.is_empty()) {
+            match agent.call(Op::ConfigureNetwork {
+                network: Box::new(net.config.clone()),
+            })? {
+                Outcome::Ok { .. } => {}
+                Outcome::Error { message } => {
+                    bail!("the guest agent could not set up the network: {message}")
+                }
+                other => bail!("unexpected answer from the guest agent: {other:?}"),
+            }
+            logger::debug(&format!("{TIMING} guest network configured"));
+        }
         match agent.call(Op::Create {
             handle: INIT,
             process: Box::new(plan.process.clone()),
@@ -167,6 +195,7 @@ impl Monitor {
                 next_handle: INIT + 1,
                 vm,
                 paused: None,
+                network,
             },
             inputs,
         ))
@@ -460,6 +489,11 @@ impl Monitor {
                 Some(why) => logger::debug(&format!("the VM ended: {why}")),
             }
         }
+        // Before `stopped` is visible: the engine removes the namespace next.
+        if let Some(net) = self.network.as_mut() {
+            net.detach();
+            self.record.network = None;
+        }
         self.record.status = Status::Stopped;
         self.record.exit_status = Some(status);
         if let Err(e) = self.dir.save(&self.record) {
@@ -488,6 +522,7 @@ fn wait_vm_end(inputs: &Receiver<Input>, limit: Duration) -> Option<String> {
 fn start_vm(
     dir: &ContainerDir,
     plan: &Plan,
+    nics: Vec<network::GuestNic>,
     tx: Sender<Input>,
     control: VmControl,
 ) -> anyhow::Result<()> {
@@ -526,7 +561,16 @@ fn start_vm(
             cache: Default::default(),
         }))
         .collect(),
-        net: Vec::new(),
+        net: nics
+            .into_iter()
+            .map(|n| {
+                Ok(NetConfig {
+                    mac: Some(n.mac.parse().map_err(|e: String| anyhow::anyhow!(e))?),
+                    // The VMM takes the TAP over.
+                    tap: TapSource::Fd(n.tap.into_raw_fd()),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
     };
     let kvm = vm::open_kvm()?;
     let resources = VmResources::validate(&config, vm::host_limits(&kvm))?;

@@ -66,6 +66,19 @@ pub struct Record {
     /// config.json annotations.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// The network namespace interfaces spliced to the VM, until the
+    /// monitor undid it (`delete` undoes it for a monitor that was killed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRecord>,
+}
+
+/// Where the monitor changed a network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// The namespace's path.
+    pub netns: PathBuf,
+    /// The interfaces that got an ingress qdisc: index and name.
+    pub spliced: Vec<(u32, String)>,
 }
 
 /// File names inside a container's directory. Short: socket paths must fit
@@ -311,6 +324,7 @@ mod tests {
             exit_status: None,
             created: now_rfc3339(),
             annotations: BTreeMap::new(),
+            network: None,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod artifacts;
 pub mod guest;
 pub mod host;
 pub mod kvm;
+pub mod netns;
 
 /// Declares a test that runs where KVM can boot a Linux guest.
 #[macro_export]

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use runvm_tests::artifacts::{agent_binary, busybox_rootfs, guest_kernel_dir, runvm_binary};
 use runvm_tests::kvm_test;
+use runvm_tests::netns::Netns;
 
 const IMAGE: &str = "localhost/runvm-busybox:latest";
 /// Every engine call runs under `timeout` so a hang fails the test.
@@ -426,6 +427,22 @@ kvm_test!(
         assert!(text(&out.stderr).contains("143"), "{}", text(&out.stderr));
         ok(&c.ctr(&["container", "delete", "c4"]));
 
+        // A network namespace as CNI would leave it, joined with --with-ns.
+        {
+            let ns = Netns::new("c", "10.213.10");
+            let before_ns = ns.fingerprint();
+            let (port, server) = ns.serve_once();
+            let with = format!("network:{}", ns.path());
+            let out = run(&c.ctr_run(
+                &["--rm", "--with-ns", &with],
+                "c5",
+                &["sh", "-c", &net_script("10.213.10.1", port)],
+            ));
+            assert_network(&out, "10.213.10.2/24", &ns.mac());
+            assert_eq!(server.join().unwrap(), "from-guest\n");
+            assert_eq!(ns.fingerprint(), before_ns, "the namespace changed");
+        }
+
         let tasks = ok(&c.ctr(&["task", "ls", "-q"]));
         assert_eq!(tasks.trim(), "", "tasks left");
         before.assert_none(
@@ -434,6 +451,24 @@ kvm_test!(
         );
     }
 );
+
+/// Shows the guest's eth0 and talks to the namespace's far end.
+fn net_script(peer: &str, port: u16) -> String {
+    format!("ip -o link show eth0; ip -o -4 addr show eth0; echo from-guest | nc {peer} {port}")
+}
+
+/// `net_script`'s output: the veth's MAC and address, the peer's answer.
+fn assert_network(out: &Output, address: &str, mac: &str) {
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("link/ether {mac}")), "{stdout}");
+    assert!(stdout.contains(&format!("inet {address}")), "{stdout}");
+    assert!(stdout.contains("from-host"), "{stdout}");
+}
 
 /// podman with private storage, runvm as its runtime.
 fn podman(dir: &Path, args: &[&str]) -> Vec<String> {
@@ -539,6 +574,23 @@ kvm_test!(
         assert_eq!(code.trim(), "143");
         assert!(ok(&podman(dir, &["logs", "s1"])).contains("started"));
         ok(&podman(dir, &["rm", "s1"]));
+
+        // A network namespace as CNI would leave it, joined with
+        // --network ns:PATH.
+        {
+            let ns = Netns::new("p", "10.213.11");
+            let before_ns = ns.fingerprint();
+            let (port, server) = ns.serve_once();
+            let network = format!("ns:{}", ns.path());
+            let script = net_script("10.213.11.1", port);
+            let mut args = vec!["run", "--rm", "--network", &network];
+            args.extend(&POD_FLAGS[2..]);
+            args.extend([IMAGE, "sh", "-c", &script]);
+            let out = run(&podman(dir, &args));
+            assert_network(&out, "10.213.11.2/24", &ns.mac());
+            assert_eq!(server.join().unwrap(), "from-guest\n");
+            assert_eq!(ns.fingerprint(), before_ns, "the namespace changed");
+        }
 
         let all = ok(&podman(dir, &["ps", "-a", "-q"]));
         assert_eq!(all.trim(), "", "containers left");

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use runvm_tests::artifacts::{agent_binary, busybox_rootfs, guest_kernel_dir, runvm_binary};
 use runvm_tests::kvm_test;
+use runvm_tests::netns::Netns;
 
 /// A bundle with a busybox rootfs, a state root, and the runvm command.
 struct Runtime {
@@ -678,6 +679,72 @@ kvm_test!(
         // A block device cannot be mapped: said in the log.
         let log = std::fs::read_to_string(rt.path("log.json")).unwrap();
         assert!(log.contains("/disk (ext4)"), "{log}");
+        rt.assert_clean();
+    }
+);
+
+/// Adds `linux.namespaces` to the bundle's config.json.
+fn set_namespaces(rt: &Runtime, namespaces: serde_json::Value) {
+    let path = rt.path("bundle/config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["linux"] = serde_json::json!({ "namespaces": namespaces });
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
+kvm_test!(
+    fn the_spec_network_namespace_becomes_the_guest_network() {
+        let ns = Netns::new("n", "10.213.9");
+        let before = ns.fingerprint();
+        let (port, server) = ns.serve_once();
+
+        let rt = Runtime::new();
+        rt.configure(&format!(
+            "ip -o link show eth0; ip -o -4 addr show eth0; ip route; \
+             echo from-guest | nc 10.213.9.1 {port}"
+        ));
+        set_namespaces(
+            &rt,
+            serde_json::json!([{"type": "mount"}, {"type": "network", "path": ns.path()}]),
+        );
+        let out = rt
+            .cmd(&["run", "rtnet", "--bundle", rt.bundle().to_str().unwrap()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "stdout: {stdout}\nstderr: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("link/ether {}", ns.mac())),
+            "the guest's NIC has the veth's MAC: {stdout}"
+        );
+        assert!(stdout.contains("inet 10.213.9.2/24"), "{stdout}");
+        assert!(
+            stdout.contains("default via 10.213.9.1 dev eth0"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("from-host"), "{stdout}");
+        assert_eq!(server.join().unwrap(), "from-guest\n");
+
+        // Nothing of the VM is left in the namespace: no TAP, no qdisc.
+        assert_eq!(ns.fingerprint(), before);
+        rt.assert_clean();
+
+        // A new namespace without a path (what `ctr run` asks for) and no
+        // namespace at all: only loopback in the guest.
+        for namespaces in [
+            serde_json::json!([{"type": "network"}]),
+            serde_json::json!([]),
+        ] {
+            rt.configure("ip -o link | cut -d: -f2");
+            set_namespaces(&rt, namespaces.clone());
+            let out = rt.ok(&["run", "rtnonet", "--bundle", rt.bundle().to_str().unwrap()]);
+            assert_eq!(out.trim(), "lo", "{namespaces}");
+        }
         rt.assert_clean();
     }
 );

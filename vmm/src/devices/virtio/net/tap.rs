@@ -128,6 +128,12 @@ impl Tap {
         &self.name
     }
 
+    /// The TAP's fd, for a VMM that takes it over with [`Tap::from_fd`]
+    /// (a runtime that opened it in another network namespace).
+    pub fn into_fd(self) -> OwnedFd {
+        OwnedFd::from(self.file)
+    }
+
     fn set_offload(&self, guest_features: u64) -> io::Result<()> {
         let mut flags: libc::c_uint = 0;
         if guest_features & F_GUEST_CSUM != 0 {
