@@ -83,13 +83,15 @@ impl Netns {
             .to_owned()
     }
 
-    /// What a runtime must leave as it found it: the interfaces and
-    /// eth0's qdiscs.
+    /// What a runtime must leave as it found it: the interfaces (by name;
+    /// their carrier state changes on its own) and eth0's qdiscs and
+    /// filters.
     pub fn fingerprint(&self) -> String {
         format!(
-            "{}{}",
-            self.exec(&["ip", "-o", "link"]),
-            self.exec(&["tc", "qdisc", "show", "dev", "eth0"])
+            "{}{}{}",
+            self.exec(&["ls", "/sys/class/net"]),
+            self.exec(&["tc", "qdisc", "show", "dev", "eth0"]),
+            self.exec(&["tc", "filter", "show", "dev", "eth0", "ingress"])
         )
     }
 
