@@ -111,6 +111,8 @@ pub struct ChildSetup {
     no_new_privs: bool,
     /// Make stdin (a terminal's slave side) the controlling terminal.
     controlling_tty: bool,
+    /// The seccomp filters to load.
+    seccomp: Option<crate::seccomp::Compiled>,
 }
 
 fn os_err(rc: libc::c_int) -> io::Result<()> {
@@ -182,6 +184,11 @@ impl ChildSetup {
             last_cap,
             no_new_privs: spec.no_new_privileges,
             controlling_tty: spec.terminal,
+            seccomp: spec
+                .seccomp
+                .as_ref()
+                .map(crate::seccomp::compile)
+                .transpose()?,
         })
     }
 
@@ -208,6 +215,12 @@ impl ChildSetup {
         if let Some(mask) = self.umask {
             // SAFETY: umask cannot fail.
             unsafe { libc::umask(mask) };
+        }
+        // Without no_new_privs, loading a filter takes CAP_SYS_ADMIN: load
+        // it while the child still has it (the profile then also governs
+        // the calls below, as under runc).
+        if let (Some(filters), false) = (&self.seccomp, self.no_new_privs) {
+            crate::seccomp::load(filters)?;
         }
         if let Some(caps) = &self.caps {
             for cap in 0..=self.last_cap {
@@ -236,6 +249,9 @@ impl ChildSetup {
         if self.no_new_privs {
             // SAFETY: prctl with integer arguments.
             os_err(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })?;
+            if let Some(filters) = &self.seccomp {
+                crate::seccomp::load(filters)?;
+            }
         }
         Ok(())
     }

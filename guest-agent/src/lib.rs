@@ -7,5 +7,6 @@ pub mod mount_ns;
 pub mod network;
 pub mod procfs;
 pub mod reaper;
+pub mod seccomp;
 pub mod server;
 pub mod tty;

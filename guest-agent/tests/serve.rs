@@ -630,3 +630,79 @@ fn programs_that_cannot_start_never_bring_the_agent_down() {
     assert_eq!(c.wait(1), 0);
     assert_eq!(c.run(100, sh("exit 6")), 6);
 }
+
+#[test]
+fn the_seccomp_profile_binds_the_process_with_and_without_no_new_privs() {
+    use runvm_protocol::{Seccomp, SeccompArg, SeccompRule};
+    if current_uid() != 0 {
+        panic!("this test needs root (a filter without no_new_privs takes CAP_SYS_ADMIN)");
+    }
+    let a = agent();
+    let mut c = Client::connect(&a);
+    let dir = tempfile::tempdir().unwrap();
+    let profile = Seccomp {
+        default_action: "SCMP_ACT_ALLOW".into(),
+        syscalls: vec![
+            SeccompRule {
+                names: vec!["mkdir".into(), "mkdirat".into()],
+                action: "SCMP_ACT_ERRNO".into(),
+                errno: Some(libc::EACCES as u32),
+                args: vec![],
+            },
+            // kill(_, SIGUSR1) only.
+            SeccompRule {
+                names: vec!["kill".into()],
+                action: "SCMP_ACT_ERRNO".into(),
+                errno: None,
+                args: vec![SeccompArg {
+                    index: 1,
+                    value: libc::SIGUSR1 as u64,
+                    value_two: 0,
+                    op: "SCMP_CMP_EQ".into(),
+                }],
+            },
+        ],
+        ..Seccomp::default()
+    };
+    let script = format!(
+        "grep Seccomp: /proc/self/status; mkdir {0}/x || echo mkdir-refused; \
+         kill -USR1 $$ || echo usr1-refused; kill -0 $$ && echo kill0-ok; \
+         test -d {0}/x || echo no-dir",
+        dir.path().display()
+    );
+    for (handle, no_new_privs) in [(1, false), (2, true)] {
+        let mut p = sh(&script);
+        p.seccomp = Some(profile.clone());
+        p.no_new_privileges = no_new_privs;
+        assert_eq!(
+            c.run(handle, p),
+            0,
+            "{}",
+            c.output(handle, StreamId::Stderr)
+        );
+        let out = c.output(handle, StreamId::Stdout);
+        assert_eq!(
+            out, "Seccomp:\t2\nmkdir-refused\nusr1-refused\nkill0-ok\nno-dir\n",
+            "no_new_privs {no_new_privs}"
+        );
+        let err = c.output(handle, StreamId::Stderr);
+        assert!(err.contains("Permission denied"), "{err}");
+        assert!(err.contains("Operation not permitted"), "{err}");
+    }
+
+    // A profile runvm cannot honour is refused when the process starts.
+    let mut p = sh("true");
+    p.seccomp = Some(Seccomp {
+        default_action: "SCMP_ACT_NOTIFY".into(),
+        ..Seccomp::default()
+    });
+    c.call(Op::Create {
+        handle: 3,
+        process: p.into(),
+    });
+    let Outcome::Error { message } = c.call(Op::Start { handle: 3 }) else {
+        panic!("a notify profile started")
+    };
+    assert!(message.contains("SCMP_ACT_NOTIFY"), "{message}");
+    assert_eq!(c.run(4, sh("exit 4")), 4);
+}

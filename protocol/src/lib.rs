@@ -14,7 +14,8 @@ pub use frame::{decode_header, encode_frame, read_frame, FrameError, FrameHeader
 pub use message::{
     encode_json, Capabilities, ConsoleSize, DnsConfig, Event, GuestMount, GuestProcess, GuestStats,
     InterfaceConfig, MessageError, NetworkConfig, Op, Outcome, ProcessSpec, Request, Response,
-    Rlimit, RouteConfig, StreamChunk, StreamId, COPIED_FILES_DIR, MOUNTS_FILE,
+    Rlimit, RouteConfig, Seccomp, SeccompArg, SeccompRule, StreamChunk, StreamId, COPIED_FILES_DIR,
+    MOUNTS_FILE,
 };
 
 /// The vsock port the agent listens on inside the guest.

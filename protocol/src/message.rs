@@ -48,6 +48,60 @@ pub struct ProcessSpec {
     /// gets by default (everything for root, nothing otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Capabilities>,
+    /// The seccomp filter the process runs under (the OCI spec's
+    /// `linux.seccomp`, which also binds every exec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<Seccomp>,
+}
+
+/// A seccomp profile, with the OCI spec's names (`SCMP_ACT_ERRNO`,
+/// `SCMP_CMP_MASKED_EQ`, `SECCOMP_FILTER_FLAG_LOG`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seccomp {
+    /// What a system call no rule matches gets.
+    pub default_action: String,
+    /// The errno of a default `SCMP_ACT_ERRNO` (EPERM when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_errno: Option<u32>,
+    /// `seccomp(2)` flags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
+    /// Rules.
+    #[serde(default)]
+    pub syscalls: Vec<SeccompRule>,
+}
+
+/// System calls that get `action` when all of `args` hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeccompRule {
+    /// System call names (ones this architecture lacks are skipped).
+    pub names: Vec<String>,
+    /// The action.
+    pub action: String,
+    /// The errno of `SCMP_ACT_ERRNO` (EPERM when absent), or the data of
+    /// `SCMP_ACT_TRACE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<u32>,
+    /// Conditions on the arguments, all of which must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<SeccompArg>,
+}
+
+/// A condition on one system call argument.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeccompArg {
+    /// Argument index, 0 to 5.
+    pub index: u32,
+    /// The value compared with (the mask for `SCMP_CMP_MASKED_EQ`).
+    pub value: u64,
+    /// The masked value `SCMP_CMP_MASKED_EQ` wants.
+    #[serde(default)]
+    pub value_two: u64,
+    /// `SCMP_CMP_EQ`, `SCMP_CMP_NE`, `SCMP_CMP_LT`, ...
+    pub op: String,
 }
 
 /// The guest's network as the host decided it (from CNI, a bridge, or the

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use oci_spec::runtime::{LinuxCapabilities, LinuxNamespaceType, Spec};
-use runvm_protocol::{Capabilities, ConsoleSize, ProcessSpec, Rlimit};
+use runvm_protocol::{
+    Capabilities, ConsoleSize, ProcessSpec, Rlimit, Seccomp, SeccompArg, SeccompRule,
+};
 
 use crate::mounts::MountPlan;
 
@@ -112,10 +114,17 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
     };
     let mounts = crate::mounts::plan(bundle, spec.mounts().as_deref().unwrap_or_default())?;
     let network = network_plan(spec)?;
+    let mut process = process_spec(process)?;
+    process.seccomp = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.seccomp().as_ref())
+        .map(seccomp)
+        .transpose()?;
     Ok(Plan {
         rootfs,
         rootfs_ro: root.readonly().unwrap_or(false),
-        process: process_spec(process)?,
+        process,
         hostname,
         vcpus,
         mem_mib,
@@ -262,6 +271,52 @@ pub fn process_spec(p: &oci_spec::runtime::Process) -> anyhow::Result<ProcessSpe
         rlimits,
         no_new_privileges: p.no_new_privileges().unwrap_or(false),
         capabilities: p.capabilities().as_ref().map(capabilities).transpose()?,
+        // The container's, from linux.seccomp (execs get it too).
+        seccomp: None,
+    })
+}
+
+/// `linux.seccomp` for the agent, which compiles it (a listener, which
+/// would live on the host, cannot reach the guest's kernel).
+fn seccomp(s: &oci_spec::runtime::LinuxSeccomp) -> anyhow::Result<Seccomp> {
+    if s.listener_path().is_some() {
+        bail!("linux.seccomp.listenerPath is not supported: the filter runs in the guest's kernel");
+    }
+    let syscalls = s
+        .syscalls()
+        .iter()
+        .flatten()
+        .map(|r| {
+            Ok(SeccompRule {
+                names: r.names().clone(),
+                action: oci_name(&r.action())?,
+                errno: r.errno_ret(),
+                args: r
+                    .args()
+                    .iter()
+                    .flatten()
+                    .map(|a| {
+                        Ok(SeccompArg {
+                            index: u32::try_from(a.index()).unwrap_or(u32::MAX),
+                            value: a.value(),
+                            value_two: a.value_two().unwrap_or(0),
+                            op: oci_name(&a.op())?,
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Seccomp {
+        default_action: oci_name(&s.default_action())?,
+        default_errno: s.default_errno_ret(),
+        flags: s
+            .flags()
+            .iter()
+            .flatten()
+            .map(oci_name)
+            .collect::<anyhow::Result<_>>()?,
+        syscalls,
     })
 }
 
@@ -420,6 +475,51 @@ mod tests {
         );
         let e = with(r#"{"type": "network", "path": "netns/x"}"#).unwrap_err();
         assert!(format!("{e:#}").contains("must be absolute"), "{e:#}");
+    }
+
+    #[test]
+    fn the_seccomp_profile_goes_to_the_agent_with_oci_names() {
+        let config = FULL.replace(
+            r#""linux": {"#,
+            r#""linux": {"seccomp": {
+                "defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38,
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "flags": ["SECCOMP_FILTER_FLAG_SPEC_ALLOW"],
+                "syscalls": [
+                    {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+                    {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+                     "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_EQ"}]},
+                    {"names": ["clone"], "action": "SCMP_ACT_KILL_PROCESS",
+                     "args": [{"index": 0, "value": 2114060288, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]}
+                ]}, "#,
+        );
+        let s = load(bundle(&config).path())
+            .unwrap()
+            .process
+            .seccomp
+            .unwrap();
+        assert_eq!(s.default_action, "SCMP_ACT_ERRNO");
+        assert_eq!(s.default_errno, Some(38));
+        assert_eq!(s.flags, ["SECCOMP_FILTER_FLAG_SPEC_ALLOW"]);
+        assert_eq!(s.syscalls.len(), 3);
+        assert_eq!(s.syscalls[0].names, ["read", "write"]);
+        assert_eq!(s.syscalls[1].args[0].op, "SCMP_CMP_EQ");
+        assert_eq!(s.syscalls[2].action, "SCMP_ACT_KILL_PROCESS");
+        assert_eq!(
+            (
+                s.syscalls[2].args[0].op.as_str(),
+                s.syscalls[2].args[0].value
+            ),
+            ("SCMP_CMP_MASKED_EQ", 2114060288)
+        );
+        assert!(load(bundle(FULL).path()).unwrap().process.seccomp.is_none());
+
+        let listener = FULL.replace(
+            r#""linux": {"#,
+            r#""linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/l.sock"}, "#,
+        );
+        let e = load(bundle(&listener).path()).unwrap_err();
+        assert!(format!("{e:#}").contains("listenerPath"), "{e:#}");
     }
 
     #[test]

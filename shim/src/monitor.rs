@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use runvm_protocol::client::{connect_vsock, Notice};
 use runvm_protocol::mux::MuxClient;
-use runvm_protocol::{Event, Op, Outcome, ProcessSpec, AGENT_VSOCK_PORT};
+use runvm_protocol::{Event, Op, Outcome, ProcessSpec, Seccomp, AGENT_VSOCK_PORT};
 use vmm::config::{FsConfig, NetConfig, TapSource, VmConfig, VsockConfig};
 use vmm::pause::VmControl;
 use vmm::resources::VmResources;
@@ -103,6 +103,8 @@ struct Monitor {
     paused: Option<(Status, Vec<i32>)>,
     /// The spec's network namespace, spliced to the VM's NICs.
     network: Option<network::Attached>,
+    /// The container's seccomp profile, which binds every exec too.
+    seccomp: Option<Seccomp>,
 }
 
 impl Monitor {
@@ -196,6 +198,7 @@ impl Monitor {
                 vm,
                 paused: None,
                 network,
+                seccomp: plan.process.seccomp.clone(),
             },
             inputs,
         ))
@@ -389,7 +392,7 @@ impl Monitor {
     fn start_exec(
         &mut self,
         handle: u32,
-        process: ProcessSpec,
+        mut process: ProcessSpec,
         console_socket: Option<&Path>,
         fds: Vec<OwnedFd>,
         conn: &UnixStream,
@@ -398,6 +401,7 @@ impl Monitor {
             Status::Created | Status::Running => {}
             s => bail!("cannot exec in container {} in state {s}", self.record.id),
         }
+        process.seccomp = self.seccomp.clone();
         let terminal = process.terminal;
         let (sink, input, tty) = if terminal {
             // Without a console socket the caller takes the terminal on

@@ -76,7 +76,17 @@ fn features_are_json() {
     assert_eq!(f["ociVersionMax"], "1.2.0");
     let caps = f["linux"]["capabilities"].as_array().unwrap();
     assert!(caps.iter().any(|c| c == "CAP_SYS_ADMIN"), "{caps:?}");
-    assert_eq!(f["linux"]["seccomp"]["enabled"], false);
+    assert_eq!(f["linux"]["seccomp"]["enabled"], true);
+    let actions = f["linux"]["seccomp"]["actions"].as_array().unwrap();
+    assert!(actions.iter().any(|a| a == "SCMP_ACT_ERRNO"), "{actions:?}");
+    assert!(
+        !actions.iter().any(|a| a == "SCMP_ACT_NOTIFY"),
+        "{actions:?}"
+    );
+    assert_eq!(
+        f["linux"]["namespaces"],
+        serde_json::json!(["mount", "network"])
+    );
     let opts = f["mountOptions"].as_array().unwrap();
     for o in ["ro", "nosuid", "rbind"] {
         assert!(opts.iter().any(|v| v == o), "{o}: {opts:?}");

@@ -582,12 +582,21 @@ kvm_test!(
             let before_ns = ns.fingerprint();
             let (port, server) = ns.serve_once();
             let network = format!("ns:{}", ns.path());
-            let script = net_script("10.213.11.1", port);
+            // podman's default seccomp profile comes along in config.json.
+            let script = format!(
+                "grep Seccomp: /proc/self/status; {}",
+                net_script("10.213.11.1", port)
+            );
             let mut args = vec!["run", "--rm", "--network", &network];
             args.extend(&POD_FLAGS[2..]);
             args.extend([IMAGE, "sh", "-c", &script]);
             let out = run(&podman(dir, &args));
             assert_network(&out, "10.213.11.2/24", &ns.mac());
+            assert!(
+                text(&out.stdout).starts_with("Seccomp:\t2\n"),
+                "{}",
+                text(&out.stdout)
+            );
             assert_eq!(server.join().unwrap(), "from-guest\n");
             assert_eq!(ns.fingerprint(), before_ns, "the namespace changed");
         }

@@ -750,3 +750,59 @@ kvm_test!(
         rt.assert_clean();
     }
 );
+
+kvm_test!(
+    fn the_seccomp_profile_binds_the_container_and_its_execs() {
+        become_subreaper();
+        let rt = Runtime::new();
+        let b = rt.bundle();
+        rt.configure(
+            "grep Seccomp: /proc/self/status; mkdir /tmp/x || echo mkdir-refused; \
+             echo ready; while :; do sleep 1; done",
+        );
+        let path = rt.path("bundle/config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        // Allow by default; mkdir refused with EACCES, kill(_, SIGUSR1) with
+        // the default EPERM.
+        config["linux"] = serde_json::json!({"seccomp": {
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [
+                {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+                {"names": ["kill"], "action": "SCMP_ACT_ERRNO",
+                 "args": [{"index": 1, "value": 10, "op": "SCMP_CMP_EQ"}]}
+            ]
+        }});
+        std::fs::write(&path, config.to_string()).unwrap();
+        rt.detached(
+            &["run", "--detach", "sc1", "--bundle", b.to_str().unwrap()],
+            Stdio::null(),
+            &rt.path("stdout"),
+        );
+        let out = wait_for(&rt.path("stdout"), "ready", Duration::from_secs(300));
+        assert_eq!(out, "Seccomp:\t2\nmkdir-refused\nready\n");
+
+        let out = rt
+            .cmd(&[
+                "exec",
+                "sc1",
+                "sh",
+                "-c",
+                "grep Seccomp: /proc/self/status; mkdir /tmp/y || echo mkdir-refused; \
+                 kill -USR1 $$ || echo usr1-refused; kill -0 $$ && echo kill0-ok",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            text(&out.stdout),
+            "Seccomp:\t2\nmkdir-refused\nusr1-refused\nkill0-ok\n",
+            "stderr: {}",
+            text(&out.stderr)
+        );
+        assert!(text(&out.stderr).contains("Permission denied"));
+        rt.ok(&["delete", "--force", "sc1"]);
+        rt.assert_clean();
+    }
+);
