@@ -244,7 +244,7 @@ fn power_off() -> ! {
 }
 
 /// Serves the host over vsock until it asks for a shutdown.
-fn serve(params: &BootParams) -> Result<(), String> {
+fn serve(params: &BootParams, started_ms: f64) -> Result<(), String> {
     let reaper = crate::Reaper::start().map_err(|e| format!("reaper: {e}"))?;
     let listener = crate::vsock::listen_port(runvm_protocol::AGENT_VSOCK_PORT)
         .map_err(|e| format!("vsock listen: {e}"))?;
@@ -262,8 +262,11 @@ fn serve(params: &BootParams) -> Result<(), String> {
     };
     let net = runvm_agent::network::LinuxNet::new(resolv_conf)
         .map_err(|e| format!("network control socket: {e}"))?;
-    let agent =
-        crate::Agent::new(reaper, rootfs, Box::new(|| power_off())).with_network(Box::new(net));
+    let figures =
+        runvm_agent::figures::BootFigures::new(started_ms, runvm_agent::figures::boottime_ms());
+    let agent = crate::Agent::new(reaper, rootfs, Box::new(|| power_off()))
+        .with_network(Box::new(net))
+        .with_boot_figures(figures);
     println!(
         "{LISTENING_MARKER} port={}",
         runvm_protocol::AGENT_VSOCK_PORT
@@ -279,13 +282,14 @@ fn serve(params: &BootParams) -> Result<(), String> {
 }
 
 pub fn run() -> ExitCode {
+    let started_ms = runvm_agent::figures::boottime_ms();
     match prepare() {
         Ok(params) => {
             println!("{READY_MARKER} uptime={} {}", uptime(), shape());
             // Without a host channel there is nothing more to do: this is
             // the boot smoke test.
             if crate::vsock::device_present() {
-                if let Err(e) = serve(&params) {
+                if let Err(e) = serve(&params, started_ms) {
                     eprintln!("runvm-agent: {e}");
                 }
             }

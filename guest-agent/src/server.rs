@@ -109,6 +109,7 @@ pub struct Agent {
     rootfs: Option<MountNs>,
     on_shutdown: ShutdownHook,
     network: Option<Box<dyn NetSys + Send + Sync>>,
+    figures: Option<crate::figures::BootFigures>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -130,7 +131,15 @@ impl Agent {
             rootfs,
             on_shutdown,
             network: None,
+            figures: None,
         }
+    }
+
+    /// Reports, on stderr when the first process starts, how long that took
+    /// from the agent's own start and what the agent occupies.
+    pub fn with_boot_figures(mut self, f: crate::figures::BootFigures) -> Self {
+        self.figures = Some(f);
+        self
     }
 
     /// Lets the host configure the guest's network through `net` (only the
@@ -209,6 +218,7 @@ impl Agent {
     }
 
     fn handle(&self, op: Op) -> Outcome {
+        let requested = crate::figures::boottime_ms();
         let mut procs = self.procs();
         match op {
             Op::Ping | Op::Shutdown => Outcome::Ok { pid: None },
@@ -242,6 +252,17 @@ impl Agent {
             Op::Start { handle } => match procs.remove(&handle) {
                 Some(Proc::Created(spec)) => match self.start(handle, &spec) {
                     Ok(Started { pid, stdin, tty }) => {
+                        if let Some(f) = &self.figures {
+                            // spawn returns once the exec succeeded.
+                            let line = f.report(
+                                requested,
+                                crate::figures::boottime_ms(),
+                                &std::fs::read_to_string("/proc/self/status").unwrap_or_default(),
+                            );
+                            if let Some(line) = line {
+                                eprintln!("{line}");
+                            }
+                        }
                         procs.insert(handle, Proc::Running { pid, stdin, tty });
                         Outcome::Ok { pid: Some(pid) }
                     }

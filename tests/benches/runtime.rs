@@ -110,6 +110,27 @@ struct StartSample {
     phases: Vec<(String, f64)>,
     /// The VMM's own build phases (`vcpus running (kvm 1.0 ms, ...)`).
     vmm: Vec<(String, f64)>,
+    /// The agent's own figures from the guest console: handover to the
+    /// program, agent setup, waiting for the host, start (ms), RSS and
+    /// peak RSS (KiB).
+    guest: Option<[f64; 6]>,
+}
+
+/// The numbers of the agent's `runvm-agent: figures:` console line.
+fn guest_figures(console: &Path) -> Option<[f64; 6]> {
+    // The agent prints it as the first process starts; give it a moment.
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("runvm-agent: figures:")) {
+            let v: Vec<f64> = line
+                .split(|c: char| c.is_whitespace() || c == '(' || c == ';' || c == ',')
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            return v.try_into().ok();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
 }
 
 fn create_start(rt: Runtime, dir: &Path, bundle: &Path, n: usize) -> StartSample {
@@ -139,6 +160,10 @@ fn create_start(rt: Runtime, dir: &Path, bundle: &Path, n: usize) -> StartSample
     let total = start.elapsed();
     let mut rest = Vec::new();
     let _ = reader.read_to_end(&mut rest);
+    let guest = match rt {
+        Runtime::Runvm => guest_figures(&dir.join("runvm-root").join(&id).join("console.log")),
+        Runtime::Runc => None,
+    };
     // The container's init is our child (subreaper); reap it.
     reap_children();
     let _ = rt.command(dir).args(["delete", "--force", &id]).output();
@@ -150,6 +175,7 @@ fn create_start(rt: Runtime, dir: &Path, bundle: &Path, n: usize) -> StartSample
         total_ms: ms(total),
         phases,
         vmm,
+        guest,
     }
 }
 
@@ -344,6 +370,24 @@ fn main() {
         println!(
             "  of the VM build, the VMM's phases (medians): {}",
             parts.join(", ")
+        );
+    }
+    let guest: Vec<[f64; 6]> = cs[0].iter().filter_map(|s| s.guest).collect();
+    if guest.is_empty() {
+        println!("in the guest: the agent reported no figures");
+    } else {
+        let med = |i: usize| median(&mut guest.iter().map(|g| g[i]).collect::<Vec<_>>());
+        println!(
+            "in the guest (CLOCK_BOOTTIME, median of {}): the kernel's handover to the agent -> \
+             the first process's program {:.1} ms = agent setup {:.1} ms + waiting for the \
+             host (create, start) {:.1} ms + start {:.1} ms; agent RSS {:.0} KiB (peak {:.0} KiB)",
+            guest.len(),
+            med(0),
+            med(1),
+            med(2),
+            med(3),
+            med(4),
+            med(5)
         );
     }
 }
