@@ -187,7 +187,12 @@ impl Agent {
                         let outcome = self.handle(req.op);
                         self.respond(req.seq, outcome)?;
                     }
-                    Err(e) => self.respond(0, error(format!("malformed request: {e}")))?,
+                    // Answer under the request's own seq where it has one,
+                    // so the host's call fails rather than waits.
+                    Err(e) => self.respond(
+                        request_seq(&payload),
+                        error(format!("malformed request: {e}")),
+                    )?,
                 },
                 FrameKind::Stream => match StreamChunk::decode(&payload) {
                     Ok(chunk) if chunk.stream == StreamId::Stdin => self.stdin(chunk),
@@ -443,4 +448,12 @@ fn pump(
             }
         }
     })
+}
+
+/// The `seq` of a request the agent cannot otherwise read; 0 when none.
+fn request_seq(payload: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0)
 }

@@ -314,11 +314,21 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
     assert!(is_err(&c.call(Op::Start { handle: 3 })));
 
     // Malformed JSON and unknown operations in well-formed frames.
-    for payload in [&b"{not json"[..], br#"{"seq":5,"op":"format_disk"}"#] {
+    // An unknown operation (or field: a host newer than this agent) is
+    // answered under its own seq, so the host's call fails, not waits.
+    for (payload, seq) in [
+        (&b"{not json"[..], 0),
+        (br#"{"seq":5,"op":"format_disk"}"#, 5),
+        (
+            br#"{"seq":6,"op":"create","handle":9,"process":{"args":["true"],"from_the_future":1}}"#,
+            6,
+        ),
+    ] {
         let frame = encode_frame(FrameKind::Request, payload).unwrap();
         c.conn().write_all(&frame).unwrap();
         let r = c.response();
         assert!(is_err(&r.result), "{r:?}");
+        assert_eq!(r.seq, seq, "{r:?}");
     }
     assert_eq!(c.call(Op::Ping), Outcome::Ok { pid: None });
 

@@ -121,10 +121,21 @@ fn read_loop<R: Read>(mut reader: R, waiting: &Mutex<Waiting>, notices: &SyncSen
         let notice = match header.kind {
             FrameKind::Response => match serde_json::from_slice::<Response>(&payload) {
                 Ok(r) => {
-                    // An answer nobody waits for (a seq the host never
-                    // used) is dropped: the guest does not get to pick
-                    // which call returns what.
-                    if let Some(tx) = lock(waiting).calls.remove(&r.seq) {
+                    let mut w = lock(waiting);
+                    if r.seq == 0 {
+                        // The agent could not read a request far enough to
+                        // answer it (an agent older than this host): every
+                        // call waiting now fails with its reason instead of
+                        // waiting forever.
+                        if let Outcome::Error { .. } = &r.result {
+                            for (_, tx) in w.calls.drain() {
+                                let _ = tx.send(r.result.clone());
+                            }
+                        }
+                    } else if let Some(tx) = w.calls.remove(&r.seq) {
+                        // An answer nobody waits for (a seq the host never
+                        // used) is dropped: the guest does not get to pick
+                        // which call returns what.
                         let _ = tx.send(r.result);
                     }
                     continue;
@@ -249,6 +260,27 @@ mod tests {
                 Err(mpsc::RecvTimeoutError::Disconnected)
             );
             assert!(matches!(client.call(Op::Ping), Err(ClientError::Closed)));
+        }
+    }
+
+    #[test]
+    fn an_error_the_agent_could_not_address_fails_the_waiting_call() {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let (client, _notices) = MuxClient::start(host.try_clone().unwrap(), host).unwrap();
+        let call = thread::spawn(move || client.call(Op::Ping));
+        let _ = next_request(&mut agent);
+        respond(
+            &mut agent,
+            0,
+            Outcome::Error {
+                message: "malformed request: unknown field `x`".into(),
+            },
+        );
+        match call.join().unwrap() {
+            Ok(Outcome::Error { message }) => {
+                assert!(message.contains("unknown field"), "{message}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -485,9 +485,28 @@ fn podman(dir: &Path, args: &[&str]) -> Vec<String> {
         "file",
         "--runtime",
     ]));
-    v.push(runvm_binary().to_string_lossy().into_owned());
+    v.push(runtime_wrapper(dir).to_string_lossy().into_owned());
     v.extend(strings(args));
     v
+}
+
+/// conmon runs the runtime without podman's environment, so runvm would
+/// boot whatever kernel and agent are installed (a stale setup.sh's):
+/// podman gets a script that points it at this build's.
+fn runtime_wrapper(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("runvm-runtime");
+    if !path.exists() {
+        let script = format!(
+            "#!/bin/sh\nRUNVM_KERNEL={} RUNVM_AGENT={} exec {} \"$@\"\n",
+            quote(&guest_kernel_dir().join("vmlinux").to_string_lossy()),
+            quote(&agent_binary().to_string_lossy()),
+            quote(&runvm_binary().to_string_lossy())
+        );
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    path
 }
 
 /// `podman run` flags every container here gets: no CNI, and rlimits this
