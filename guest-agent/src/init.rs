@@ -124,6 +124,9 @@ pub struct BootParams {
     pub rootfs_tag: Option<String>,
     /// Mount the root filesystem read-only.
     pub rootfs_ro: bool,
+    /// The share is read-only: give the container a writable overlay on
+    /// it whose changes live (and die) in guest memory.
+    pub rootfs_overlay: bool,
     /// The guest's hostname.
     pub hostname: Option<String>,
     /// The container's mounts (from the initramfs, not the command line).
@@ -139,6 +142,7 @@ impl BootParams {
                 Some(("runvm.rootfs", tag)) => p.rootfs_tag = Some(tag.to_owned()),
                 Some(("runvm.hostname", h)) => p.hostname = Some(h.to_owned()),
                 None if word == "runvm.rootfs_ro" => p.rootfs_ro = true,
+                None if word == "runvm.rootfs_overlay" => p.rootfs_overlay = true,
                 _ => {}
             }
         }
@@ -150,15 +154,19 @@ impl BootParams {
 pub const ROOTFS: &str = "/run/rootfs";
 
 /// Mounts the container rootfs and the pseudo filesystems it needs inside.
-fn mount_rootfs(tag: &str, read_only: bool) -> Result<(), String> {
+fn mount_rootfs(tag: &str, read_only: bool, overlay: bool) -> Result<(), String> {
     fs::create_dir_all(ROOTFS).map_err(|e| format!("mkdir {ROOTFS}: {e}"))?;
-    let flags = if read_only {
-        MsFlags::MS_RDONLY
+    if overlay && !read_only {
+        mount_overlay_rootfs(tag)?;
     } else {
-        MsFlags::empty()
-    };
-    mount(Some(tag), ROOTFS, Some("virtiofs"), flags, None::<&str>)
-        .map_err(|e| format!("mount virtiofs {tag} on {ROOTFS}: {e}"))?;
+        let flags = if read_only {
+            MsFlags::MS_RDONLY
+        } else {
+            MsFlags::empty()
+        };
+        mount(Some(tag), ROOTFS, Some("virtiofs"), flags, None::<&str>)
+            .map_err(|e| format!("mount virtiofs {tag} on {ROOTFS}: {e}"))?;
+    }
     mount_all(&BASICS[..2], ROOTFS)?;
     let dev = format!("{ROOTFS}/dev");
     fs::create_dir_all(&dev).map_err(|e| format!("mkdir {dev}: {e}"))?;
@@ -171,6 +179,43 @@ fn mount_rootfs(tag: &str, read_only: bool) -> Result<(), String> {
     )
     .map_err(|e| format!("bind /dev into the rootfs: {e}"))?;
     Ok(())
+}
+
+/// The share read-only below, a tmpfs for the container's changes above.
+fn mount_overlay_rootfs(tag: &str) -> Result<(), String> {
+    const LOWER: &str = "/run/rootfs-lower";
+    const RW: &str = "/run/rootfs-rw";
+    for d in [LOWER, RW] {
+        fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
+    }
+    mount(
+        Some(tag),
+        LOWER,
+        Some("virtiofs"),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| format!("mount virtiofs {tag} on {LOWER}: {e}"))?;
+    mount(
+        Some("tmpfs"),
+        RW,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .map_err(|e| format!("mount the overlay's tmpfs: {e}"))?;
+    for d in ["upper", "work"] {
+        fs::create_dir_all(format!("{RW}/{d}")).map_err(|e| format!("mkdir {RW}/{d}: {e}"))?;
+    }
+    let data = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
+    mount(
+        Some("overlay"),
+        ROOTFS,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| format!("mount the rootfs overlay: {e}"))
 }
 
 /// Leaves the initramfs for a tmpfs root (what switch_root does): the
@@ -207,8 +252,21 @@ fn prepare() -> Result<BootParams, String> {
     let copied: Vec<Vec<u8>> = (0..)
         .map_while(|i| fs::read(format!("/{}/{i}", runvm_protocol::COPIED_FILES_DIR)).ok())
         .collect();
+    let seed_path = format!("/{}", runvm_protocol::SEED_FILE);
+    let seed = fs::read(&seed_path).ok();
+    // The initramfs stays in memory under the new root: leave no copy.
+    let _ = fs::remove_file(&seed_path);
     leave_initramfs()?;
     mount_all(BASICS, "")?;
+    if let Some(seed) = seed {
+        match runvm_agent::entropy::seed("/dev/urandom", &seed) {
+            Ok(()) => eprintln!(
+                "runvm-agent: random pool seeded with {} bits from the host",
+                seed.len() * 8
+            ),
+            Err(e) => eprintln!("runvm-agent: seeding the random pool: {e}"),
+        }
+    }
     mount_all(EXTRAS, "")?;
     if !copied.is_empty() {
         let dir = runvm_agent::mount_ns::COPIED_FILES;
@@ -223,7 +281,7 @@ fn prepare() -> Result<BootParams, String> {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h}: {e}"))?;
     }
     if let Some(tag) = &params.rootfs_tag {
-        mount_rootfs(tag, params.rootfs_ro)?;
+        mount_rootfs(tag, params.rootfs_ro, params.rootfs_overlay)?;
     }
     Ok(params)
 }
@@ -313,10 +371,12 @@ mod tests {
             BootParams {
                 rootfs_tag: Some("root".into()),
                 rootfs_ro: true,
+                rootfs_overlay: false,
                 hostname: Some("box".into()),
                 mounts: Vec::new(),
             }
         );
+        assert!(BootParams::parse("runvm.rootfs=root runvm.rootfs_overlay").rootfs_overlay);
         assert_eq!(BootParams::parse("quiet"), BootParams::default());
     }
 }

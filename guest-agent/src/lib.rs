@@ -3,6 +3,7 @@
 //! Unix socket in tests), and [`reaper::Reaper`] collects exit statuses.
 
 pub mod child_setup;
+pub mod entropy;
 pub mod figures;
 pub mod mount_ns;
 pub mod network;

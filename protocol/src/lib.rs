@@ -15,7 +15,7 @@ pub use message::{
     encode_json, Capabilities, ConsoleSize, DnsConfig, Event, GuestMount, GuestProcess, GuestStats,
     InterfaceConfig, MessageError, NetworkConfig, Op, Outcome, ProcessSpec, Request, Response,
     Rlimit, RouteConfig, Seccomp, SeccompArg, SeccompRule, StreamChunk, StreamId, COPIED_FILES_DIR,
-    MOUNTS_FILE,
+    MOUNTS_FILE, SEED_FILE,
 };
 
 /// The vsock port the agent listens on inside the guest.

@@ -338,6 +338,10 @@ pub struct GuestMount {
 /// initramfs it boots the guest with.
 pub const MOUNTS_FILE: &str = "runvm-mounts.json";
 
+/// Random bytes the host draws for each VM and puts in its initramfs; the
+/// agent credits them to the guest's random pool at boot.
+pub const SEED_FILE: &str = "runvm-seed";
+
 /// The initramfs directory holding the files that `file` mounts copy in
 /// (mount source `N` is the file `N` there).
 pub const COPIED_FILES_DIR: &str = "runvm-files";

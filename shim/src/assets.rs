@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use runvm_protocol::{COPIED_FILES_DIR, MOUNTS_FILE};
+use runvm_protocol::{COPIED_FILES_DIR, MOUNTS_FILE, SEED_FILE};
 use vmm::initramfs::Initramfs;
 
 use crate::mounts::{MountPlan, MAX_COPIED_FILE};
@@ -50,6 +50,12 @@ pub fn agent() -> anyhow::Result<PathBuf> {
 pub fn write_initramfs(agent: &Path, mounts: &MountPlan, dest: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(agent).with_context(|| format!("cannot read {}", agent.display()))?;
     let mut ar = Initramfs::with_init(bytes)?;
+    // Fresh for every VM: two guests never start from the same pool.
+    let mut seed = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+        .context("cannot draw the guest's random seed")?;
+    ar.file(SEED_FILE, 0o600, seed)?;
     if !mounts.mounts.is_empty() {
         ar.file(MOUNTS_FILE, 0o644, serde_json::to_vec(&mounts.mounts)?)?;
     }

@@ -21,6 +21,9 @@ pub const ANN_MEMORY: &str = "io.runvm.memory_mib";
 pub const ANN_KERNEL: &str = "io.runvm.kernel";
 /// Annotation: seconds `create` waits for the guest's agent.
 pub const ANN_BOOT_TIMEOUT: &str = "io.runvm.boot_timeout";
+/// Annotation: `true` shares the rootfs read-only and gives the container
+/// a writable overlay in guest memory, so the host directory never changes.
+pub const ANN_ROOTFS_OVERLAY: &str = "io.runvm.rootfs_overlay";
 
 /// Guest memory without a limit in the spec or an annotation.
 pub const DEFAULT_MEM_MIB: u64 = 256;
@@ -39,6 +42,9 @@ pub struct Plan {
     pub rootfs: PathBuf,
     /// `root.readonly`.
     pub rootfs_ro: bool,
+    /// A writable overlay in the guest over a read-only share (the
+    /// annotation; moot with `root.readonly`).
+    pub rootfs_overlay: bool,
     /// The container process.
     pub process: ProcessSpec,
     /// The guest's hostname.
@@ -114,6 +120,11 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
     };
     let mounts = crate::mounts::plan(bundle, spec.mounts().as_deref().unwrap_or_default())?;
     let network = network_plan(spec)?;
+    let rootfs_overlay = match annotations.get(ANN_ROOTFS_OVERLAY).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => bail!("annotation {ANN_ROOTFS_OVERLAY}={v:?} must be true or false"),
+    };
     let mut process = process_spec(process)?;
     process.seccomp = spec
         .linux()
@@ -124,6 +135,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
     Ok(Plan {
         rootfs,
         rootfs_ro: root.readonly().unwrap_or(false),
+        rootfs_overlay,
         process,
         hostname,
         vcpus,
@@ -520,6 +532,22 @@ mod tests {
         );
         let e = load(bundle(&listener).path()).unwrap_err();
         assert!(format!("{e:#}").contains("listenerPath"), "{e:#}");
+    }
+
+    #[test]
+    fn the_overlay_annotation_is_a_boolean() {
+        let with = |v: &str| {
+            let config = FULL.replace(
+                r#""annotations": {"x": "y"}"#,
+                &format!(r#""annotations": {{"io.runvm.rootfs_overlay": "{v}"}}"#),
+            );
+            load(bundle(&config).path())
+        };
+        assert!(with("true").unwrap().rootfs_overlay);
+        assert!(!with("false").unwrap().rootfs_overlay);
+        assert!(!load(bundle(FULL).path()).unwrap().rootfs_overlay);
+        let e = with("yes").unwrap_err();
+        assert!(format!("{e:#}").contains("must be true or false"), "{e:#}");
     }
 
     #[test]

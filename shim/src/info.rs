@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Serialize;
 
-use crate::bundle::{ANN_BOOT_TIMEOUT, ANN_KERNEL, ANN_MEMORY, ANN_VCPUS};
+use crate::bundle::{ANN_BOOT_TIMEOUT, ANN_KERNEL, ANN_MEMORY, ANN_ROOTFS_OVERLAY, ANN_VCPUS};
 use crate::state::{Record, Root, Status};
 
 /// The OCI runtime spec version runvm implements.
@@ -151,6 +151,7 @@ pub fn features() -> anyhow::Result<String> {
             ANN_MEMORY: "guest memory in MiB",
             ANN_KERNEL: "guest kernel (vmlinux) to boot",
             ANN_BOOT_TIMEOUT: "seconds create waits for the guest agent",
+            ANN_ROOTFS_OVERLAY: "true: the rootfs is shared read-only with a writable overlay in guest memory",
         },
         "potentiallyUnsafeConfigAnnotations": [ANN_KERNEL],
     });

@@ -535,8 +535,11 @@ fn start_vm(
     assets::write_initramfs(&assets::agent()?, &plan.mounts, &initramfs)?;
     logger::debug(&format!("{TIMING} initramfs written"));
     let mut cmdline = format!("quiet runvm.rootfs={ROOTFS_TAG}");
+    let overlay = plan.rootfs_overlay && !plan.rootfs_ro;
     if plan.rootfs_ro {
         cmdline.push_str(" runvm.rootfs_ro");
+    } else if overlay {
+        cmdline.push_str(" runvm.rootfs_overlay");
     }
     if let Some(h) = &plan.hostname {
         cmdline.push_str(&format!(" runvm.hostname={h}"));
@@ -555,7 +558,7 @@ fn start_vm(
         fs: std::iter::once(FsConfig {
             tag: ROOTFS_TAG.into(),
             path: plan.rootfs.clone(),
-            read_only: plan.rootfs_ro,
+            read_only: plan.rootfs_ro || overlay,
             cache: Default::default(),
         })
         .chain(plan.mounts.shares.iter().map(|s| FsConfig {

@@ -806,3 +806,47 @@ kvm_test!(
         rt.assert_clean();
     }
 );
+
+kvm_test!(
+    fn an_overlay_rootfs_takes_the_containers_writes_and_leaves_the_host_directory_alone() {
+        let rt = Runtime::new();
+        let rootfs = rt.path("bundle/rootfs");
+        std::fs::write(rootfs.join("etc/keep"), "kept\n").unwrap();
+        std::fs::write(rootfs.join("marker"), "original\n").unwrap();
+        rt.configure(
+            "echo new > /created && echo changed > /marker && rm /etc/keep && \
+             grep ' / overlay ' /proc/mounts | cut -d' ' -f3; cat /created /marker; \
+             ls /etc/keep 2>/dev/null || echo keep-gone",
+        );
+        let path = rt.path("bundle/config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config["annotations"]["io.runvm.rootfs_overlay"] = "true".into();
+        std::fs::write(&path, config.to_string()).unwrap();
+        let out = rt.ok(&[
+            "run",
+            "--keep",
+            "ov1",
+            "--bundle",
+            rt.bundle().to_str().unwrap(),
+        ]);
+        assert_eq!(out, "overlay\nnew\nchanged\nkeep-gone\n");
+        // Every VM gets its own seed from the host, credited to the pool.
+        let console = std::fs::read_to_string(rt.path("root/ov1/console.log")).unwrap();
+        assert!(
+            console.contains("runvm-agent: random pool seeded with 512 bits from the host"),
+            "{console}"
+        );
+        rt.ok(&["delete", "ov1"]);
+        assert!(!rootfs.join("created").exists(), "a write reached the host");
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("marker")).unwrap(),
+            "original\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("etc/keep")).unwrap(),
+            "kept\n"
+        );
+        rt.assert_clean();
+    }
+);
