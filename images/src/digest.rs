@@ -75,6 +75,105 @@ impl fmt::Display for Digest {
     }
 }
 
+impl Digest {
+    /// The sha256 digest of `bytes`.
+    pub fn sha256_of(bytes: &[u8]) -> Digest {
+        let mut h = Hasher::new("sha256");
+        h.update(bytes);
+        h.finish()
+    }
+
+    /// A hasher of this digest's algorithm, to check content against it.
+    pub fn hasher(&self) -> Hasher {
+        Hasher::new(self.algorithm)
+    }
+}
+
+/// Computes a digest of content fed to it piece by piece.
+pub enum Hasher {
+    /// sha256
+    Sha256(sha2::Sha256),
+    /// sha512
+    Sha512(sha2::Sha512),
+}
+
+impl fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hasher::Sha256(_) => "Hasher(sha256)",
+            Hasher::Sha512(_) => "Hasher(sha512)",
+        })
+    }
+}
+
+impl Hasher {
+    fn new(algorithm: &str) -> Hasher {
+        use sha2::Digest as _;
+        match algorithm {
+            "sha512" => Hasher::Sha512(sha2::Sha512::new()),
+            _ => Hasher::Sha256(sha2::Sha256::new()),
+        }
+    }
+
+    /// A sha256 hasher.
+    pub fn sha256() -> Hasher {
+        Hasher::new("sha256")
+    }
+
+    /// Feeds `bytes`.
+    pub fn update(&mut self, bytes: &[u8]) {
+        use sha2::Digest as _;
+        match self {
+            Hasher::Sha256(h) => h.update(bytes),
+            Hasher::Sha512(h) => h.update(bytes),
+        }
+    }
+
+    /// The digest of everything fed.
+    pub fn finish(self) -> Digest {
+        use sha2::Digest as _;
+        let (algorithm, bytes) = match self {
+            Hasher::Sha256(h) => ("sha256", h.finalize().to_vec()),
+            Hasher::Sha512(h) => ("sha512", h.finalize().to_vec()),
+        };
+        let encoded = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Digest { algorithm, encoded }
+    }
+}
+
+/// A reader that hashes what passes through it.
+#[derive(Debug)]
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Hasher,
+    count: u64,
+}
+
+impl<R: std::io::Read> HashingReader<R> {
+    /// Wraps `inner`, hashing with `hasher`.
+    pub fn new(inner: R, hasher: Hasher) -> Self {
+        HashingReader {
+            inner,
+            hasher,
+            count: 0,
+        }
+    }
+
+    /// The digest of the bytes read so far and their count.
+    pub fn finish(self) -> (Digest, u64) {
+        (self.hasher.finish(), self.count)
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +201,20 @@ mod tests {
         ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn content_hashes_to_its_digest() {
+        assert_eq!(Digest::sha256_of(b"").to_string(), EMPTY_SHA256);
+        let mut r = HashingReader::new(&b"abc"[..], Hasher::sha256());
+        std::io::copy(&mut r, &mut std::io::sink()).unwrap();
+        let (d, n) = r.finish();
+        assert_eq!(n, 3);
+        assert_eq!(
+            d.encoded(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let long: Digest = format!("sha512:{}", "0".repeat(128)).parse().unwrap();
+        assert!(matches!(long.hasher(), Hasher::Sha512(_)));
     }
 }

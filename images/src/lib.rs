@@ -1,6 +1,27 @@
-//! runvm's image store. Blobs are content addressed; this module starts with
-//! the digest type every part of the store keys on.
+//! runvm's OCI image store: a content-addressed blob store, layer
+//! application with the OCI whiteout rules and hostile-input checks,
+//! import of OCI image layouts and `docker save` archives, and the image
+//! index behind `runvm image ls|inspect|rm|prune`.
 
+mod blobs;
+mod create;
 mod digest;
+mod error;
+mod import;
+pub mod layer;
+pub mod reference;
+pub mod scoped;
+mod store;
+mod util;
 
-pub use digest::{Digest, DigestError};
+pub use blobs::Blobs;
+pub use digest::{Digest, DigestError, Hasher, HashingReader};
+pub use error::ImageError;
+
+#[cfg(test)]
+mod layer_tests;
+pub use create::RunSettings;
+pub use reference::Reference;
+pub use store::{GcStats, ImageRecord, Lock, Store, UnpackEvent};
+#[cfg(test)]
+mod store_tests;
