@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 
+use runvm_agent::mount_sys::{Linux, MountSys};
+
 use crate::{LISTENING_MARKER, READY_MARKER};
 
 struct PseudoFs {
@@ -101,16 +103,17 @@ const EXTRAS: &[PseudoFs] = &[
     },
 ];
 
-fn mount_all(list: &[PseudoFs], under: &str) -> Result<(), String> {
+fn mount_all(sys: &mut dyn MountSys, list: &[PseudoFs], under: &str) -> Result<(), String> {
     for fs in list {
         let target = format!("{under}{}", fs.target);
-        fs::create_dir_all(&target).map_err(|e| format!("mkdir {target}: {e}"))?;
-        mount(
+        sys.mkdir_all(&target)
+            .map_err(|e| format!("mkdir {target}: {e}"))?;
+        sys.mount(
             Some(fs.source),
             target.as_str(),
             Some(fs.fstype),
             fs.flags,
-            None::<&str>,
+            None,
         )
         .map_err(|e| format!("mount {} on {target}: {e}", fs.fstype))?;
     }
@@ -154,49 +157,50 @@ impl BootParams {
 pub const ROOTFS: &str = "/run/rootfs";
 
 /// Mounts the container rootfs and the pseudo filesystems it needs inside.
-fn mount_rootfs(tag: &str, read_only: bool, overlay: bool) -> Result<(), String> {
-    fs::create_dir_all(ROOTFS).map_err(|e| format!("mkdir {ROOTFS}: {e}"))?;
+fn mount_rootfs(
+    sys: &mut dyn MountSys,
+    tag: &str,
+    read_only: bool,
+    overlay: bool,
+) -> Result<(), String> {
+    sys.mkdir_all(ROOTFS)
+        .map_err(|e| format!("mkdir {ROOTFS}: {e}"))?;
     if overlay && !read_only {
-        mount_overlay_rootfs(tag)?;
+        mount_overlay_rootfs(sys, tag)?;
     } else {
         let flags = if read_only {
             MsFlags::MS_RDONLY
         } else {
             MsFlags::empty()
         };
-        mount(Some(tag), ROOTFS, Some("virtiofs"), flags, None::<&str>)
+        sys.mount(Some(tag), ROOTFS, Some("virtiofs"), flags, None)
             .map_err(|e| format!("mount virtiofs {tag} on {ROOTFS}: {e}"))?;
     }
-    mount_all(&BASICS[..2], ROOTFS)?;
+    mount_all(sys, &BASICS[..2], ROOTFS)?;
     let dev = format!("{ROOTFS}/dev");
-    fs::create_dir_all(&dev).map_err(|e| format!("mkdir {dev}: {e}"))?;
-    mount(
+    sys.mkdir_all(&dev)
+        .map_err(|e| format!("mkdir {dev}: {e}"))?;
+    sys.mount(
         Some("/dev"),
         dev.as_str(),
-        None::<&str>,
+        None,
         MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
+        None,
     )
     .map_err(|e| format!("bind /dev into the rootfs: {e}"))?;
     Ok(())
 }
 
 /// The share read-only below, a tmpfs for the container's changes above.
-fn mount_overlay_rootfs(tag: &str) -> Result<(), String> {
+fn mount_overlay_rootfs(sys: &mut dyn MountSys, tag: &str) -> Result<(), String> {
     const LOWER: &str = "/run/rootfs-lower";
     const RW: &str = "/run/rootfs-rw";
     for d in [LOWER, RW] {
-        fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
+        sys.mkdir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
     }
-    mount(
-        Some(tag),
-        LOWER,
-        Some("virtiofs"),
-        MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .map_err(|e| format!("mount virtiofs {tag} on {LOWER}: {e}"))?;
-    mount(
+    sys.mount(Some(tag), LOWER, Some("virtiofs"), MsFlags::MS_RDONLY, None)
+        .map_err(|e| format!("mount virtiofs {tag} on {LOWER}: {e}"))?;
+    sys.mount(
         Some("tmpfs"),
         RW,
         Some("tmpfs"),
@@ -205,10 +209,12 @@ fn mount_overlay_rootfs(tag: &str) -> Result<(), String> {
     )
     .map_err(|e| format!("mount the overlay's tmpfs: {e}"))?;
     for d in ["upper", "work"] {
-        fs::create_dir_all(format!("{RW}/{d}")).map_err(|e| format!("mkdir {RW}/{d}: {e}"))?;
+        let dir = format!("{RW}/{d}");
+        sys.mkdir_all(&dir)
+            .map_err(|e| format!("mkdir {dir}: {e}"))?;
     }
     let data = format!("lowerdir={LOWER},upperdir={RW}/upper,workdir={RW}/work");
-    mount(
+    sys.mount(
         Some("overlay"),
         ROOTFS,
         Some("overlay"),
@@ -257,7 +263,7 @@ fn prepare() -> Result<BootParams, String> {
     // The initramfs stays in memory under the new root: leave no copy.
     let _ = fs::remove_file(&seed_path);
     leave_initramfs()?;
-    mount_all(BASICS, "")?;
+    mount_all(&mut Linux, BASICS, "")?;
     if let Some(seed) = seed {
         match runvm_agent::entropy::seed("/dev/urandom", &seed) {
             Ok(()) => eprintln!(
@@ -267,7 +273,7 @@ fn prepare() -> Result<BootParams, String> {
             Err(e) => eprintln!("runvm-agent: seeding the random pool: {e}"),
         }
     }
-    mount_all(EXTRAS, "")?;
+    mount_all(&mut Linux, EXTRAS, "")?;
     if !copied.is_empty() {
         let dir = runvm_agent::mount_ns::COPIED_FILES;
         fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
@@ -281,7 +287,7 @@ fn prepare() -> Result<BootParams, String> {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h}: {e}"))?;
     }
     if let Some(tag) = &params.rootfs_tag {
-        mount_rootfs(tag, params.rootfs_ro, params.rootfs_overlay)?;
+        mount_rootfs(&mut Linux, tag, params.rootfs_ro, params.rootfs_overlay)?;
     }
     Ok(params)
 }
@@ -378,5 +384,89 @@ mod tests {
         );
         assert!(BootParams::parse("runvm.rootfs=root runvm.rootfs_overlay").rootfs_overlay);
         assert_eq!(BootParams::parse("quiet"), BootParams::default());
+    }
+
+    use runvm_agent::mount_sys::Recorder;
+
+    fn f(flags: MsFlags) -> String {
+        format!("{flags:?}")
+    }
+
+    #[test]
+    fn an_overlay_rootfs_is_a_read_only_share_under_a_tmpfs_upper_layer() {
+        let mut sys = Recorder::default();
+        mount_rootfs(&mut sys, "root", false, true).unwrap();
+        let nsn = f(MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
+        assert_eq!(
+            sys.calls,
+            [
+                "mkdir /run/rootfs".to_string(),
+                "mkdir /run/rootfs-lower".into(),
+                "mkdir /run/rootfs-rw".into(),
+                format!(
+                    "mount root /run/rootfs-lower virtiofs {}",
+                    f(MsFlags::MS_RDONLY)
+                ),
+                format!(
+                    "mount tmpfs /run/rootfs-rw tmpfs {} mode=0755",
+                    f(MsFlags::empty())
+                ),
+                "mkdir /run/rootfs-rw/upper".into(),
+                "mkdir /run/rootfs-rw/work".into(),
+                format!(
+                    "mount overlay /run/rootfs overlay {} lowerdir=/run/rootfs-lower,\
+                     upperdir=/run/rootfs-rw/upper,workdir=/run/rootfs-rw/work",
+                    f(MsFlags::empty())
+                ),
+                "mkdir /run/rootfs/proc".into(),
+                format!("mount proc /run/rootfs/proc proc {nsn}"),
+                "mkdir /run/rootfs/sys".into(),
+                format!("mount sysfs /run/rootfs/sys sysfs {nsn}"),
+                "mkdir /run/rootfs/dev".into(),
+                format!(
+                    "mount /dev /run/rootfs/dev - {}",
+                    f(MsFlags::MS_BIND | MsFlags::MS_REC)
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_read_only_rootfs_is_mounted_read_only_and_overlay_is_moot() {
+        let mut sys = Recorder::default();
+        mount_rootfs(&mut sys, "root", true, true).unwrap();
+        assert_eq!(
+            sys.calls[1],
+            format!("mount root /run/rootfs virtiofs {}", f(MsFlags::MS_RDONLY))
+        );
+        assert!(!sys.calls.iter().any(|c| c.contains("overlay")));
+        let mut sys = Recorder::default();
+        mount_rootfs(&mut sys, "root", false, false).unwrap();
+        assert_eq!(
+            sys.calls[1],
+            format!("mount root /run/rootfs virtiofs {}", f(MsFlags::empty()))
+        );
+    }
+
+    #[test]
+    fn a_failed_step_stops_the_setup_and_says_which() {
+        let mut sys = Recorder {
+            fail_at: Some("mount tmpfs /run/rootfs-rw".into()),
+            ..Default::default()
+        };
+        let e = mount_rootfs(&mut sys, "root", false, true).unwrap_err();
+        assert!(e.contains("overlay's tmpfs") && e.contains("EPERM"), "{e}");
+        assert!(sys
+            .calls
+            .last()
+            .unwrap()
+            .starts_with("mount tmpfs /run/rootfs-rw"));
+        let mut sys = Recorder {
+            fail_at: Some("mkdir /dev/shm".into()),
+            ..Default::default()
+        };
+        let e = mount_all(&mut sys, EXTRAS, "").unwrap_err();
+        assert!(e.starts_with("mkdir /dev/shm"), "{e}");
+        assert_eq!(sys.calls.len(), 3, "{:?}", sys.calls);
     }
 }

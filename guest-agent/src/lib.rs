@@ -6,6 +6,7 @@ pub mod child_setup;
 pub mod entropy;
 pub mod figures;
 pub mod mount_ns;
+pub mod mount_sys;
 pub mod network;
 pub mod procfs;
 pub mod reaper;

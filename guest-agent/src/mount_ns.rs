@@ -9,9 +9,10 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sched::{unshare, CloneFlags};
+use nix::mount::{mount, MsFlags};
 use runvm_protocol::GuestMount;
+
+use crate::mount_sys::{Linux, MountSys};
 
 /// A live container mount namespace.
 #[derive(Debug)]
@@ -70,47 +71,7 @@ impl MountNs {
 /// `--hold-mount-ns ROOTFS [MOUNTS]`: sets up the namespace, says `ready`,
 /// and waits until its stdin closes.
 pub fn hold(rootfs: &Path, mounts: &[GuestMount]) -> Result<(), String> {
-    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare: {e}"))?;
-    // Nothing done here may propagate back to the agent's namespace.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("make / private: {e}"))?;
-    mount(
-        Some(rootfs),
-        rootfs,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| format!("bind the rootfs: {e}"))?;
-    // Copied files are bound while the agent's copies are still in view;
-    // their destinations resolve inside the rootfs all the same.
-    let mut read_only_files = Vec::new();
-    for m in mounts.iter().filter(|m| m.fstype == "file") {
-        bind_copied_file(rootfs, m)?;
-        if m.flags.iter().any(|f| f == "ro") {
-            read_only_files.push(destination(m)?);
-        }
-    }
-    nix::unistd::chdir(rootfs).map_err(|e| format!("chdir rootfs: {e}"))?;
-    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach the old root: {e}"))?;
-    nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
-    // Only now, with the container's root as `/` and the old root gone, do
-    // destinations resolve: a symlink in the rootfs cannot lead outside it.
-    for m in mounts.iter().filter(|m| m.fstype != "file") {
-        mount_one(m)?;
-    }
-    for dest in read_only_files {
-        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
-        mount(None::<&str>, dest, None::<&str>, flags, None::<&str>)
-            .map_err(|e| format!("make {dest} read-only: {e}"))?;
-    }
+    setup(&mut Linux, rootfs, mounts)?;
     println!("ready");
     let mut sink = String::new();
     while io::stdin()
@@ -118,6 +79,83 @@ pub fn hold(rootfs: &Path, mounts: &[GuestMount]) -> Result<(), String> {
         .map(|n| n > 0)
         .unwrap_or(false)
     {}
+    Ok(())
+}
+
+/// A checked mount: its destination and flags.
+struct Checked<'a> {
+    m: &'a GuestMount,
+    dest: &'a str,
+    flags: MsFlags,
+}
+
+/// Makes this process's new mount namespace: `rootfs` as `/` with the old
+/// root detached, and `mounts` in it. Every mount is checked before the
+/// first system call.
+pub fn setup(sys: &mut dyn MountSys, rootfs: &Path, mounts: &[GuestMount]) -> Result<(), String> {
+    let mut checked = Vec::new();
+    for m in mounts {
+        let mut flags = MsFlags::empty();
+        for f in &m.flags {
+            flags |= flag(f)?;
+        }
+        checked.push(Checked {
+            m,
+            dest: destination(m)?,
+            flags,
+        });
+    }
+    let root = rootfs
+        .to_str()
+        .ok_or_else(|| format!("rootfs path {} is not UTF-8", rootfs.display()))?;
+    sys.unshare_mount_ns()
+        .map_err(|e| format!("unshare: {e}"))?;
+    // Nothing done here may propagate back to the agent's namespace.
+    sys.mount(None, "/", None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)
+        .map_err(|e| format!("make / private: {e}"))?;
+    sys.mount(
+        Some(root),
+        root,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )
+    .map_err(|e| format!("bind the rootfs: {e}"))?;
+    // Copied files are bound while the agent's copies are still in view;
+    // their destinations resolve inside the rootfs all the same.
+    let (files, others): (Vec<_>, Vec<_>) = checked.iter().partition(|c| c.m.fstype == "file");
+    for c in &files {
+        sys.bind_copied_file(rootfs, c.m)?;
+    }
+    sys.chdir(root).map_err(|e| format!("chdir rootfs: {e}"))?;
+    sys.pivot_root_here()
+        .map_err(|e| format!("pivot_root: {e}"))?;
+    sys.umount_detach(".")
+        .map_err(|e| format!("detach the old root: {e}"))?;
+    sys.chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    // Only now, with the container's root as `/` and the old root gone, do
+    // destinations resolve: a symlink in the rootfs cannot lead outside it.
+    for c in &others {
+        sys.mkdir_all(c.dest)
+            .map_err(|e| format!("mount point {}: {e}", c.dest))?;
+        let data = (!c.m.data.is_empty()).then_some(c.m.data.as_str());
+        sys.mount(
+            Some(c.m.source.as_str()),
+            c.dest,
+            Some(c.m.fstype.as_str()),
+            c.flags,
+            data,
+        )
+        .map_err(|e| format!("mount {} {} on {}: {e}", c.m.fstype, c.m.source, c.dest))?;
+    }
+    for c in files
+        .iter()
+        .filter(|c| c.flags.contains(MsFlags::MS_RDONLY))
+    {
+        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+        sys.mount(None, c.dest, None, flags, None)
+            .map_err(|e| format!("make {} read-only: {e}", c.dest))?;
+    }
     Ok(())
 }
 
@@ -191,7 +229,7 @@ fn mkdir_in_root(root: &OwnedFd, rel: &str) -> io::Result<OwnedFd> {
 /// rootfs, creating an empty file (and its directories) there first if
 /// need be. The bind goes through /proc/self/fd, so what is mounted on is
 /// exactly the file that was resolved inside the rootfs.
-fn bind_copied_file(rootfs: &Path, m: &GuestMount) -> Result<(), String> {
+pub(crate) fn bind_copied_file(rootfs: &Path, m: &GuestMount) -> Result<(), String> {
     use std::os::fd::AsRawFd;
     let dest = destination(m)?;
     if m.source.is_empty() || !m.source.bytes().all(|b| b.is_ascii_digit()) {
@@ -274,26 +312,6 @@ fn destination(m: &GuestMount) -> Result<&str, String> {
     Ok(d)
 }
 
-/// Mounts `m` in the current (container) namespace, creating its mount
-/// point.
-fn mount_one(m: &GuestMount) -> Result<(), String> {
-    let dest = destination(m)?;
-    let mut flags = MsFlags::empty();
-    for f in &m.flags {
-        flags |= flag(f)?;
-    }
-    std::fs::create_dir_all(dest).map_err(|e| format!("mount point {dest}: {e}"))?;
-    let data = (!m.data.is_empty()).then_some(m.data.as_str());
-    mount(
-        Some(m.source.as_str()),
-        dest,
-        Some(m.fstype.as_str()),
-        flags,
-        data,
-    )
-    .map_err(|e| format!("mount {} {} on {dest}: {e}", m.fstype, m.source))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,5 +373,93 @@ mod tests {
         assert_eq!(flag("ro").unwrap(), MsFlags::MS_RDONLY);
         assert_eq!(flag("rw").unwrap(), MsFlags::empty());
         assert!(flag("bogus").is_err());
+    }
+
+    use crate::mount_sys::Recorder;
+
+    fn mount(dest: &str, fstype: &str, source: &str, flags: &[&str], data: &str) -> GuestMount {
+        GuestMount {
+            destination: dest.into(),
+            fstype: fstype.into(),
+            source: source.into(),
+            flags: flags.iter().map(|f| f.to_string()).collect(),
+            data: data.into(),
+        }
+    }
+
+    #[test]
+    fn the_namespace_pivots_into_the_rootfs_before_mounting_in_it() {
+        let mounts = [
+            mount("/run/data", "tmpfs", "tmpfs", &["nosuid", "ro"], "size=1m"),
+            mount("/etc/hosts", "file", "0", &["ro"], ""),
+            mount("/proc2", "proc", "proc", &[], ""),
+            mount("/etc/motd", "file", "1", &[], ""),
+        ];
+        let mut sys = Recorder::default();
+        setup(&mut sys, Path::new("/run/rootfs"), &mounts).unwrap();
+        let f = |flags: MsFlags| format!("{flags:?}");
+        assert_eq!(
+            sys.calls,
+            [
+                "unshare mnt".to_string(),
+                format!("mount - / - {}", f(MsFlags::MS_REC | MsFlags::MS_PRIVATE)),
+                format!(
+                    "mount /run/rootfs /run/rootfs - {}",
+                    f(MsFlags::MS_BIND | MsFlags::MS_REC)
+                ),
+                "bind-file /run/rootfs 0 /etc/hosts".into(),
+                "bind-file /run/rootfs 1 /etc/motd".into(),
+                "chdir /run/rootfs".into(),
+                "pivot_root . .".into(),
+                "umount-detach .".into(),
+                "chdir /".into(),
+                "mkdir /run/data".into(),
+                format!(
+                    "mount tmpfs /run/data tmpfs {} size=1m",
+                    f(MsFlags::MS_NOSUID | MsFlags::MS_RDONLY)
+                ),
+                "mkdir /proc2".into(),
+                format!("mount proc /proc2 proc {}", f(MsFlags::empty())),
+                format!(
+                    "mount - /etc/hosts - {}",
+                    f(MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY)
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_mount_is_refused_before_anything_changes() {
+        for bad in [
+            mount("/ok", "tmpfs", "tmpfs", &["bogus"], ""),
+            mount("relative", "tmpfs", "tmpfs", &[], ""),
+            mount("/a/../../etc", "tmpfs", "tmpfs", &[], ""),
+        ] {
+            let mounts = [mount("/first", "tmpfs", "tmpfs", &[], ""), bad];
+            let mut sys = Recorder::default();
+            assert!(setup(&mut sys, Path::new("/r"), &mounts).is_err());
+            assert!(sys.calls.is_empty(), "{:?}", sys.calls);
+        }
+    }
+
+    #[test]
+    fn a_failed_pivot_mounts_nothing_in_the_rootfs() {
+        let mounts = [mount("/data", "tmpfs", "tmpfs", &[], "")];
+        let mut sys = Recorder {
+            fail_at: Some("pivot_root".into()),
+            ..Default::default()
+        };
+        let e = setup(&mut sys, Path::new("/r"), &mounts).unwrap_err();
+        assert!(e.starts_with("pivot_root"), "{e}");
+        assert_eq!(sys.calls.last().unwrap(), "pivot_root . .");
+        let mut sys = Recorder {
+            fail_at: Some("mount tmpfs /data".into()),
+            ..Default::default()
+        };
+        let e = setup(&mut sys, Path::new("/r"), &mounts).unwrap_err();
+        assert_eq!(
+            e,
+            "mount tmpfs tmpfs on /data: EPERM: Operation not permitted"
+        );
     }
 }
