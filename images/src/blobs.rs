@@ -6,7 +6,10 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use tempfile::NamedTempFile;
 
 use crate::digest::{Digest, HashingReader};
 use crate::error::{io_err, ImageError};
@@ -123,21 +126,29 @@ impl Blobs {
         &self,
         reader: impl Read,
         hasher: crate::digest::Hasher,
-    ) -> Result<(Digest, u64, tempfile_lite::TempFile), ImageError> {
-        let mut tmp = tempfile_lite::TempFile::create_in(&self.tmp)?;
+    ) -> Result<(Digest, u64, NamedTempFile), ImageError> {
+        fs::create_dir_all(&self.tmp).map_err(io_err(format!("mkdir {}", self.tmp.display())))?;
+        // Readable like the rest of the store (tempfile's default is 0600).
+        let mut tmp = tempfile::Builder::new()
+            .prefix("blob-")
+            .permissions(fs::Permissions::from_mode(0o644))
+            .tempfile_in(&self.tmp)
+            .map_err(io_err(format!("create a file in {}", self.tmp.display())))?;
         let mut r = HashingReader::new(reader, hasher);
-        io::copy(&mut r, tmp.file()).map_err(io_err("write a blob"))?;
-        tmp.file().flush().map_err(io_err("write a blob"))?;
-        tmp.file().sync_all().map_err(io_err("sync a blob"))?;
+        io::copy(&mut r, tmp.as_file_mut()).map_err(io_err("write a blob"))?;
+        tmp.as_file_mut().flush().map_err(io_err("write a blob"))?;
+        tmp.as_file().sync_all().map_err(io_err("sync a blob"))?;
         let (d, len) = r.finish();
         Ok((d, len, tmp))
     }
 
-    fn commit(&self, tmp: tempfile_lite::TempFile, dest: &Path) -> Result<(), ImageError> {
+    fn commit(&self, tmp: NamedTempFile, dest: &Path) -> Result<(), ImageError> {
         if let Some(dir) = dest.parent() {
             fs::create_dir_all(dir).map_err(io_err(format!("mkdir {}", dir.display())))?;
         }
         tmp.persist(dest)
+            .map(|_| ())
+            .map_err(|e| io_err(format!("rename into {}", dest.display()))(e.error))
     }
 
     /// Removes a blob; gone already is fine.
@@ -169,71 +180,6 @@ impl Blobs {
             }
         }
         Ok(out)
-    }
-}
-
-/// A file in the store's staging directory, removed unless persisted.
-mod tempfile_lite {
-    use std::fs::{self, File, OpenOptions};
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::path::{Path, PathBuf};
-
-    use crate::error::{io_err, ImageError};
-
-    #[derive(Debug)]
-    pub struct TempFile {
-        path: PathBuf,
-        file: File,
-        keep: bool,
-    }
-
-    impl TempFile {
-        pub fn create_in(dir: &Path) -> Result<Self, ImageError> {
-            fs::create_dir_all(dir).map_err(io_err(format!("mkdir {}", dir.display())))?;
-            for attempt in 0u32.. {
-                let path = dir.join(format!(
-                    "blob-{}-{}-{attempt}",
-                    std::process::id(),
-                    crate::util::nanos()
-                ));
-                match OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o644)
-                    .open(&path)
-                {
-                    Ok(file) => {
-                        return Ok(TempFile {
-                            path,
-                            file,
-                            keep: false,
-                        })
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {}
-                    Err(e) => return Err(io_err(format!("create {}", path.display()))(e)),
-                }
-            }
-            unreachable!("the loop returns")
-        }
-
-        pub fn file(&mut self) -> &mut File {
-            &mut self.file
-        }
-
-        pub fn persist(mut self, dest: &Path) -> Result<(), ImageError> {
-            fs::rename(&self.path, dest)
-                .map_err(io_err(format!("rename into {}", dest.display())))?;
-            self.keep = true;
-            Ok(())
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            if !self.keep {
-                let _ = fs::remove_file(&self.path);
-            }
-        }
     }
 }
 

@@ -3,12 +3,11 @@
 //! registry and no network.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::digest::{Digest, Hasher};
+use crate::digest::{Digest, Hasher, HashingWriter};
 use crate::error::{io_err, ImageError};
 use crate::reference::Reference;
 use crate::store::{ImageRecord, Store};
@@ -34,23 +33,6 @@ pub struct RunSettings {
     pub user: String,
 }
 
-/// A writer that hashes and counts what it passes on.
-struct Tee<W> {
-    inner: W,
-    hasher: Hasher,
-}
-
-impl<W: Write> Write for Tee<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 impl Store {
     /// Stores `dir` as a gzip layer of a new linux/amd64 image named `name`.
     pub fn create_from_dir(
@@ -67,18 +49,13 @@ impl Store {
             )));
         }
         let _writing = self.writing()?;
-        let staged = self.tmp().join(format!(
-            "layer-{}-{}.tar.gz",
-            std::process::id(),
-            crate::util::nanos()
-        ));
-        let result = self.stage_layer(dir, &staged);
-        let result = result.and_then(|diff_id| {
-            let (layer, layer_size) = self.blobs().put_file(&staged)?;
-            Ok((diff_id, layer, layer_size))
-        });
-        let _ = std::fs::remove_file(&staged);
-        let (diff_id, layer, layer_size) = result?;
+        // Removed when `staged` goes; the blob store keeps its own copy.
+        let staged = tempfile::Builder::new()
+            .prefix("layer-")
+            .tempfile_in(self.tmp())
+            .map_err(io_err(format!("create a file in {}", self.tmp().display())))?;
+        let diff_id = self.stage_layer(dir, staged.as_file())?;
+        let (layer, layer_size) = self.blobs().put_file(staged.path())?;
         let created = now_rfc3339();
         let config = serde_json::json!({
             "created": created,
@@ -109,24 +86,19 @@ impl Store {
     }
 
     /// Writes `dir` as a gzip tarball to `dest`; returns the tar's digest.
-    fn stage_layer(&self, dir: &Path, dest: &Path) -> Result<Digest, ImageError> {
-        let file = File::create(dest).map_err(io_err(format!("create {}", dest.display())))?;
-        let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
-        let tee = Tee {
-            inner: gz,
-            hasher: Hasher::sha256(),
-        };
+    fn stage_layer(&self, dir: &Path, dest: &File) -> Result<Digest, ImageError> {
+        let gz = flate2::write::GzEncoder::new(dest, flate2::Compression::default());
+        let tee = HashingWriter::new(gz, Hasher::sha256());
         let mut b = tar::Builder::new(tee);
         b.follow_symlinks(false);
         b.append_dir_all(".", dir)
             .map_err(io_err(format!("archive {}", dir.display())))?;
         let tee = b.into_inner().map_err(io_err("finish the layer"))?;
-        let Tee { inner, hasher } = tee;
-        inner
-            .finish()
+        let (gz, diff_id) = tee.finish();
+        gz.finish()
             .and_then(|f| f.sync_all())
             .map_err(io_err("finish the layer"))?;
-        Ok(hasher.finish())
+        Ok(diff_id)
     }
 }
 

@@ -174,6 +174,37 @@ impl<R: std::io::Read> std::io::Read for HashingReader<R> {
     }
 }
 
+/// A writer that hashes what passes through it.
+#[derive(Debug)]
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Hasher,
+}
+
+impl<W: std::io::Write> HashingWriter<W> {
+    /// Wraps `inner`, hashing with `hasher`.
+    pub fn new(inner: W, hasher: Hasher) -> Self {
+        HashingWriter { inner, hasher }
+    }
+
+    /// The inner writer and the digest of the bytes written.
+    pub fn finish(self) -> (W, Digest) {
+        (self.inner, self.hasher.finish())
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,6 +56,9 @@ pub enum ImageError {
         /// The parser's error.
         source: serde_json::Error,
     },
+    /// The registry refused, failed or went away.
+    #[error("registry: {0}")]
+    Registry(String),
     /// No such image (or blob).
     #[error("no image {0:?} in the store")]
     NotFound(String),

@@ -39,24 +39,15 @@ impl Store {
         if meta.is_dir() {
             return self.import_dir(path, name.as_ref());
         }
-        let staging = self.tmp().join(format!(
-            "import-{}-{}",
-            std::process::id(),
-            crate::util::nanos()
-        ));
-        fs::create_dir(&staging).map_err(io_err(format!("mkdir {}", staging.display())))?;
-        let result = File::open(path)
-            .map_err(io_err(format!("open {}", path.display())))
-            .and_then(|f| {
-                let unprivileged = ApplyOptions { privileged: false };
-                layer::apply(f, &staging, unprivileged).map_err(|e| match e {
-                    ImageError::Format(m) => ImageError::Format(format!("{}: {m}", path.display())),
-                    e => e,
-                })
-            })
-            .and_then(|_| self.import_dir(&staging, name.as_ref()));
-        let _ = fs::remove_dir_all(&staging);
-        result
+        // Removed, whatever happens, when `staging` goes.
+        let staging = self.staging_dir("import-")?;
+        let f = File::open(path).map_err(io_err(format!("open {}", path.display())))?;
+        let unprivileged = ApplyOptions { privileged: false };
+        layer::apply(f, staging.path(), unprivileged).map_err(|e| match e {
+            ImageError::Format(m) => ImageError::Format(format!("{}: {m}", path.display())),
+            e => e,
+        })?;
+        self.import_dir(staging.path(), name.as_ref())
     }
 
     fn import_dir(

@@ -9,18 +9,19 @@ mod digest;
 mod error;
 mod import;
 pub mod layer;
+mod pull;
 pub mod reference;
 pub mod scoped;
 mod store;
-mod util;
 
 pub use blobs::Blobs;
-pub use digest::{Digest, DigestError, Hasher, HashingReader};
+pub use digest::{Digest, DigestError, Hasher, HashingReader, HashingWriter};
 pub use error::ImageError;
 
 #[cfg(test)]
 mod layer_tests;
 pub use create::RunSettings;
+pub use pull::{is_loopback, PullEvent, PullOptions};
 pub use reference::Reference;
 pub use store::{GcStats, ImageRecord, Lock, Store, UnpackEvent};
 #[cfg(test)]

@@ -51,7 +51,8 @@ pub fn entry_name(raw: &[u8]) -> Result<Option<PathBuf>, ImageError> {
     Ok((!rel.as_os_str().is_empty()).then_some(rel))
 }
 
-/// Resolves `rel` (already checked by [`entry_name`]) under `root`,
+/// Resolves `rel` (already checked by [`entry_name`]) under `root`, to a
+/// path relative to `root`,
 /// following symlinks inside the rootfs. With `create`, `rel` names a
 /// directory: missing ones on the way, and it, are made (mode 0755) as tar
 /// does for an entry's parents. The last component is followed only with

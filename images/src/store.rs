@@ -137,6 +137,18 @@ impl Store {
         self.root.join("tmp")
     }
 
+    /// A new directory under [`Store::tmp`], removed with the guard unless
+    /// kept.
+    pub(crate) fn staging_dir(&self, prefix: &str) -> Result<tempfile::TempDir, ImageError> {
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(self.tmp())
+            .map_err(io_err(format!(
+                "create a directory in {}",
+                self.tmp().display()
+            )))
+    }
+
     /// Held while importing or unpacking; garbage collection waits for it.
     pub fn writing(&self) -> Result<Lock, ImageError> {
         Lock::take(&self.root.join("gc.lock"), false)
@@ -293,27 +305,18 @@ impl Store {
         let _writing = self.writing()?;
         let m = self.manifest(rec)?;
         let config = self.config(rec)?;
-        let staging = self.tmp().join(format!(
-            "rootfs-{}-{}",
-            std::process::id(),
-            crate::util::nanos()
-        ));
-        let result = self.unpack_into(&m, &config, &staging, progress);
-        let result = result.and_then(|()| match fs::rename(&staging, &dest) {
-            Ok(()) => Ok(()),
-            // Another process unpacked it first: theirs is as good.
-            Err(_) if dest.is_dir() => Err(ImageError::Format(String::new())),
-            Err(e) => Err(io_err(format!("rename into {}", dest.display()))(e)),
-        });
-        match result {
-            Ok(()) => Ok(dest),
-            Err(e) => {
-                let _ = fs::remove_dir_all(&staging);
-                match e {
-                    ImageError::Format(s) if s.is_empty() => Ok(dest),
-                    e => Err(e),
-                }
+        let staging = self.staging_dir("rootfs-")?;
+        self.unpack_into(&m, &config, staging.path(), progress)?;
+        match fs::rename(staging.path(), &dest) {
+            Ok(()) => {
+                // Renamed away: nothing is left for the guard to remove.
+                let _ = staging.keep();
+                Ok(dest)
             }
+            // Another process unpacked it first: theirs is as good, and
+            // ours goes with the guard.
+            Err(_) if dest.is_dir() => Ok(dest),
+            Err(e) => Err(io_err(format!("rename into {}", dest.display()))(e)),
         }
     }
 
@@ -324,7 +327,6 @@ impl Store {
         staging: &Path,
         progress: &mut dyn FnMut(UnpackEvent),
     ) -> Result<(), ImageError> {
-        fs::create_dir(staging).map_err(io_err(format!("mkdir {}", staging.display())))?;
         let opts = ApplyOptions::for_this_process();
         let total = m.layers().len();
         for (i, (l, want)) in m
