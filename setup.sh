@@ -21,10 +21,11 @@ command -v cargo >/dev/null ||
     die "cargo is not installed; runvm needs a Rust toolchain >= 1.85 (rustup, https://rustup.rs)"
 
 # containerd, podman (with conmon) and runc: the engines the runtime tests drive
-# runvm from, and the runtime its benchmark compares with.
+# runvm from, and the runtime its benchmark compares with; docker-registry: the
+# registry the pull tests start on 127.0.0.1.
 packages=(build-essential bc flex bison libelf-dev libssl-dev xz-utils zstd kmod cpio
     busybox-static qemu-system-x86 linux-source-6.12 iproute2
-    containerd podman conmon runc)
+    containerd podman conmon runc docker-registry)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -51,6 +52,24 @@ if [ "$(id -u)" = 0 ]; then
     install -D -m 0755 "${CARGO_TARGET_DIR:-target}/debug/runvm" /usr/local/bin/runvm
     install -D -m 0644 "$RUNVM_GUEST_KERNEL_DIR/vmlinux" /usr/local/share/runvm/vmlinux
     install -D -m 0755 "$RUNVM_AGENT_BIN" /usr/local/share/runvm/runvm-agent
+    # The embedded default image, built offline from Debian's busybox-static,
+    # so `runvm run busybox ...` needs no registry.
+    if ! /usr/local/bin/runvm image inspect busybox >/dev/null 2>&1; then
+        log "image busybox (Debian's busybox-static) into the store /var/lib/runvm"
+        src=$(mktemp -d)
+        trap 'rm -rf "$src"' EXIT
+        mkdir -p "$src"/{bin,etc,tmp,root,proc,sys,dev}
+        chmod 1777 "$src/tmp"
+        cp /bin/busybox "$src/bin/busybox"
+        for a in $(/bin/busybox --list); do
+            [ "$a" = busybox ] || ln -s busybox "$src/bin/$a"
+        done
+        printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$src/etc/passwd"
+        printf 'root:x:0:\nnogroup:x:65534:\n' > "$src/etc/group"
+        /usr/local/bin/runvm image create busybox "$src" --cmd sh -e PATH=/bin >/dev/null
+        rm -rf "$src"
+        trap - EXIT
+    fi
 fi
 if [ "$(tests/testhost/testhost.sh mode)" = testhost ]; then
     log "KVM test host (no VT-x/AMD-V here: KVM runs nested under QEMU TCG)"
@@ -58,9 +77,10 @@ if [ "$(tests/testhost/testhost.sh mode)" = testhost ]; then
 fi
 
 [ "$run_job" = 1 ] || exit 0
-log "main job: runvm runs a busybox container (runvm spec + runvm run) in a KVM micro-VM"
+log "main job: runvm runs a busybox container in a KVM micro-VM (runvm spec + runvm run; runvm image create + runvm run --rm busybox)"
 # The tests route themselves into the test host when this machine needs one.
 out=$(cargo test --quiet -p runvm-tests --test smoke -- --nocapture 2>&1) ||
     { echo "$out" >&2; die "the micro-VM did not boot or the container did not run (output above)"; }
 echo "$out" | grep -m1 -o 'runvm-vmm spawn to agent ready.*'
 echo "$out" | grep -m1 -o 'runvm run (boot, run, shutdown).*'
+echo "$out" | grep -m1 -o 'runvm run --rm busybox (unpack.*'

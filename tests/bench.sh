@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Runs a benchmark that prints figures: tests/bench.sh boot|devices|runtime
+# Runs a benchmark that prints figures: tests/bench.sh boot|devices|runtime|unpack
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 case "${1:-}" in
     boot | devices | runtime) ;;
-    *) echo "usage: $0 boot|devices|runtime" >&2; exit 2 ;;
+    # Host-only: no guest, no KVM.
+    unpack) exec cargo bench --quiet -p runvm-images --bench unpack ;;
+    *) echo "usage: $0 boot|devices|runtime|unpack" >&2; exit 2 ;;
 esac
 RUNVM_GUEST_KERNEL_DIR=$(kernel-config/build.sh)
 RUNVM_AGENT_BIN=$(guest-agent/build-static.sh)

@@ -5,9 +5,11 @@
 mod assets;
 mod bundle;
 mod console;
+mod containers;
 mod control;
 mod exec;
 mod fdpass;
+mod image_cmd;
 mod info;
 mod lifecycle;
 mod logger;
@@ -16,8 +18,10 @@ mod mounts;
 mod network;
 mod relay;
 mod report;
+mod run_args;
 mod signals;
 mod state;
+mod stdout;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +57,10 @@ struct Cli {
     /// Log debug lines too.
     #[arg(long, global = true)]
     debug: bool,
+    /// The image store (images, their unpacked rootfs, containers made
+    /// from them).
+    #[arg(long, global = true, env = "RUNVM_STORE", default_value = image_cmd::DEFAULT_STORE)]
+    store: PathBuf,
     /// Accepted for runc compatibility; a VM has no host cgroup driver to pick.
     #[arg(long, global = true, hide = true)]
     systemd_cgroup: bool,
@@ -104,18 +112,50 @@ enum Cmd {
         /// Container ID.
         id: String,
     },
-    /// Create and start a container; wait for it unless detached.
+    /// Run a container: `runvm run [OPTIONS] IMAGE [CMD...]` (docker's), or
+    /// `runvm run ID --bundle B` (runc's); `runvm run --help` for both.
+    #[command(disable_help_flag = true)]
     Run {
+        /// The options and arguments of either form.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Stop containers: SIGTERM, then SIGKILL after a grace period.
+    Stop {
+        /// Seconds to wait before SIGKILL.
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+        /// Container IDs.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove containers made by `runvm run IMAGE`.
+    Rm {
+        /// Also remove running containers, killing them.
+        #[arg(short, long)]
+        force: bool,
+        /// Container IDs.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Print what a container made by `runvm run IMAGE` wrote.
+    Logs {
+        /// Keep printing until the container stops.
+        #[arg(short, long)]
+        follow: bool,
         /// Container ID.
         id: String,
-        #[command(flatten)]
-        opts: CreateOpts,
-        /// Return once the process started.
-        #[arg(short, long)]
-        detach: bool,
-        /// Keep the container's state after it exits.
-        #[arg(long)]
-        keep: bool,
+    },
+    /// Manage images: import, create, ls, inspect, rm, prune.
+    Image {
+        #[command(subcommand)]
+        cmd: image_cmd::ImageCmd,
+    },
+    /// Internal: removes a `run -d --rm` container once it stops.
+    #[command(hide = true)]
+    Reap {
+        /// Container ID.
+        id: String,
     },
     /// Run one more process in a running container.
     Exec {
@@ -124,13 +164,20 @@ enum Cmd {
         #[command(flatten)]
         opts: exec::ExecOpts,
     },
-    /// List the processes of a container (guest PIDs).
+    /// List the processes of a container (guest PIDs); without an ID, the
+    /// containers `runvm run IMAGE` made.
     Ps {
         /// table or json (a JSON array of PIDs).
         #[arg(short, long, default_value = "table")]
         format: String,
+        /// Without an ID: stopped containers too.
+        #[arg(short, long)]
+        all: bool,
+        /// Without an ID: only IDs.
+        #[arg(short, long)]
+        quiet: bool,
         /// Container ID.
-        id: String,
+        id: Option<String>,
         /// ps options: not supported (the processes are in the guest).
         #[arg(trailing_var_arg = true, hide = true)]
         ps_args: Vec<String>,
@@ -270,38 +317,50 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             )?;
         }
         Cmd::Start { id } => lifecycle::start(&g, &id)?,
-        Cmd::State { id } => println!("{}", info::state(&g.root, &id)?),
+        Cmd::State { id } => stdout::line(&info::state(&g.root, &id)?)?,
         Cmd::Kill { all, id, signal } => lifecycle::kill_container(&g, &id, &signal, all)?,
         Cmd::Delete { force, id } => lifecycle::delete(&g, &id, force)?,
-        Cmd::Run {
-            id,
-            opts,
-            detach,
-            keep,
-        } => {
-            opts.check()?;
-            return lifecycle::run(
-                &g,
-                &id,
-                &opts.bundle,
-                opts.pid_file.as_deref(),
-                opts.console_socket.as_deref(),
-                detach,
-                keep,
-            );
+        Cmd::Run { args } => return run(&g, &cli.store, args),
+        Cmd::Stop { time, ids } => {
+            for id in ids {
+                containers::stop(&g, &cli.store, &id, std::time::Duration::from_secs(time))?;
+                stdout::line(&id)?;
+            }
         }
+        Cmd::Rm { force, ids } => {
+            for id in ids {
+                containers::rm(&g, &cli.store, &id, force)?;
+                stdout::line(&id)?;
+            }
+        }
+        Cmd::Logs { follow, id } => containers::logs(&g, &cli.store, &id, follow)?,
+        Cmd::Image { cmd } => image_cmd::dispatch(&cli.store, cmd)?,
+        Cmd::Reap { id } => containers::reap(&g, &cli.store, &id)?,
         Cmd::Exec { id, opts } => return exec::exec(&g, &id, &opts),
         Cmd::ExecWait => return exec::waiter(),
         Cmd::Pause { id } => lifecycle::pause(&g, &id)?,
         Cmd::Ps {
-            format,
-            id,
+            format: _,
+            all,
+            quiet,
+            id: None,
             ps_args,
+        } => {
+            if !ps_args.is_empty() {
+                anyhow::bail!("give a container ID before ps options");
+            }
+            stdout::print(&containers::list(&g, &cli.store, all, quiet)?)?;
+        }
+        Cmd::Ps {
+            format,
+            id: Some(id),
+            ps_args,
+            ..
         } => {
             if !ps_args.is_empty() {
                 anyhow::bail!("ps options are not supported: the processes live in the guest");
             }
-            print!("{}", report::ps(&g, &id, &format)?);
+            stdout::print(&report::ps(&g, &id, &format)?)?;
         }
         Cmd::Events {
             stats,
@@ -309,9 +368,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             id,
         } => report::events(&g, &id, stats, interval, std::io::stdout())?,
         Cmd::Resume { id } => lifecycle::resume(&g, &id)?,
-        Cmd::List { format, quiet } => print!("{}", info::list(&g.root, &format, quiet)?),
+        Cmd::List { format, quiet } => stdout::print(&info::list(&g.root, &format, quiet)?)?,
         Cmd::Spec { bundle } => info::spec(&bundle)?,
-        Cmd::Features => print!("{}", info::features()?),
+        Cmd::Features => stdout::print(&info::features()?)?,
         Cmd::Monitor {
             id,
             console_socket,
@@ -327,6 +386,46 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The options of runc's `run`.
+#[derive(Debug, Parser)]
+#[command(name = "runvm run", no_binary_name = true)]
+struct OciRun {
+    /// Container ID.
+    id: String,
+    #[command(flatten)]
+    opts: CreateOpts,
+    /// Return once the process started.
+    #[arg(short, long)]
+    detach: bool,
+    /// Keep the container's state after it exits.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// `runvm run`: runc's form or docker's (see `run_args::form`).
+fn run(g: &Globals, store: &std::path::Path, args: Vec<String>) -> anyhow::Result<i32> {
+    let has_config = std::path::Path::new("config.json").is_file();
+    match run_args::form(&args, has_config) {
+        run_args::RunForm::Oci => {
+            let a = OciRun::try_parse_from(&args).unwrap_or_else(|e| e.exit());
+            a.opts.check()?;
+            lifecycle::run(
+                g,
+                &a.id,
+                &a.opts.bundle,
+                a.opts.pid_file.as_deref(),
+                a.opts.console_socket.as_deref(),
+                a.detach,
+                a.keep,
+            )
+        }
+        run_args::RunForm::Image => {
+            let a = run_args::RunArgs::try_parse_from(&args).unwrap_or_else(|e| e.exit());
+            containers::run(g, store, &a)
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -175,6 +175,34 @@ fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
     assert!(out
         .chunks(17)
         .all(|l| l == b"0123456789abcdef\n" || l.len() < 17));
+
+    // A process that ignores SIGTERM goes on until SIGKILL ends it.
+    eprintln!("stage: process 9");
+    h.start(
+        c,
+        9,
+        sh("trap '' TERM; echo ready; while :; do sleep 0.2; echo tick; done"),
+    );
+    while !h.stdout(9).contains("ready") {
+        h.pump(c);
+    }
+    let signal = |c: &mut Client<UnixStream>, signal| {
+        assert_eq!(
+            c.call(Op::Signal { handle: 9, signal }).unwrap(),
+            Outcome::Ok { pid: None }
+        );
+    };
+    signal(c, 15);
+    let ticks = h.stdout(9).matches("tick").count();
+    while h.stdout(9).matches("tick").count() < ticks + 3 {
+        h.pump(c);
+        assert!(
+            !h.exits.contains_key(&9),
+            "SIGTERM ended a process that ignores it"
+        );
+    }
+    signal(c, 9);
+    assert_eq!(h.wait(c, 9), 137);
 }
 
 /// The host configures the guest's NIC, route and DNS; the container sees

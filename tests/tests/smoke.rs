@@ -1,6 +1,7 @@
 //! The chain every later test stands on: the project's guest kernel boots
 //! under KVM, in runvm's own VMM, to the project's agent as init; and the
-//! main job: a container run by `runvm` in a micro-VM.
+//! main job: a container run by `runvm` in a micro-VM, from a bundle and
+//! from an image built offline.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -88,6 +89,63 @@ kvm_test!(
         println!(
             "runvm run (boot, run, shutdown) in {elapsed:?}: container said: {}",
             stdout.trim()
+        );
+    }
+);
+
+kvm_test!(
+    fn a_busybox_image_built_offline_runs_with_runvm_run() {
+        // What setup.sh installs: an image made from Debian's busybox-static
+        // with `runvm image create`, no registry and no network.
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        busybox_rootfs(&rootfs);
+        std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        let runvm = |args: &[&str]| {
+            let out = Command::new(runvm_binary())
+                .arg("--root")
+                .arg(dir.path().join("state"))
+                .arg("--store")
+                .arg(dir.path().join("store"))
+                .args(args)
+                .env("RUNVM_KERNEL", guest_kernel_dir().join("vmlinux"))
+                .env("RUNVM_AGENT", agent_binary())
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "runvm {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let src = rootfs.to_str().unwrap();
+        runvm(&[
+            "image",
+            "create",
+            "busybox",
+            src,
+            "--cmd",
+            "sh",
+            "-e",
+            "PATH=/bin",
+        ]);
+        let start = Instant::now();
+        let out = runvm(&[
+            "run",
+            "--rm",
+            "--annotation",
+            "io.runvm.boot_timeout=600",
+            "busybox",
+            "echo",
+            "hello from the busybox image",
+        ]);
+        let elapsed = start.elapsed();
+        assert_eq!(out, "hello from the busybox image\n");
+        println!(
+            "runvm run --rm busybox (unpack, boot, run, shutdown) in {elapsed:?}: container said: {}",
+            out.trim()
         );
     }
 );

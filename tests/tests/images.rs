@@ -1,0 +1,334 @@
+//! `runvm run IMAGE` end to end: an image made with `runvm image create`
+//! from a busybox rootfs, run in micro-VMs with its config, options,
+//! volumes, and the docker-like `ps`/`logs`/`stop`/`rm`.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use runvm_tests::artifacts::{agent_binary, busybox_rootfs, guest_kernel_dir, runvm_binary};
+use runvm_tests::kvm_test;
+use runvm_tests::netns::Netns;
+
+/// Nested emulation boots slowly; the default timeout is for real KVM.
+const SLOW_BOOT: &str = "io.runvm.boot_timeout=600";
+
+/// A state root, an image store holding `testbox`, and the runvm command.
+struct Images {
+    dir: tempfile::TempDir,
+}
+
+impl Images {
+    /// `testbox`: busybox with users, and a config that runs as `app` in
+    /// /srv with GREETING set.
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("src");
+        busybox_rootfs(&rootfs);
+        std::fs::write(
+            rootfs.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            rootfs.join("etc/group"),
+            "root:x:0:\nwheel:x:10:app\napp:x:1000:\n",
+        )
+        .unwrap();
+        for d in ["srv", "home/app", "root"] {
+            std::fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        let im = Images { dir };
+        let src = im.path("src");
+        let out = im.ok(&[
+            "image",
+            "create",
+            "testbox",
+            src.to_str().unwrap(),
+            "--cmd",
+            "sh",
+            "--cmd",
+            "-c",
+            "--cmd",
+            "echo default:$(id -u)",
+            "-e",
+            "PATH=/bin",
+            "-e",
+            "GREETING=image",
+            "-w",
+            "/srv",
+            "-u",
+            "app",
+        ]);
+        assert!(out.starts_with("sha256:"), "{out}");
+        im
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(runvm_binary());
+        c.arg("--root")
+            .arg(self.path("root"))
+            .arg("--store")
+            .arg(self.path("store"))
+            .args(args)
+            .env("RUNVM_KERNEL", guest_kernel_dir().join("vmlinux"))
+            .env("RUNVM_AGENT", agent_binary())
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn output(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "runvm {args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// `runvm run` of `testbox` with the slow-boot annotation.
+    fn run(&self, opts: &[&str], command: &[&str]) -> String {
+        let mut args = vec!["run", "--annotation", SLOW_BOOT];
+        args.extend(opts);
+        args.push("testbox");
+        args.extend(command);
+        self.ok(&args)
+    }
+
+    fn fails(&self, args: &[&str], want: &str) {
+        let out = self.output(args);
+        assert!(!out.status.success(), "runvm {args:?} succeeded");
+        assert!(
+            text(&out.stderr).contains(want),
+            "runvm {args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    /// No container state, bundle or image hold is left.
+    fn assert_clean(&self) {
+        for d in ["root", "store/containers", "store/holds"] {
+            let left: Vec<_> = std::fs::read_dir(self.path(d))
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "left behind in {d}: {left:?}");
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+kvm_test!(
+    fn runvm_run_image_runs_the_command_with_the_images_config() {
+        let im = Images::new();
+        assert_eq!(im.run(&["--rm"], &["echo", "hi"]), "hi\n");
+        // The image's Cmd, as its User.
+        assert_eq!(im.run(&["--rm"], &[]), "default:1000\n");
+        let report = [
+            "sh",
+            "-c",
+            "echo $GREETING:$(pwd):$(id -u):$(id -g):$(id -G):$HOME",
+        ];
+        assert_eq!(
+            im.run(&["--rm"], &report),
+            "image:/srv:1000:1000:1000 10:/home/app\n"
+        );
+        assert_eq!(
+            im.run(
+                &["--rm", "-e", "GREETING=cli", "-w", "/tmp", "-u", "0"],
+                &report
+            ),
+            "cli:/tmp:0:0:0:/root\n"
+        );
+        // The exit status is the container's.
+        let out = im.output(&[
+            "run",
+            "--rm",
+            "--annotation",
+            SLOW_BOOT,
+            "testbox",
+            "sh",
+            "-c",
+            "exit 7",
+        ]);
+        assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+        im.assert_clean();
+    }
+);
+
+kvm_test!(
+    fn containers_of_one_image_are_isolated_and_volumes_are_shared_as_asked() {
+        let im = Images::new();
+        let root = ["-u", "0"];
+        let out = im.run(
+            &[&root[..], &["--name", "w1"]].concat(),
+            &["sh", "-c", "echo one > /written; cat /written"],
+        );
+        assert_eq!(out, "one\n");
+        // Kept without --rm: listed as exited, its output in its log.
+        let ps = im.ok(&["ps", "-a"]);
+        assert!(
+            ps.lines()
+                .any(|l| l.starts_with("w1 ") && l.contains("exited (0)")),
+            "{ps}"
+        );
+        assert_eq!(im.ok(&["ps", "-q"]), "", "w1 listed as running");
+        assert_eq!(im.ok(&["logs", "w1"]), "one\n");
+        let out = im.run(
+            &[&root[..], &["--rm"]].concat(),
+            &["sh", "-c", "cat /written 2>/dev/null || echo absent"],
+        );
+        assert_eq!(out, "absent\n");
+        // Nor did the write reach the unpacked image.
+        for e in std::fs::read_dir(im.path("store/rootfs")).unwrap() {
+            assert!(!e.unwrap().path().join("written").exists());
+        }
+
+        let rw = im.path("rw");
+        let ro = im.path("ro");
+        std::fs::create_dir_all(&rw).unwrap();
+        std::fs::create_dir_all(&ro).unwrap();
+        std::fs::write(rw.join("in"), "from the host\n").unwrap();
+        std::fs::write(ro.join("file"), "read only\n").unwrap();
+        let rw_opt = format!("{}:/data", rw.display());
+        let ro_opt = format!("{}:/ro:ro", ro.display());
+        let out = im.run(
+            &[&root[..], &["--rm", "-v", &rw_opt, "-v", &ro_opt]].concat(),
+            &[
+                "sh",
+                "-c",
+                "cat /data/in /ro/file; echo out > /data/out; \
+                 echo x 2>/dev/null > /ro/new && echo ro-written || echo ro-refused",
+            ],
+        );
+        assert_eq!(out, "from the host\nread only\nro-refused\n");
+        assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "out\n");
+        assert!(!ro.join("new").exists());
+
+        // The image is in use while w1 exists.
+        im.fails(&["image", "rm", "testbox"], "w1");
+        im.ok(&["rm", "w1"]);
+        im.fails(&["logs", "w1"], "no such container");
+        im.assert_clean();
+        im.ok(&["image", "rm", "testbox"]);
+    }
+);
+
+kvm_test!(
+    fn a_detached_container_logs_stops_and_is_removed() {
+        let im = Images::new();
+        let id = im.run(
+            &["-d", "--name", "bg", "-u", "0"],
+            &[
+                "sh",
+                "-c",
+                "echo started; trap 'echo bye; exit 0' TERM; while :; do sleep 1; done",
+            ],
+        );
+        assert_eq!(id, "bg\n");
+        let start = Instant::now();
+        while !im.ok(&["logs", "bg"]).contains("started") {
+            assert!(start.elapsed() < Duration::from_secs(120), "no output");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(im.ok(&["ps", "-q"]), "bg\n");
+        im.fails(&["rm", "bg"], "stop it first");
+        im.fails(
+            &["run", "--name", "bg", "testbox", "true"],
+            "already in use",
+        );
+        assert_eq!(im.ok(&["stop", "-t", "60", "bg"]), "bg\n");
+        let ps = im.ok(&["ps", "-a"]);
+        assert!(ps.contains("exited (0)"), "{ps}");
+        assert_eq!(im.ok(&["logs", "bg"]), "started\nbye\n");
+        im.ok(&["rm", "bg"]);
+
+        // -d --rm: gone once it exits.
+        let id = im.run(&["-d", "--rm"], &["true"]);
+        let id = id.trim();
+        assert_eq!(id.len(), 12, "{id}");
+        let start = Instant::now();
+        while !im.ok(&["ps", "-a", "-q"]).is_empty() {
+            // The reaper waits for a VM to boot, run and stop: minutes in
+            // a slow nested test host.
+            assert!(start.elapsed() < Duration::from_secs(300), "not removed");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        im.assert_clean();
+    }
+);
+
+kvm_test!(
+    fn network_ns_gives_an_image_container_that_namespaces_network() {
+        let ns = Netns::new("img", "10.213.11");
+        let before = ns.fingerprint();
+        let (port, server) = ns.serve_once();
+        let im = Images::new();
+        let network = format!("ns:{}", ns.path());
+        let script =
+            format!("ip -o -4 addr show eth0; ip route; echo from-image | nc 10.213.11.1 {port}");
+        let out = im.run(&["--rm", "--network", &network], &["sh", "-c", &script]);
+        assert!(out.contains("inet 10.213.11.2/24"), "{out}");
+        assert!(out.contains("default via 10.213.11.1 dev eth0"), "{out}");
+        assert!(out.contains("from-host"), "{out}");
+        assert_eq!(server.join().unwrap(), "from-image\n");
+        assert_eq!(ns.fingerprint(), before);
+        // Without --network: loopback only.
+        let out = im.run(&["--rm"], &["ip", "-o", "link"]);
+        assert!(out.contains("lo: <LOOPBACK"), "{out}");
+        assert!(!out.contains("link/ether"), "{out}");
+        im.assert_clean();
+    }
+);
+
+#[test]
+fn bad_runs_fail_clearly_and_leave_nothing() {
+    let im = Images::new();
+    im.fails(
+        &["run", "--pull", "never", "nosuch", "true"],
+        "image \"nosuch\" not found",
+    );
+    // A missing image is pulled, as docker does; nothing listens here.
+    im.fails(
+        &["run", "--insecure", "127.0.0.1:1/nosuch", "true"],
+        "cannot pull",
+    );
+    im.fails(&["run", "-v", "vol:/data", "testbox"], "named volumes");
+    im.fails(&["run", "-m", "1t", "testbox"], "invalid memory size");
+    im.fails(
+        &["run", "-u", "nobody", "testbox"],
+        "unable to find user nobody",
+    );
+    im.fails(&["run", "-w", "rel", "testbox"], "must be an absolute path");
+    im.fails(
+        &["run", "--name", "../x", "testbox"],
+        "invalid container ID",
+    );
+    im.fails(&["run", "-t", "testbox"], "not a TTY");
+    im.fails(&["run", "--network", "bridge", "testbox"], "not supported");
+    im.fails(
+        &["run", "--network", "ns:/no/such", "testbox"],
+        "does not exist",
+    );
+    im.fails(
+        &["run", "--entrypoint", "", "testbox"],
+        "no command specified",
+    );
+    im.fails(&["stop", "nosuch"], "no such container");
+    im.fails(&["rm", "nosuch"], "no such container");
+    im.fails(&["logs", "nosuch"], "no such container");
+    im.assert_clean();
+    let ls = im.ok(&["image", "ls"]);
+    assert!(ls.contains("docker.io/library/testbox:latest"), "{ls}");
+}
