@@ -421,6 +421,7 @@ impl Monitor {
             (sink, File::from(stdin), None)
         };
         self.routes.add(handle, Arc::clone(&sink));
+        logger::debug(&format!("exec {handle}: asking the agent to create it"));
         match self.agent.call(Op::Create {
             handle,
             process: Box::new(process),
@@ -429,6 +430,7 @@ impl Monitor {
             Outcome::Error { message } => bail!("the guest agent refused the process: {message}"),
             other => bail!("unexpected answer from the guest agent: {other:?}"),
         }
+        logger::debug(&format!("exec {handle}: created, starting it"));
         let pid = match self.agent.call(Op::Start { handle })? {
             Outcome::Ok { pid } => pid,
             Outcome::Error { message } => {
@@ -707,6 +709,7 @@ fn relay_output(
                         }
                     }
                     Notice::Event(Event::Exited { handle, status }) => {
+                        logger::debug(&format!("process {handle} exited with {status}"));
                         if let Some(sink) = routes.remove(handle) {
                             sink.exited(status);
                         }
@@ -752,6 +755,19 @@ fn forward_exec_signals(
     Ok(())
 }
 
+/// A request's name for the debug log (an exec's spec may hold secrets).
+fn request_name(req: &Request) -> &'static str {
+    match req {
+        Request::Start => "start",
+        Request::Kill { .. } => "kill",
+        Request::Ps => "ps",
+        Request::Stats => "stats",
+        Request::Pause => "pause",
+        Request::Resume => "resume",
+        Request::Exec { .. } => "exec",
+    }
+}
+
 /// Accepts `runvm start` / `kill` / `exec` on the control socket.
 fn listen_control(dir: &ContainerDir, tx: Sender<Input>) -> anyhow::Result<()> {
     let path = dir.file(state::CONTROL_SOCKET);
@@ -769,6 +785,7 @@ fn listen_control(dir: &ContainerDir, tx: Sender<Input>) -> anyhow::Result<()> {
                         continue;
                     }
                 };
+                logger::debug(&format!("control: {}", request_name(&req)));
                 let req = match req {
                     Request::Exec {
                         process,

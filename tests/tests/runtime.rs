@@ -56,7 +56,7 @@ impl Runtime {
         c.arg("--root")
             .arg(self.path("root"))
             .args(["--log", self.path("log.json").to_str().unwrap()])
-            .args(["--log-format", "json"])
+            .args(["--log-format", "json", "--debug"])
             .args(args)
             .env("RUNVM_KERNEL", guest_kernel_dir().join("vmlinux"))
             .env("RUNVM_AGENT", agent_binary());
@@ -139,6 +139,16 @@ impl Drop for Runtime {
         if std::thread::panicking() {
             let log = std::fs::read_to_string(self.path("log.json")).unwrap_or_default();
             eprintln!("runvm log:\n{log}");
+            // The guests of containers still there (a stalled guest says
+            // why on its console: a hung task, an RCU stall).
+            for dir in std::fs::read_dir(self.path("root")).into_iter().flatten() {
+                let console = dir.unwrap().path().join("console.log");
+                if let Ok(text) = std::fs::read_to_string(&console) {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+                    eprintln!("{}:\n{tail}", console.display());
+                }
+            }
         }
     }
 }

@@ -364,8 +364,14 @@ fn vcpu_loop(
             Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
             Ok(VcpuExit::Shutdown) => {
-                // Where the guest was is the only clue to why it died.
-                eprintln!("runvm-vmm: triple fault, {}", vcpu_state(&vcpu));
+                // Where the guest was is the only clue to why it died. The
+                // line names the exit as its Display does, so whoever reads
+                // only the VMM's stderr (an engine's error) sees the same words.
+                eprintln!(
+                    "runvm-vmm: {}, {}",
+                    ExitReason::TripleFault,
+                    vcpu_state(&vcpu)
+                );
                 let _ = exit.signal(ExitReason::TripleFault);
                 break;
             }
