@@ -1,12 +1,16 @@
 //! Where the guest kernel and the agent come from: an annotation or
 //! `RUNVM_KERNEL` / `RUNVM_AGENT`, else the directories setup.sh installs to.
 
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use runvm_protocol::{COPIED_FILES_DIR, MOUNTS_FILE, SEED_FILE};
 use vmm::initramfs::Initramfs;
 
+use crate::logger;
 use crate::mounts::{MountPlan, MAX_COPIED_FILE};
 
 /// Searched in order when no variable or annotation names a file.
@@ -45,11 +49,102 @@ pub fn agent() -> anyhow::Result<PathBuf> {
     find("RUNVM_AGENT", "runvm-agent", None)
 }
 
-/// Writes the initramfs (the agent as /init, the container's mounts for
-/// it to set up and the files they copy in) to `dest`.
-pub fn write_initramfs(agent: &Path, mounts: &MountPlan, dest: &Path) -> anyhow::Result<()> {
+/// The initramfs part with the agent as /init, shared by every VM booted
+/// with this agent binary: built once into the cache and reused while the
+/// binary stays the same file, unchanged (the key is its inode, size and
+/// times). Without a usable cache it is built into `fallback`.
+pub fn agent_archive(agent: &Path, fallback: &Path) -> anyhow::Result<PathBuf> {
+    agent_archive_in(&cache_dir(), agent, fallback)
+}
+
+fn agent_archive_in(dir: &Path, agent: &Path, fallback: &Path) -> anyhow::Result<PathBuf> {
+    let meta =
+        std::fs::metadata(agent).with_context(|| format!("cannot read {}", agent.display()))?;
+    let name = agent_archive_name(&meta);
+    let cached = dir.join(&name);
+    if cached.is_file() {
+        return Ok(cached);
+    }
     let bytes = std::fs::read(agent).with_context(|| format!("cannot read {}", agent.display()))?;
-    let mut ar = Initramfs::with_init(bytes)?;
+    let archive = Initramfs::with_init(bytes)?.to_bytes()?;
+    match store_in_cache(dir, &name, &archive) {
+        Ok(path) => Ok(path),
+        Err(e) => {
+            logger::debug(&format!(
+                "not caching the agent's initramfs in {}: {e:#}",
+                dir.display()
+            ));
+            std::fs::write(fallback, archive)
+                .with_context(|| format!("cannot write {}", fallback.display()))?;
+            Ok(fallback.to_owned())
+        }
+    }
+}
+
+/// Where archives built from the agent are kept: `RUNVM_INITRAMFS_CACHE`,
+/// else /run/runvm-cache (memory-backed, so a boot empties it, and beside
+/// the default state root rather than in it, where `list` would see it).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("RUNVM_INITRAMFS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/runvm-cache"))
+}
+
+/// The cache name of the agent binary described by `meta`: a binary
+/// rebuilt or replaced in place gets a new name (ctime changes on every
+/// write, even one that restores the mtime).
+fn agent_archive_name(meta: &std::fs::Metadata) -> String {
+    format!(
+        "agent-{:x}-{:x}-{:x}-{:x}.{:x}-{:x}.{:x}.cpio",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    )
+}
+
+/// How long an archive of another agent binary stays in the cache (a
+/// monitor booting with it may be about to open it).
+const STALE_AFTER: Duration = Duration::from_secs(3600);
+
+/// Puts `archive` into the cache as `name`, whole or not at all, and drops
+/// archives of older agent binaries.
+fn store_in_cache(dir: &Path, name: &str, archive: &[u8]) -> anyhow::Result<PathBuf> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".agent-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(archive)?;
+    let path = dir.join(name);
+    tmp.persist(&path)?;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let other = entry.file_name();
+        let other = other.to_string_lossy();
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_AFTER);
+        if other.starts_with("agent-") && other != name && old {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(path)
+}
+
+/// Writes the initramfs part of this VM alone (its random seed, the
+/// container's mounts for the agent to set up and the files they copy in)
+/// to `dest`; it follows the agent's archive.
+pub fn write_vm_archive(mounts: &MountPlan, dest: &Path) -> anyhow::Result<()> {
+    let mut ar = Initramfs::new();
     // Fresh for every VM: two guests never start from the same pool.
     let mut seed = vec![0u8; 64];
     std::fs::File::open("/dev/urandom")
@@ -74,4 +169,88 @@ pub fn write_initramfs(agent: &Path, mounts: &MountPlan, dest: &Path) -> anyhow:
         ar.file(&format!("{COPIED_FILES_DIR}/{i}"), 0o644, data)?;
     }
     std::fs::write(dest, ar.to_bytes()?).with_context(|| format!("cannot write {}", dest.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The entries of a newc archive, by name.
+    fn names(archive: &[u8]) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = archive;
+        loop {
+            let reader = cpio::NewcReader::new(rest).unwrap();
+            if reader.entry().is_trailer() {
+                return names;
+            }
+            names.push(reader.entry().name().to_owned());
+            rest = reader.finish().unwrap();
+        }
+    }
+
+    #[test]
+    fn the_agents_archive_is_built_once_per_binary_and_rebuilt_when_it_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+        let agent = tmp.path().join("agent");
+        let fallback = tmp.path().join("fallback.cpio");
+        std::fs::write(&agent, b"agent v1").unwrap();
+        let first = agent_archive_in(&cache, &agent, &fallback).unwrap();
+        assert!(first.starts_with(&cache), "{}", first.display());
+        let archive = std::fs::read(&first).unwrap();
+        assert_eq!(
+            names(&archive),
+            ["dev", "dev/console", "proc", "sys", "init"]
+        );
+        assert!(archive.windows(8).any(|w| w == b"agent v1"));
+        assert_eq!(agent_archive_in(&cache, &agent, &fallback).unwrap(), first);
+
+        // Rewritten in place (same inode): a new archive.
+        std::fs::write(&agent, b"agent v2").unwrap();
+        let second = agent_archive_in(&cache, &agent, &fallback).unwrap();
+        assert_ne!(second, first);
+        assert!(std::fs::read(&second)
+            .unwrap()
+            .windows(8)
+            .any(|w| w == b"agent v2"));
+        assert!(!fallback.exists());
+        let leftovers: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with("agent-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn an_unusable_cache_falls_back_to_the_state_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let not_a_dir = tmp.path().join("file");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        let agent = tmp.path().join("agent");
+        std::fs::write(&agent, b"agent").unwrap();
+        let fallback = tmp.path().join("fallback.cpio");
+        let got = agent_archive_in(&not_a_dir.join("cache"), &agent, &fallback).unwrap();
+        assert_eq!(got, fallback);
+        assert_eq!(names(&std::fs::read(&got).unwrap()).last().unwrap(), "init");
+        let missing = tmp.path().join("no-agent");
+        let err = agent_archive_in(tmp.path(), &missing, &fallback).unwrap_err();
+        assert!(format!("{err:#}").contains("no-agent"), "{err:#}");
+    }
+
+    #[test]
+    fn the_vms_own_archive_holds_its_seed_mounts_and_copied_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("vm.cpio");
+        write_vm_archive(&MountPlan::default(), &dest).unwrap();
+        assert_eq!(names(&std::fs::read(&dest).unwrap()), [SEED_FILE]);
+        let a = std::fs::read(&dest).unwrap();
+        write_vm_archive(&MountPlan::default(), &dest).unwrap();
+        assert_ne!(
+            std::fs::read(&dest).unwrap(),
+            a,
+            "every VM draws a fresh seed"
+        );
+    }
 }

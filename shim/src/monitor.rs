@@ -533,8 +533,9 @@ fn start_vm(
     control: VmControl,
 ) -> anyhow::Result<()> {
     let kernel = assets::kernel(plan.kernel.as_deref())?;
-    let initramfs = dir.file(state::INITRAMFS);
-    assets::write_initramfs(&assets::agent()?, &plan.mounts, &initramfs)?;
+    let agent = assets::agent_archive(&assets::agent()?, &dir.file(state::AGENT_INITRAMFS))?;
+    let own = dir.file(state::INITRAMFS);
+    assets::write_vm_archive(&plan.mounts, &own)?;
     logger::debug(&format!("{TIMING} initramfs written"));
     let mut cmdline = format!("quiet runvm.rootfs={ROOTFS_TAG}");
     let overlay = plan.rootfs_overlay && !plan.rootfs_ro;
@@ -550,7 +551,7 @@ fn start_vm(
         vcpus: plan.vcpus,
         mem_mib: plan.mem_mib,
         kernel,
-        initramfs: Some(initramfs),
+        initramfs: vec![agent, own],
         cmdline,
         rng: true,
         vsock: Some(VsockConfig {

@@ -92,8 +92,10 @@ pub const VSOCK_SOCKET: &str = "v.sock";
 pub const CONSOLE_LOG: &str = "console.log";
 /// Why the monitor failed, for `create` to report.
 pub const MONITOR_ERROR: &str = "monitor.err";
-/// The initramfs the VM boots (the agent as /init).
+/// The VM's own initramfs part (its seed and mounts), after the agent's.
 pub const INITRAMFS: &str = "initramfs.cpio";
+/// The agent's initramfs part, when it could not be cached.
+pub const AGENT_INITRAMFS: &str = "agent.cpio";
 
 /// Longest Unix socket path (sun_path holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;

@@ -279,7 +279,7 @@ const PHASE_NAMES: [(&str, &str); 9] = [
     ),
     (
         "initramfs written",
-        "the agent's initramfs written to the state directory",
+        "initramfs: the agent's part (cached), the VM's own written",
     ),
     (
         "vcpus running",

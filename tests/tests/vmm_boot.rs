@@ -159,6 +159,39 @@ kvm_test!(
 );
 
 kvm_test!(
+    fn initramfs_archives_are_unpacked_one_after_another() {
+        use std::io::Write;
+        let initrd = Initrd::busybox(
+            "echo \"EXTRA[$(/bin/busybox cat /extra/note)]\"\n/bin/busybox reboot -f",
+        );
+        // A first part whose size is no multiple of 4: the second must
+        // still start where the kernel looks for it.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&initrd.path)
+            .unwrap()
+            .write_all(&[0])
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let extra = dir.path().join("extra.cpio");
+        let mut ar = vmm::initramfs::Initramfs::new();
+        ar.dir("extra", 0o755)
+            .and_then(|a| a.file("extra/note", 0o644, b"second archive".to_vec()))
+            .unwrap();
+        std::fs::write(&extra, ar.to_bytes().unwrap()).unwrap();
+        let mut cmd = vmm("vmlinux", &initrd, 1, 128, "quiet");
+        cmd.arg("--initramfs")
+            .arg(&extra)
+            .args(["--boot-timeout", "150"]);
+        let mut guest = GuestProcess::spawn(cmd);
+        let got = guest.wait_for("EXTRA[second archive]", BOOT);
+        let run = guest.finish(Duration::from_secs(60));
+        assert!(got.is_some(), "{}", run.output);
+        assert_eq!(code(&run), Some(0), "{}", run.output);
+    }
+);
+
+kvm_test!(
     fn bad_configuration_is_a_clear_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let text = dir.path().join("notes.txt");

@@ -115,9 +115,16 @@ pub fn load(
     }
     .map_err(|e| BootError::Kernel(res.kernel.clone(), e))?;
 
-    let initramfs = match &res.initramfs {
-        Some(path) => Some(load_initramfs(mem, res, path, loaded.kernel_end)?),
-        None => None,
+    let initramfs = if res.initramfs.is_empty() {
+        None
+    } else {
+        let limit = layout::low_ram_end(res.mem_bytes);
+        Some(load_initramfs(
+            mem,
+            limit,
+            &res.initramfs,
+            loaded.kernel_end,
+        )?)
     };
     load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), cmdline)
         .map_err(BootError::CmdlineWrite)?;
@@ -172,26 +179,63 @@ pub fn load(
     }
 }
 
-/// The initramfs goes at the top of low RAM, page aligned, above the kernel.
+/// Where each initramfs part starts, relative to the first, and the size
+/// of them all: every part but the first starts 4-byte aligned, as the
+/// kernel looks for the next cpio header only there (it skips the zeros
+/// in between).
+pub fn initramfs_layout(sizes: &[u64]) -> Option<(Vec<u64>, u64)> {
+    let mut offsets = Vec::with_capacity(sizes.len());
+    let mut end = 0u64;
+    for &size in sizes {
+        let start = end.checked_add(3)? & !3;
+        offsets.push(start);
+        end = start.checked_add(size)?;
+    }
+    Some((offsets, end))
+}
+
+/// The initramfs goes at the top of low RAM, page aligned, above the
+/// kernel: its parts one after another, as one archive to the kernel.
 fn load_initramfs(
     mem: &GuestMemoryMmap,
-    res: &VmResources,
-    path: &PathBuf,
+    limit: u64,
+    parts: &[PathBuf],
     kernel_end: u64,
 ) -> Result<(u64, u64), BootError> {
-    let mut file = File::open(path).map_err(|e| BootError::Open(path.clone(), e))?;
-    let size = file
-        .metadata()
-        .map_err(|e| BootError::Open(path.clone(), e))?
-        .len();
-    let limit = layout::low_ram_end(res.mem_bytes);
-    let addr = limit
+    let mut files = Vec::with_capacity(parts.len());
+    for path in parts {
+        let file = File::open(path).map_err(|e| BootError::Open(path.clone(), e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| BootError::Open(path.clone(), e))?
+            .len();
+        files.push((file, size));
+    }
+    let sizes: Vec<u64> = files.iter().map(|(_, size)| *size).collect();
+    let too_large = BootError::InitramfsTooLarge {
+        size: sizes.iter().fold(0u64, |a, s| a.saturating_add(*s)),
+        limit,
+    };
+    let Some((offsets, size)) = initramfs_layout(&sizes) else {
+        return Err(too_large);
+    };
+    let Some(addr) = limit
         .checked_sub(size)
         .map(|a| a & !0xfff)
         .filter(|a| *a >= kernel_end.max(layout::HIMEM_START))
-        .ok_or(BootError::InitramfsTooLarge { size, limit })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(BootError::Initramfs)?;
+    else {
+        return Err(too_large);
+    };
+    let mut end = 0;
+    for ((mut file, len), offset) in files.into_iter().zip(offsets) {
+        // The gap before a part holds zeros, whatever memory held before.
+        let gap = vec![0u8; (offset - end) as usize];
+        mem.write_slice(&gap, GuestAddress(addr + end))
+            .map_err(BootError::Initramfs)?;
+        mem.read_exact_volatile_from(GuestAddress(addr + offset), &mut file, len as usize)
+            .map_err(BootError::Initramfs)?;
+        end = offset + len;
+    }
     Ok((addr, size))
 }
 
@@ -256,6 +300,45 @@ mod tests {
         let quiet = build_cmdline("", false, &[]).unwrap();
         let q = quiet.as_cstring().unwrap().into_string().unwrap();
         assert!(q.contains("console=none") && !q.contains("ttyS0"), "{q}");
+    }
+
+    #[test]
+    fn initramfs_parts_start_4_byte_aligned_one_after_another() {
+        assert_eq!(initramfs_layout(&[]), Some((vec![], 0)));
+        assert_eq!(initramfs_layout(&[10]), Some((vec![0], 10)));
+        assert_eq!(
+            initramfs_layout(&[10, 8, 1, 3]),
+            Some((vec![0, 12, 20, 24], 27))
+        );
+        assert_eq!(initramfs_layout(&[u64::MAX, 1]), None);
+    }
+
+    #[test]
+    fn initramfs_parts_load_below_the_limit_with_zeros_between() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        mem.write_slice(&[0xff; 4096], GuestAddress((8 << 20) - 4096))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::write(&a, b"AAAAA").unwrap();
+        std::fs::write(&b, b"BB").unwrap();
+        let limit = 8 << 20;
+        let (addr, size) = load_initramfs(&mem, limit, &[a.clone(), b], 0).unwrap();
+        assert_eq!((addr, size), (limit - 4096, 10));
+        let mut got = [0u8; 10];
+        mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
+        assert_eq!(&got, b"AAAAA\0\0\0BB");
+
+        // Parts that do not fit above the kernel are refused.
+        assert!(matches!(
+            load_initramfs(&mem, limit, std::slice::from_ref(&a), limit - 1),
+            Err(BootError::InitramfsTooLarge { size: 5, .. })
+        ));
+        assert!(matches!(
+            load_initramfs(&mem, limit, &[dir.path().join("missing")], 0),
+            Err(BootError::Open(..))
+        ));
     }
 
     #[test]

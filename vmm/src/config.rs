@@ -17,9 +17,12 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// Guest kernel: an ELF vmlinux with a PVH note, or a bzImage.
     pub kernel: PathBuf,
-    /// Optional initramfs (cpio, optionally compressed).
+    /// Initramfs parts (newc cpio, each optionally compressed), loaded one
+    /// after another: Linux unpacks concatenated archives in order, so a
+    /// large part shared by many VMs can be combined with a small one of
+    /// their own without copying the large one into a new file.
     #[serde(default)]
-    pub initramfs: Option<PathBuf>,
+    pub initramfs: Vec<PathBuf>,
     /// Extra kernel command line, appended after the VMM's own arguments.
     #[serde(default)]
     pub cmdline: String,

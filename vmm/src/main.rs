@@ -21,9 +21,10 @@ struct Args {
     /// Guest kernel: ELF vmlinux (PVH) or bzImage.
     #[arg(long)]
     kernel: PathBuf,
-    /// Initramfs (newc cpio, optionally compressed).
+    /// Initramfs (newc cpio, optionally compressed); repeat it to load
+    /// several archives one after another.
     #[arg(long)]
-    initramfs: Option<PathBuf>,
+    initramfs: Vec<PathBuf>,
     /// Extra kernel command line.
     #[arg(long, default_value = "")]
     cmdline: String,

@@ -124,8 +124,8 @@ pub struct VmResources {
     pub kernel: PathBuf,
     /// Detected kernel format.
     pub kernel_format: KernelFormat,
-    /// Initramfs path.
-    pub initramfs: Option<PathBuf>,
+    /// Initramfs parts, in order.
+    pub initramfs: Vec<PathBuf>,
     /// Caller's part of the command line.
     pub cmdline: String,
     /// A virtio-rng device.
@@ -181,7 +181,7 @@ impl VmResources {
             });
         }
         let kernel_format = detect_kernel_format(&config.kernel)?;
-        if let Some(initramfs) = &config.initramfs {
+        for initramfs in &config.initramfs {
             File::open(initramfs).map_err(|source| ConfigError::Unreadable {
                 what: "initramfs",
                 path: initramfs.clone(),
@@ -361,7 +361,7 @@ mod tests {
             vcpus: 1,
             mem_mib: 128,
             kernel: kernel.to_owned(),
-            initramfs: None,
+            initramfs: Vec::new(),
             cmdline: "quiet".into(),
             rng: false,
             vsock: None,
@@ -581,7 +581,7 @@ mod tests {
     fn missing_initramfs_is_rejected() {
         let k = elf();
         let mut c = config(k.path());
-        c.initramfs = Some("/nonexistent/initrd".into());
+        c.initramfs = vec!["/nonexistent/initrd".into()];
         let err = VmResources::validate(&c, LIMITS).unwrap_err();
         assert!(err.to_string().contains("initramfs"), "{err}");
     }
