@@ -33,6 +33,12 @@ pub enum ClientError {
     /// The agent hung up.
     #[error("the agent closed the connection")]
     Closed,
+    /// The agent did not answer a call in time.
+    #[error("the guest agent did not answer within {waited:?}")]
+    NoAnswer {
+        /// How long the call waited.
+        waited: Duration,
+    },
     /// The agent could not be reached in time.
     #[error("no agent answered on vsock port {port} within {waited:?}: {last}")]
     Unreachable {

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use crate::client::{ClientError, Notice};
 use crate::{
@@ -79,6 +80,30 @@ impl<W: Write> MuxClient<W> {
 
     /// Sends `op` and waits for its outcome.
     pub fn call(&self, op: Op) -> Result<Outcome, ClientError> {
+        let (_, rx) = self.send_call(op)?;
+        // The reader drops every sender when it stops, so this never waits
+        // on a connection that is gone.
+        rx.recv().map_err(|_| ClientError::Closed)
+    }
+
+    /// Sends `op` and waits at most `limit` for its outcome. A guest that
+    /// stops answering costs the caller `limit`, not its thread: an answer
+    /// that comes later is dropped like any unasked one.
+    pub fn call_within(&self, op: Op, limit: Duration) -> Result<Outcome, ClientError> {
+        let (seq, rx) = self.send_call(op)?;
+        match rx.recv_timeout(limit) {
+            Ok(outcome) => Ok(outcome),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ClientError::Closed),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                lock(&self.waiting).calls.remove(&seq);
+                Err(ClientError::NoAnswer { waited: limit })
+            }
+        }
+    }
+
+    /// Registers a call and writes its request; its seq and where its
+    /// outcome will come.
+    fn send_call(&self, op: Op) -> Result<(u64, Receiver<Outcome>), ClientError> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let frame = encode_json(FrameKind::Request, &Request { seq, op })?;
         let (tx, rx) = mpsc::channel();
@@ -94,9 +119,7 @@ impl<W: Write> MuxClient<W> {
             lock(&self.waiting).calls.remove(&seq);
             return Err(e.into());
         }
-        // The reader drops every sender when it stops, so this never waits
-        // on a connection that is gone.
-        rx.recv().map_err(|_| ClientError::Closed)
+        Ok((seq, rx))
     }
 
     /// Sends stdin bytes to process `handle`; empty data is EOF.
@@ -173,7 +196,6 @@ impl<W> MuxClient<W> {
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixStream;
-    use std::time::Duration;
 
     use super::*;
     use crate::{encode_frame, Event};
@@ -282,5 +304,28 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_call_the_agent_leaves_unanswered_gives_up_and_its_late_answer_is_dropped() {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let (client, notices) = MuxClient::start(host.try_clone().unwrap(), host).unwrap();
+        let limit = Duration::from_millis(100);
+        match client.call_within(Op::Ping, limit) {
+            Err(ClientError::NoAnswer { waited }) => assert_eq!(waited, limit),
+            other => panic!("{other:?}"),
+        }
+        let late = next_request(&mut agent);
+        respond(&mut agent, late.seq, Outcome::Ok { pid: Some(1) });
+        // The next call gets its own answer, not the late one.
+        let client = Arc::new(client);
+        let c = Arc::clone(&client);
+        let call = thread::spawn(move || c.call_within(Op::Ping, Duration::from_secs(30)));
+        let req = next_request(&mut agent);
+        assert_ne!(req.seq, late.seq);
+        respond(&mut agent, req.seq, Outcome::Ok { pid: Some(2) });
+        assert_eq!(call.join().unwrap().unwrap(), Outcome::Ok { pid: Some(2) });
+        assert!(notices.try_recv().is_err(), "a late answer is no notice");
+        assert!(client.ended().is_none());
     }
 }

@@ -47,6 +47,10 @@ const AGENT_READY: &[u8] = b"RUNVM_AGENT_READY";
 const PAUSE_LIMIT: Duration = Duration::from_secs(10);
 /// How long an ending guest gets to sync and reset.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Longest wait for the agent's answer to a call the event loop makes: a
+/// guest that stops answering fails that request instead of freezing the
+/// monitor (kill, state and delete keep working).
+const AGENT_ANSWER_LIMIT: Duration = Duration::from_secs(45);
 
 /// What the monitor's main loop reacts to.
 enum Input {
@@ -150,9 +154,12 @@ impl Monitor {
             MuxClient::start(reader, conn).context("starting the agent reader")?;
         let agent = Arc::new(agent);
         if let Some(net) = network.as_ref().filter(|n| !n.config.interfaces.is_empty()) {
-            match agent.call(Op::ConfigureNetwork {
-                network: Box::new(net.config.clone()),
-            })? {
+            match agent.call_within(
+                Op::ConfigureNetwork {
+                    network: Box::new(net.config.clone()),
+                },
+                AGENT_ANSWER_LIMIT,
+            )? {
                 Outcome::Ok { .. } => {}
                 Outcome::Error { message } => {
                     bail!("the guest agent could not set up the network: {message}")
@@ -161,10 +168,13 @@ impl Monitor {
             }
             logger::debug(&format!("{TIMING} guest network configured"));
         }
-        match agent.call(Op::Create {
-            handle: INIT,
-            process: Box::new(plan.process.clone()),
-        })? {
+        match agent.call_within(
+            Op::Create {
+                handle: INIT,
+                process: Box::new(plan.process.clone()),
+            },
+            AGENT_ANSWER_LIMIT,
+        )? {
             Outcome::Ok { .. } => {}
             Outcome::Error { message } => bail!("the guest agent refused the process: {message}"),
             other => bail!("unexpected answer from the guest agent: {other:?}"),
@@ -267,7 +277,10 @@ impl Monitor {
                     Status::Running => bail!("container {} is already running", self.record.id),
                     s => bail!("cannot start container {} in state {s}", self.record.id),
                 }
-                let pid = match self.agent.call(Op::Start { handle: INIT })? {
+                let pid = match self
+                    .agent
+                    .call_within(Op::Start { handle: INIT }, AGENT_ANSWER_LIMIT)?
+                {
                     Outcome::Ok { pid } => pid,
                     Outcome::Error { message } => {
                         bail!("the guest agent could not start the process: {message}")
@@ -327,7 +340,7 @@ impl Monitor {
                     Request::Ps => Op::ListProcesses,
                     _ => Op::Stats,
                 };
-                match self.agent.call(op)? {
+                match self.agent.call_within(op, AGENT_ANSWER_LIMIT)? {
                     Outcome::Processes { processes } => reply.processes = Some(processes),
                     Outcome::Stats { stats } => reply.stats = Some(stats),
                     Outcome::Error { message } => bail!("the guest agent: {message}"),
@@ -422,16 +435,22 @@ impl Monitor {
         };
         self.routes.add(handle, Arc::clone(&sink));
         logger::debug(&format!("exec {handle}: asking the agent to create it"));
-        match self.agent.call(Op::Create {
-            handle,
-            process: Box::new(process),
-        })? {
+        match self.agent.call_within(
+            Op::Create {
+                handle,
+                process: Box::new(process),
+            },
+            AGENT_ANSWER_LIMIT,
+        )? {
             Outcome::Ok { .. } => {}
             Outcome::Error { message } => bail!("the guest agent refused the process: {message}"),
             other => bail!("unexpected answer from the guest agent: {other:?}"),
         }
         logger::debug(&format!("exec {handle}: created, starting it"));
-        let pid = match self.agent.call(Op::Start { handle })? {
+        let pid = match self
+            .agent
+            .call_within(Op::Start { handle }, AGENT_ANSWER_LIMIT)?
+        {
             Outcome::Ok { pid } => pid,
             Outcome::Error { message } => {
                 bail!("the guest agent could not start the process: {message}")
@@ -455,10 +474,13 @@ impl Monitor {
             return Ok(None);
         }
         match self.record.status {
-            Status::Running => match self.agent.call(Op::Signal {
-                handle: INIT,
-                signal,
-            })? {
+            Status::Running => match self.agent.call_within(
+                Op::Signal {
+                    handle: INIT,
+                    signal,
+                },
+                AGENT_ANSWER_LIMIT,
+            )? {
                 Outcome::Ok { .. } => Ok(None),
                 Outcome::Error { message } => bail!("{message}"),
                 other => bail!("unexpected answer from the guest agent: {other:?}"),
