@@ -8,7 +8,8 @@
 //! 10,000) small files. Then the guest streams 64 MiB through vsock to a
 //! host echo server, and 64 MiB over TCP through its virtio-net NIC and a
 //! TAP to a host echo server (compared with the same tool over the test
-//! host's loopback). Prints figures and ratios. Run it with
+//! host's loopback). Prints figures and ratios. The guest has
+//! `RUNVM_BENCH_VCPUS` (default 2) vCPUs. Run it with
 //! `tests/bench.sh devices`.
 
 use std::os::unix::net::UnixListener;
@@ -41,7 +42,7 @@ fn field(f: &[(String, String)], key: &str) -> f64 {
 
 fn main() {
     kvm::bench_here_or_in_testhost(
-        "devices [--bench]   (RUNVM_BENCH_FS_MIB=N, RUNVM_BENCH_FS_FILES=N)",
+        "devices [--bench]   (RUNVM_BENCH_FS_MIB=N, RUNVM_BENCH_FS_FILES=N, RUNVM_BENCH_VCPUS=N)",
         "1800",
     );
     let mib: usize = std::env::var("RUNVM_BENCH_FS_MIB")
@@ -52,6 +53,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
+    let vcpus: u32 = std::env::var("RUNVM_BENCH_VCPUS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
 
     // Native baseline on the host's own filesystem.
     let native_dir = tempfile::tempdir().unwrap();
@@ -101,19 +106,13 @@ fn main() {
          $bb reboot -f"
     ));
     let mut cmd = vmm_command("vmlinux", &initrd);
-    cmd.args([
-        "--vcpus",
-        "2",
-        "--mem-mib",
-        "1024",
-        "--boot-timeout",
-        "1500",
-    ])
-    .args(["--cmdline", "quiet", "--vsock-cid", "3", "--vsock-uds"])
-    .arg(&uds)
-    .arg("--fs")
-    .arg(format!("tag=bench,path={},cache=always", share.display()))
-    .args(["--net", "tap=rvmbench0"]);
+    cmd.args(["--vcpus", &vcpus.to_string()])
+        .args(["--mem-mib", "1024", "--boot-timeout", "1500"])
+        .args(["--cmdline", "quiet", "--vsock-cid", "3", "--vsock-uds"])
+        .arg(&uds)
+        .arg("--fs")
+        .arg(format!("tag=bench,path={},cache=always", share.display()))
+        .args(["--net", "tap=rvmbench0"]);
     let run = GuestProcess::spawn(cmd).finish(Duration::from_secs(1600));
     assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{}", run.output);
     let guest = fields(&run.output, "FSBENCH");
@@ -136,7 +135,7 @@ fn main() {
         field(&guest, "read_mib_s"),
         field(&guest, "meta_s"),
     );
-    println!("devices benchmark (one test host run; host fs = test host /tmp, tmpfs)");
+    println!("devices benchmark (one test host run; host fs = test host /tmp, tmpfs; guest: {vcpus} vCPUs, 1 GiB)");
     println!("{mib} MiB sequential write   native {nw:8.1} MiB/s   virtio-fs {gw:8.1} MiB/s   ratio {:.2}", gw / nw);
     println!("{mib} MiB sequential read    native {nr:8.1} MiB/s   virtio-fs {gr:8.1} MiB/s   ratio {:.2}", gr / nr);
     println!("{files} files create/stat/read/delete   native {nm:.2} s   virtio-fs {gm:.2} s   ratio {:.2}x", gm / nm);
