@@ -12,4 +12,5 @@ pub mod procfs;
 pub mod reaper;
 pub mod seccomp;
 pub mod server;
+pub mod stdin_feed;
 pub mod tty;

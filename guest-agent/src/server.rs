@@ -30,6 +30,7 @@ use crate::child_setup::ChildSetup;
 use crate::mount_ns::MountNs;
 use crate::network::NetSys;
 use crate::reaper::Reaper;
+use crate::stdin_feed::StdinFeed;
 
 /// Where frames go: the current connection, if there is one. Senders wait
 /// for a connection rather than drop what they have.
@@ -77,7 +78,7 @@ enum Proc {
     Created(Box<ProcessSpec>),
     Running {
         pid: i32,
-        stdin: Option<File>,
+        stdin: Option<StdinFeed>,
         /// The terminal's master side, for resizes; `None` with pipes.
         tty: Option<OwnedFd>,
     },
@@ -88,7 +89,7 @@ enum Proc {
 /// its terminal, if it has one.
 struct Started {
     pid: i32,
-    stdin: Option<File>,
+    stdin: Option<StdinFeed>,
     tty: Option<OwnedFd>,
 }
 
@@ -195,7 +196,7 @@ impl Agent {
                     )?,
                 },
                 FrameKind::Stream => match StreamChunk::decode(&payload) {
-                    Ok(chunk) if chunk.stream == StreamId::Stdin => self.stdin(chunk),
+                    Ok(chunk) if chunk.stream == StreamId::Stdin => self.stdin(chunk)?,
                     _ => self.respond(0, error("malformed or non-stdin stream chunk"))?,
                 },
                 other => self.respond(0, error(format!("unexpected {other:?} frame")))?,
@@ -209,16 +210,27 @@ impl Agent {
         self.procs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn stdin(&self, chunk: StreamChunk) {
-        if let Some(Proc::Running { stdin, tty, .. }) = self.procs().get_mut(&chunk.handle) {
+    /// Hands a stdin chunk to the process's feed, never waiting for the
+    /// process to read it. A chunk no feed takes (the input was closed, the
+    /// process is gone) is reported taken at once, so the host never waits
+    /// for it.
+    fn stdin(&self, chunk: StreamChunk) -> io::Result<()> {
+        let handle = chunk.handle;
+        if let Some(Proc::Running {
+            stdin: Some(feed), ..
+        }) = self.procs().get_mut(&handle)
+        {
             if chunk.data.is_empty() {
-                close_stdin(stdin, tty.is_some());
-            } else if let Some(pipe) = stdin {
-                // A process that closed its stdin just does not get the bytes.
-                if pipe.write_all(&chunk.data).is_err() {
-                    *stdin = None;
-                }
+                feed.close();
+                return Ok(());
             }
+            if feed.write(chunk.data) {
+                return Ok(());
+            }
+        }
+        match encode_json(FrameKind::Event, &Event::StdinTaken { handle }) {
+            Ok(frame) => self.out.send(&frame),
+            Err(e) => Err(io::Error::other(e.to_string())),
         }
     }
 
@@ -290,8 +302,10 @@ impl Agent {
                 _ => error(format!("no running process with handle {handle}")),
             },
             Op::CloseStdin { handle } => match procs.get_mut(&handle) {
-                Some(Proc::Running { stdin, tty, .. }) => {
-                    close_stdin(stdin, tty.is_some());
+                Some(Proc::Running { stdin, .. }) => {
+                    if let Some(feed) = stdin {
+                        feed.close();
+                    }
                     Outcome::Ok { pid: None }
                 }
                 _ => error(format!("no running process with handle {handle}")),
@@ -377,6 +391,19 @@ impl Agent {
                     .map(|e| Box::new(e) as Box<dyn Read + Send>),
             ),
         };
+        let stdin = match stdin {
+            Some(input) => {
+                let out = self.out.clone();
+                let taken = move || {
+                    if let Ok(frame) = encode_json(FrameKind::Event, &Event::StdinTaken { handle })
+                    {
+                        out.deliver(&frame);
+                    }
+                };
+                Some(StdinFeed::start(input, master.is_some(), taken)?)
+            }
+            None => None,
+        };
         let pumps = [
             pump(handle, StreamId::Stdout, stdout, self.out.clone()),
             pump(handle, StreamId::Stderr, stderr, self.out.clone()),
@@ -407,17 +434,6 @@ impl Agent {
             tty: master,
         })
     }
-}
-
-/// Ends a process's input: the pipe closes; a terminal gets its
-/// end-of-file character (^D), since closing the master would hang it up.
-fn close_stdin(stdin: &mut Option<File>, terminal: bool) {
-    if terminal {
-        if let Some(t) = stdin {
-            let _ = t.write_all(&[4]);
-        }
-    }
-    *stdin = None;
 }
 
 fn pump(

@@ -18,5 +18,6 @@ fn version_reports_the_protocol() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("protocol 1"), "{text}");
+    let want = format!("protocol {}", runvm_protocol::PROTOCOL_VERSION);
+    assert!(text.contains(&want), "{text}");
 }

@@ -52,6 +52,8 @@ struct Client {
     seq: u64,
     out: HashMap<(u32, u8), Vec<u8>>,
     exits: HashMap<u32, i32>,
+    /// Stdin chunks the agent reported taken, by handle.
+    taken: HashMap<u32, usize>,
 }
 
 impl Client {
@@ -92,10 +94,12 @@ impl Client {
                     .or_default()
                     .extend_from_slice(&c.data);
             }
-            FrameKind::Event => {
-                let Event::Exited { handle, status } = serde_json::from_slice(&payload).unwrap();
-                self.exits.insert(handle, status);
-            }
+            FrameKind::Event => match serde_json::from_slice(&payload).unwrap() {
+                Event::Exited { handle, status } => {
+                    self.exits.insert(handle, status);
+                }
+                Event::StdinTaken { handle } => *self.taken.entry(handle).or_default() += 1,
+            },
             k => panic!("unexpected frame {k:?}"),
         }
         None
@@ -234,6 +238,42 @@ fn stdin_is_relayed_and_eof_reaches_the_process() {
     );
     assert_eq!(c.wait(2), 0);
     assert_eq!(c.output(2, StreamId::Stdout).trim(), "5");
+    // Every chunk with data was reported taken (before the exit, which
+    // waits for the output the input made).
+    assert_eq!(c.taken.get(&1), Some(&2));
+    assert_eq!(c.taken.get(&2), Some(&1));
+}
+
+#[test]
+fn a_process_that_does_not_read_its_stdin_holds_up_nothing_else() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    c.spawn(1, sh("exec sleep 100"));
+    // Far more than a pipe holds, sent without waiting for the agent to
+    // report the chunks taken (as a careless host would).
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..32 {
+        c.stdin(1, &chunk);
+    }
+    // The agent still answers, and runs and relays other processes.
+    assert_eq!(c.call(Op::Ping), Outcome::Ok { pid: None });
+    assert_eq!(c.run(2, sh("echo still here")), 0);
+    assert_eq!(c.output(2, StreamId::Stdout), "still here\n");
+    // Input for a process that is gone, or never was, is reported taken
+    // at once: a host that waits for that never waits forever.
+    c.stdin(2, b"too late");
+    c.stdin(9, b"nobody");
+    while !c.taken.contains_key(&2) || !c.taken.contains_key(&9) {
+        c.next();
+    }
+    assert_eq!(
+        c.call(Op::Signal {
+            handle: 1,
+            signal: libc::SIGKILL
+        }),
+        Outcome::Ok { pid: None }
+    );
+    assert_eq!(c.wait(1), 137);
 }
 
 #[test]

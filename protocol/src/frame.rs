@@ -135,7 +135,7 @@ mod tests {
         let frame = encode_frame(FrameKind::Request, b"{}").unwrap();
         assert_eq!(
             frame,
-            [b'R', b'V', b'M', b'1', 1, 0, 1, 0, 2, 0, 0, 0, b'{', b'}']
+            [b'R', b'V', b'M', b'1', 2, 0, 1, 0, 2, 0, 0, 0, b'{', b'}']
         );
     }
 

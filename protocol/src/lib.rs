@@ -22,7 +22,7 @@ pub use message::{
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Version of the wire format; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest payload either side accepts; a larger length is a protocol error,
 /// never an allocation.

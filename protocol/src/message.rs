@@ -390,6 +390,14 @@ pub enum Event {
         /// Exit code, or 128 + signal number, as a shell reports it.
         status: i32,
     },
+    /// A stdin chunk for the process was written to it (or dropped, its
+    /// input being closed or gone): the host sends the next one only after
+    /// this, so a process that does not read its input holds up only its
+    /// own stdin, and the guest never queues more than a chunk for it.
+    StdinTaken {
+        /// The process.
+        handle: u32,
+    },
 }
 
 /// Which standard stream a chunk belongs to.
@@ -533,6 +541,10 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&ev).unwrap(),
             r#"{"event":"exited","handle":1,"status":137}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Event::StdinTaken { handle: 2 }).unwrap(),
+            r#"{"event":"stdin_taken","handle":2}"#
         );
     }
 

@@ -731,6 +731,11 @@ fn relay_output(
                             sink.write(chunk.stream, &chunk.data);
                         }
                     }
+                    Notice::Event(Event::StdinTaken { handle }) => {
+                        if let Some(sink) = routes.get(handle) {
+                            sink.stdin_taken();
+                        }
+                    }
                     Notice::Event(Event::Exited { handle, status }) => {
                         logger::debug(&format!("process {handle} exited with {status}"));
                         if let Some(sink) = routes.remove(handle) {

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Duration;
 
@@ -30,6 +30,9 @@ pub struct Sink {
     writers: Mutex<Writers>,
     exit: Mutex<ExitState>,
     done: AtomicBool,
+    /// Stdin chunks the agent reported taken, and its signal.
+    stdin_taken: Mutex<u64>,
+    stdin_progress: Condvar,
 }
 
 struct Writers {
@@ -59,7 +62,25 @@ impl Sink {
             }),
             exit: Mutex::new(ExitState::default()),
             done: AtomicBool::new(false),
+            stdin_taken: Mutex::new(0),
+            stdin_progress: Condvar::new(),
         })
+    }
+
+    /// The agent took one more stdin chunk of this process.
+    pub fn stdin_taken(&self) {
+        *lock(&self.stdin_taken) += 1;
+        self.stdin_progress.notify_all();
+    }
+
+    /// Waits up to `limit` for the agent to take more than `seen` chunks.
+    fn wait_stdin_taken(&self, seen: u64, limit: Duration) -> bool {
+        let taken = lock(&self.stdin_taken);
+        let (taken, _) = self
+            .stdin_progress
+            .wait_timeout_while(taken, limit, |n| *n <= seen)
+            .unwrap_or_else(|p| p.into_inner());
+        *taken > seen
     }
 
     /// Writes output. A reader that went away (EPIPE) loses the rest of
@@ -133,11 +154,19 @@ impl Routes {
     }
 }
 
+/// Stdin chunks (of up to 64 KiB) a relay sends ahead of the agent: enough
+/// to keep a reading process busy over a round trip, few enough that the
+/// guest holds little for one that does not read.
+const STDIN_WINDOW: u64 = 4;
+
 /// How often a stdin relay looks whether its process has ended.
 const STDIN_POLL: Duration = Duration::from_millis(500);
 
 /// Copies `input` to process `handle`'s stdin; its end is the process's
-/// EOF. Stops when the process ends, even if `input` never does.
+/// EOF. Stops when the process ends, even if `input` never does. A chunk
+/// goes only while fewer than [`STDIN_WINDOW`] wait in the agent: a process
+/// that reads its input slowly slows this relay (as a pipe would its
+/// writer), not the agent's connection.
 pub fn stdin(
     agent: Arc<MuxClient<UnixStream>>,
     handle: u32,
@@ -148,6 +177,7 @@ pub fn stdin(
         .name(format!("stdin-{handle}"))
         .spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
+            let mut sent = 0u64;
             loop {
                 if sink.is_done() {
                     return;
@@ -167,6 +197,15 @@ pub fn stdin(
                 };
                 if agent.send_stdin(handle, &buf[..n]).is_err() || n == 0 {
                     return;
+                }
+                sent += 1;
+                // At most STDIN_WINDOW chunks the agent has not taken yet.
+                if let Some(enough) = sent.checked_sub(STDIN_WINDOW) {
+                    while !sink.wait_stdin_taken(enough, STDIN_POLL) {
+                        if sink.is_done() || agent.ended().is_some() {
+                            return;
+                        }
+                    }
                 }
             }
         })
@@ -258,5 +297,46 @@ mod tests {
         sink.write(StreamId::Stdout, b"lost");
         sink.write(StreamId::Stdout, b"lost too");
         sink.exited(0);
+    }
+
+    #[test]
+    fn stdin_goes_ahead_of_the_agent_by_a_window_and_ends_with_eof() {
+        use runvm_protocol::{read_frame, FrameKind, StreamChunk};
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        agent
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (client, _notices) = MuxClient::start(host.try_clone().unwrap(), host).unwrap();
+        let sink = Sink::new(Box::new(std::io::sink()), Box::new(std::io::sink()));
+        let (input_r, input_w) = nix::unistd::pipe().unwrap();
+        stdin(Arc::new(client), 7, File::from(input_r), Arc::clone(&sink)).unwrap();
+        fn next_chunk(agent: &mut UnixStream) -> Vec<u8> {
+            let (h, payload) = read_frame(agent).unwrap().unwrap();
+            assert_eq!(h.kind, FrameKind::Stream);
+            let c = StreamChunk::decode(&payload).unwrap();
+            assert_eq!((c.handle, c.stream), (7, StreamId::Stdin));
+            c.data
+        }
+        let mut input = File::from(input_w);
+        // One write per chunk, each read by the relay before the next.
+        for i in 0..STDIN_WINDOW {
+            input.write_all(format!("chunk {i}").as_bytes()).unwrap();
+            assert_eq!(next_chunk(&mut agent), format!("chunk {i}").as_bytes());
+        }
+        // The window is full: the next chunk waits for the agent.
+        input.write_all(b"waits").unwrap();
+        agent
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        assert!(read_frame(&mut agent).is_err(), "sent past the window");
+        agent
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        sink.stdin_taken();
+        assert_eq!(next_chunk(&mut agent), b"waits");
+        // The end of input is an empty chunk, after what came before it.
+        drop(input);
+        sink.stdin_taken();
+        assert_eq!(next_chunk(&mut agent), b"");
     }
 }

@@ -121,8 +121,14 @@ impl Setup {
     }
 
     fn runvm_env(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Output {
-        let (k, a) = (self.p("vmlinux"), self.p("agent"));
-        let mut env = vec![("RUNVM_KERNEL", k.as_str()), ("RUNVM_AGENT", a.as_str())];
+        let (k, a, c) = (self.p("vmlinux"), self.p("agent"), self.p("cache"));
+        // A case that gets as far as booting builds the agent's archive:
+        // into this directory, not the machine's /run/runvm-cache.
+        let mut env = vec![
+            ("RUNVM_KERNEL", k.as_str()),
+            ("RUNVM_AGENT", a.as_str()),
+            ("RUNVM_INITRAMFS_CACHE", c.as_str()),
+        ];
         env.extend_from_slice(extra);
         runvm_in(&self.dir.path().join("root"), args, &env)
     }

@@ -65,6 +65,7 @@ impl Host {
             Notice::Event(Event::Exited { handle, status }) => {
                 self.exits.insert(handle, status);
             }
+            Notice::Event(Event::StdinTaken { .. }) => {}
         }
     }
 
