@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::os::unix::net::UnixListener;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -519,6 +520,26 @@ kvm_test!(
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert_eq!(text(&out.stdout), "piped through\n");
+
+        // A process that never reads its stdin, given far more than a pipe
+        // holds, holds up nothing else in the container; SIGKILL to its
+        // stand-in ends it.
+        let big = rt.path("big-input");
+        std::fs::write(&big, vec![b'x'; 4 << 20]).unwrap();
+        let mut stuck = rt
+            .cmd(&["exec", "x1", "sleep", "1000"])
+            .stdin(File::open(&big).unwrap())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            rt.ok(&["exec", "x1", "echo", "not held up"]),
+            "not held up\n"
+        );
+        stuck.kill().unwrap();
+        assert_eq!(stuck.wait().unwrap().signal(), Some(libc::SIGKILL));
 
         // A terminal without a console socket: this command relays it.
         let out = rt
