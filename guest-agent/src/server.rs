@@ -400,7 +400,16 @@ impl Agent {
                         out.deliver(&frame);
                     }
                 };
-                Some(StdinFeed::start(input, master.is_some(), taken)?)
+                match StdinFeed::start(input, master.is_some(), taken) {
+                    Ok(feed) => Some(feed),
+                    Err(e) => {
+                        // No thread to feed its input: the process is
+                        // killed rather than left running unrelayed (the
+                        // reaper collects it).
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                        return Err(e);
+                    }
+                }
             }
             None => None,
         };
