@@ -23,10 +23,11 @@ use crate::lifecycle::{self, Globals};
 use crate::state::{self, Root, Status};
 use crate::{bundle, console, logger, signals};
 
-/// How long the monitor may take to start the process: longer than its
-/// two agent calls may wait together, so a guest that stops answering is
-/// reported by the monitor, which knows which step hung.
-const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the monitor may take to start the process: longer than its two
+/// agent calls may wait together at the default boot timeout (120 s each),
+/// so a guest that stops answering is usually reported by the monitor,
+/// which knows which step hung.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
 /// The status an exec reports when its container ended under it.
 pub const CONTAINER_GONE_STATUS: i32 = 128 + libc::SIGKILL;
 /// The fd the detached waiter finds its connection on.

@@ -47,10 +47,6 @@ const AGENT_READY: &[u8] = b"RUNVM_AGENT_READY";
 const PAUSE_LIMIT: Duration = Duration::from_secs(10);
 /// How long an ending guest gets to sync and reset.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// Longest wait for the agent's answer to a call the event loop makes: a
-/// guest that stops answering fails that request instead of freezing the
-/// monitor (kill, state and delete keep working).
-const AGENT_ANSWER_LIMIT: Duration = Duration::from_secs(45);
 
 /// What the monitor's main loop reacts to.
 enum Input {
@@ -109,6 +105,11 @@ struct Monitor {
     network: Option<network::Attached>,
     /// The container's seccomp profile, which binds every exec too.
     seccomp: Option<Seccomp>,
+    /// Longest wait for the agent's answer to a call the event loop makes
+    /// (the VM's boot timeout: what this container grants a slow guest):
+    /// a guest that stops answering fails that request instead of freezing
+    /// the monitor, so kill, state and delete keep working.
+    answer_limit: Duration,
 }
 
 impl Monitor {
@@ -158,7 +159,7 @@ impl Monitor {
                 Op::ConfigureNetwork {
                     network: Box::new(net.config.clone()),
                 },
-                AGENT_ANSWER_LIMIT,
+                plan.boot_timeout,
             )? {
                 Outcome::Ok { .. } => {}
                 Outcome::Error { message } => {
@@ -173,7 +174,7 @@ impl Monitor {
                 handle: INIT,
                 process: Box::new(plan.process.clone()),
             },
-            AGENT_ANSWER_LIMIT,
+            plan.boot_timeout,
         )? {
             Outcome::Ok { .. } => {}
             Outcome::Error { message } => bail!("the guest agent refused the process: {message}"),
@@ -209,6 +210,7 @@ impl Monitor {
                 paused: None,
                 network,
                 seccomp: plan.process.seccomp.clone(),
+                answer_limit: plan.boot_timeout,
             },
             inputs,
         ))
@@ -279,7 +281,7 @@ impl Monitor {
                 }
                 let pid = match self
                     .agent
-                    .call_within(Op::Start { handle: INIT }, AGENT_ANSWER_LIMIT)?
+                    .call_within(Op::Start { handle: INIT }, self.answer_limit)?
                 {
                     Outcome::Ok { pid } => pid,
                     Outcome::Error { message } => {
@@ -340,7 +342,7 @@ impl Monitor {
                     Request::Ps => Op::ListProcesses,
                     _ => Op::Stats,
                 };
-                match self.agent.call_within(op, AGENT_ANSWER_LIMIT)? {
+                match self.agent.call_within(op, self.answer_limit)? {
                     Outcome::Processes { processes } => reply.processes = Some(processes),
                     Outcome::Stats { stats } => reply.stats = Some(stats),
                     Outcome::Error { message } => bail!("the guest agent: {message}"),
@@ -440,7 +442,7 @@ impl Monitor {
                 handle,
                 process: Box::new(process),
             },
-            AGENT_ANSWER_LIMIT,
+            self.answer_limit,
         )? {
             Outcome::Ok { .. } => {}
             Outcome::Error { message } => bail!("the guest agent refused the process: {message}"),
@@ -449,7 +451,7 @@ impl Monitor {
         logger::debug(&format!("exec {handle}: created, starting it"));
         let pid = match self
             .agent
-            .call_within(Op::Start { handle }, AGENT_ANSWER_LIMIT)?
+            .call_within(Op::Start { handle }, self.answer_limit)?
         {
             Outcome::Ok { pid } => pid,
             Outcome::Error { message } => {
@@ -479,7 +481,7 @@ impl Monitor {
                     handle: INIT,
                     signal,
                 },
-                AGENT_ANSWER_LIMIT,
+                self.answer_limit,
             )? {
                 Outcome::Ok { .. } => Ok(None),
                 Outcome::Error { message } => bail!("{message}"),

@@ -81,6 +81,13 @@ pub const NESTED_FAULT_ATTEMPTS: u32 = 3;
 /// heartbeat or a panic); it has then already run the command once more.
 pub const TESTHOST_LOCKUP_MARKER: &str = "the test host's kernel locked up";
 
+/// What `testhost.sh` prints when the test host ran past its time limit:
+/// every KVM test ends itself well before that (its VMM's boot timeout and
+/// its own waits), so a test that did not had processes stuck in the test
+/// host's kernel (seen in virtio_fs: the test host idle, its heartbeat
+/// alive, the VMM outliving its boot timeout and SIGKILL).
+pub const TESTHOST_TIMEOUT_MARKER: &str = "testhost: timed out after";
+
 /// What the VMM prints on stderr when a guest triple-faults, whichever way
 /// the failure reaches a test (the VMM's own exit report, or an engine that
 /// quotes the monitor's stderr).
@@ -91,9 +98,10 @@ pub fn triple_fault_marker() -> String {
 /// Which fault of the nested TCG environment (README, Known problems) a
 /// failed test host run shows, if any: a nested guest that triple-faulted,
 /// a test host whose own kernel locked up (twice, as `testhost.sh` retries
-/// once itself), or a nested guest that stopped making progress before its
+/// once itself), a nested guest that stopped making progress before its
 /// VMM's boot timeout (seen once with the guest's vCPU stuck mid-line on
-/// the serial port, right after a test host lockup).
+/// the serial port, right after a test host lockup), or a test host that
+/// ran out of time (see [`TESTHOST_TIMEOUT_MARKER`]).
 pub fn nested_fault(output: &str) -> Option<&'static str> {
     if output.contains(&triple_fault_marker()) {
         Some("a nested guest triple-faulted")
@@ -101,6 +109,8 @@ pub fn nested_fault(output: &str) -> Option<&'static str> {
         Some("the test host's kernel locked up")
     } else if output.contains(&vmm::exit::ExitReason::Timeout.to_string()) {
         Some("a nested guest hit its boot timeout")
+    } else if output.contains(TESTHOST_TIMEOUT_MARKER) {
+        Some("the test host timed out with processes stuck in its kernel")
     } else {
         None
     }
@@ -196,6 +206,11 @@ mod tests {
             nested_fault(lockup),
             Some("the test host's kernel locked up")
         );
+        let idle = "testhost: timed out after 1200 s; last console lines:";
+        assert_eq!(
+            nested_fault(idle),
+            Some("the test host timed out with processes stuck in its kernel")
+        );
         let stall = "no ready line:\nrunvm-vmm: boot timeout elapsed\nRU";
         assert_eq!(
             nested_fault(stall),
@@ -214,5 +229,9 @@ mod tests {
     fn the_lockup_marker_is_what_the_test_host_runner_prints() {
         let script = std::fs::read_to_string(testhost_script()).unwrap();
         assert!(script.contains(TESTHOST_LOCKUP_MARKER));
+        // log() prefixes "testhost: ".
+        assert!(script.contains(r#"log() { echo "testhost: $*" >&2; }"#));
+        let timeout_line = TESTHOST_TIMEOUT_MARKER.replace("testhost: ", "log \"");
+        assert!(script.contains(&timeout_line), "{timeout_line}");
     }
 }
