@@ -81,7 +81,8 @@ fn agent_archive_in(dir: &Path, agent: &Path, fallback: &Path) -> anyhow::Result
     }
 }
 
-/// Where archives built from the agent are kept: `RUNVM_INITRAMFS_CACHE`,
+/// Where boot files are kept (archives built from the agent, copies of the
+/// kernel): `RUNVM_INITRAMFS_CACHE`,
 /// else /run/runvm-cache (memory-backed, so a boot empties it, and beside
 /// the default state root rather than in it, where `list` would see it).
 pub fn cache_dir() -> PathBuf {
@@ -94,8 +95,14 @@ pub fn cache_dir() -> PathBuf {
 /// rebuilt or replaced in place gets a new name (ctime changes on every
 /// write, even one that restores the mtime).
 fn agent_archive_name(meta: &std::fs::Metadata) -> String {
+    format!("agent-{}.cpio", file_key(meta))
+}
+
+/// Identifies one version of a file: a file replaced or changed in place
+/// gets a new key.
+fn file_key(meta: &std::fs::Metadata) -> String {
     format!(
-        "agent-{:x}-{:x}-{:x}-{:x}.{:x}-{:x}.{:x}.cpio",
+        "{:x}-{:x}-{:x}-{:x}.{:x}-{:x}.{:x}",
         meta.dev(),
         meta.ino(),
         meta.size(),
@@ -113,15 +120,28 @@ const STALE_AFTER: Duration = Duration::from_secs(3600);
 /// Puts `archive` into the cache as `name`, whole or not at all, and drops
 /// archives of older agent binaries.
 fn store_in_cache(dir: &Path, name: &str, archive: &[u8]) -> anyhow::Result<PathBuf> {
+    store_with(dir, "agent-", name, |tmp| Ok(tmp.write_all(archive)?))
+}
+
+/// Writes a cache entry `name` (which starts with `kind`) through `fill`
+/// into a temporary file renamed into place, so the entry is whole or
+/// absent and, once there, never changes: monitors map cache entries into
+/// guest memory. Entries of the same kind older than [`STALE_AFTER`] go.
+fn store_with(
+    dir: &Path,
+    kind: &str,
+    name: &str,
+    fill: impl FnOnce(&mut std::fs::File) -> anyhow::Result<()>,
+) -> anyhow::Result<PathBuf> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
     let mut tmp = tempfile::Builder::new()
-        .prefix(".agent-")
+        .prefix(&format!(".{kind}"))
         .suffix(".tmp")
         .tempfile_in(dir)?;
-    tmp.write_all(archive)?;
+    fill(tmp.as_file_mut())?;
     let path = dir.join(name);
     tmp.persist(&path)?;
     for entry in std::fs::read_dir(dir)?.flatten() {
@@ -133,11 +153,43 @@ fn store_in_cache(dir: &Path, name: &str, archive: &[u8]) -> anyhow::Result<Path
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > STALE_AFTER);
-        if other.starts_with("agent-") && other != name && old {
+        if other.starts_with(kind) && other != name && old {
+            // A VM that has it mapped keeps its pages until it ends.
             let _ = std::fs::remove_file(entry.path());
         }
     }
     Ok(path)
+}
+
+/// A copy of the guest kernel in the cache, which the VMM may map into
+/// guest memory instead of copying it (`map_boot_files`): cache entries are
+/// never changed in place, while the kernel the user named could be
+/// rewritten under a running VM. Every VM booting it then shares its pages.
+/// `None` when the cache cannot be written; the kernel is then copied from
+/// where it is.
+pub fn shared_kernel(kernel: &Path) -> Option<PathBuf> {
+    shared_kernel_in(&cache_dir(), kernel)
+        .map_err(|e| {
+            logger::debug(&format!(
+                "not sharing the kernel through {}: {e:#}",
+                cache_dir().display()
+            ))
+        })
+        .ok()
+}
+
+fn shared_kernel_in(dir: &Path, kernel: &Path) -> anyhow::Result<PathBuf> {
+    let mut src =
+        std::fs::File::open(kernel).with_context(|| format!("cannot open {}", kernel.display()))?;
+    let name = format!("kernel-{}", file_key(&src.metadata()?));
+    let cached = dir.join(&name);
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    store_with(dir, "kernel-", &name, |tmp| {
+        std::io::copy(&mut src, tmp)?;
+        Ok(())
+    })
 }
 
 /// Writes the initramfs part of this VM alone (its random seed, the
@@ -237,6 +289,38 @@ mod tests {
         let missing = tmp.path().join("no-agent");
         let err = agent_archive_in(tmp.path(), &missing, &fallback).unwrap_err();
         assert!(format!("{err:#}").contains("no-agent"), "{err:#}");
+    }
+
+    #[test]
+    fn the_shared_kernel_is_a_cache_copy_renewed_when_the_kernel_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+        let kernel = tmp.path().join("vmlinux");
+        std::fs::write(&kernel, b"kernel v1").unwrap();
+        let first = shared_kernel_in(&cache, &kernel).unwrap();
+        assert!(first.starts_with(&cache), "{}", first.display());
+        assert_eq!(std::fs::read(&first).unwrap(), b"kernel v1");
+        let inode = std::fs::metadata(&first).unwrap().ino();
+        assert_eq!(shared_kernel_in(&cache, &kernel).unwrap(), first);
+        assert_eq!(
+            std::fs::metadata(&first).unwrap().ino(),
+            inode,
+            "reused, not rewritten"
+        );
+
+        // The user's kernel rewritten in place: a new copy; the old one
+        // (which running VMs may map) is left as it was.
+        std::fs::write(&kernel, b"kernel v2").unwrap();
+        let second = shared_kernel_in(&cache, &kernel).unwrap();
+        assert_ne!(second, first);
+        assert_eq!(std::fs::read(&second).unwrap(), b"kernel v2");
+        assert_eq!(std::fs::read(&first).unwrap(), b"kernel v1");
+
+        let err = shared_kernel_in(&cache, &tmp.path().join("none")).unwrap_err();
+        assert!(format!("{err:#}").contains("none"), "{err:#}");
+        let not_a_dir = tmp.path().join("file");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        assert!(shared_kernel_in(&not_a_dir.join("cache"), &kernel).is_err());
     }
 
     #[test]

@@ -557,6 +557,12 @@ fn start_vm(
     control: VmControl,
 ) -> anyhow::Result<()> {
     let kernel = assets::kernel(plan.kernel.as_deref())?;
+    // Mapped rather than copied into guest memory when a cache copy (never
+    // changed in place) exists; the archives are the cache's and this VM's.
+    let (kernel, map_boot_files) = match assets::shared_kernel(&kernel) {
+        Some(shared) => (shared, true),
+        None => (kernel, false),
+    };
     let agent = assets::agent_archive(&assets::agent()?, &dir.file(state::AGENT_INITRAMFS))?;
     let own = dir.file(state::INITRAMFS);
     assets::write_vm_archive(&plan.mounts, &own)?;
@@ -576,6 +582,7 @@ fn start_vm(
         mem_mib: plan.mem_mib,
         kernel,
         initramfs: vec![agent, own],
+        map_boot_files,
         cmdline,
         rng: true,
         vsock: Some(VsockConfig {

@@ -192,6 +192,59 @@ kvm_test!(
 );
 
 kvm_test!(
+    fn mapped_boot_files_boot_two_guests_and_stay_unchanged() {
+        // Copies on this test host's own file system (its /tmp), where
+        // mapping certainly works, so a silent fallback to copying fails.
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::copy(guest_kernel_dir().join("vmlinux"), &kernel).unwrap();
+        let initrd = Initrd::agent();
+        let before = (
+            std::fs::read(&kernel).unwrap(),
+            std::fs::read(&initrd.path).unwrap(),
+        );
+        let spawn = || {
+            let mut cmd = Command::new(vmm_binary());
+            cmd.arg("--kernel")
+                .arg(&kernel)
+                .arg("--initramfs")
+                .arg(&initrd.path)
+                .args(["--map-boot-files", "--report-timing", "--cmdline", "quiet"])
+                .args(["--boot-timeout", "150"]);
+            GuestProcess::spawn(cmd)
+        };
+        // Two guests at once share the files' pages; each writes its own copies.
+        let mut guests = [spawn(), spawn()];
+        let ready: Vec<bool> = guests
+            .iter_mut()
+            .map(|g| g.wait_for(READY, BOOT).is_some())
+            .collect();
+        for (guest, ready) in guests.into_iter().zip(ready) {
+            let run = guest.finish(Duration::from_secs(30));
+            assert!(ready, "no ready line:\n{}", run.output);
+            assert_eq!(code(&run), Some(0), "{}", run.output);
+            let mapped_kib: u64 = run
+                .output
+                .split("boot files mapped ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no mapped figure:\n{}", run.output));
+            assert!(
+                mapped_kib > 4096,
+                "{mapped_kib} KiB mapped:\n{}",
+                run.output
+            );
+        }
+        assert!(
+            std::fs::read(&kernel).unwrap() == before.0
+                && std::fs::read(&initrd.path).unwrap() == before.1,
+            "a guest's writes reached a boot file"
+        );
+    }
+);
+
+kvm_test!(
     fn bad_configuration_is_a_clear_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let text = dir.path().join("notes.txt");

@@ -19,6 +19,7 @@ use linux_loader::loader::{load_cmdline, KernelLoader};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::file_map::MappedFile;
 use crate::layout::{self, E820Entry};
 use crate::resources::{KernelFormat, VmResources, MAX_CMDLINE_LEN};
 
@@ -65,6 +66,24 @@ pub enum BootError {
     Params(#[source] linux_loader::configurator::Error),
 }
 
+/// What [`load`] placed in guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loaded {
+    /// Where the boot vCPU starts.
+    pub entry: EntryPoint,
+    /// Bytes of the kernel and initramfs mapped rather than copied
+    /// (`map_boot_files`; 0 without it).
+    pub mapped_bytes: u64,
+}
+
+/// Where the initramfs parts went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Placed {
+    addr: u64,
+    size: u64,
+    mapped: u64,
+}
+
 /// Where and how the boot vCPU starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryPoint {
@@ -106,12 +125,18 @@ pub fn load(
     mem: &GuestMemoryMmap,
     res: &VmResources,
     cmdline: &Cmdline,
-) -> Result<EntryPoint, BootError> {
-    let mut kernel = File::open(&res.kernel).map_err(|e| BootError::Open(res.kernel.clone(), e))?;
+) -> Result<Loaded, BootError> {
+    let kernel = File::open(&res.kernel).map_err(|e| BootError::Open(res.kernel.clone(), e))?;
     let himem = Some(GuestAddress(layout::HIMEM_START));
-    let loaded = match res.kernel_format {
-        KernelFormat::Elf => Elf::load(mem, None, &mut kernel, himem),
-        KernelFormat::BzImage => BzImage::load(mem, None, &mut kernel, himem),
+    let mut mapped_bytes = 0;
+    let loaded = if res.map_boot_files {
+        let mut reader =
+            MappedFile::new(&kernel).map_err(|e| BootError::Open(res.kernel.clone(), e))?;
+        let loaded = load_kernel(mem, res.kernel_format, &mut reader, himem);
+        mapped_bytes += reader.mapped;
+        loaded
+    } else {
+        load_kernel(mem, res.kernel_format, &mut &kernel, himem)
     }
     .map_err(|e| BootError::Kernel(res.kernel.clone(), e))?;
 
@@ -119,12 +144,15 @@ pub fn load(
         None
     } else {
         let limit = layout::low_ram_end(res.mem_bytes);
-        Some(load_initramfs(
+        let placed = load_initramfs(
             mem,
             limit,
             &res.initramfs,
             loaded.kernel_end,
-        )?)
+            res.map_boot_files,
+        )?;
+        mapped_bytes += placed.mapped;
+        Some((placed.addr, placed.size))
     };
     load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), cmdline)
         .map_err(BootError::CmdlineWrite)?;
@@ -135,13 +163,13 @@ pub fn load(
         .len() as u32;
     let e820 = layout::e820(res.mem_bytes);
 
-    match res.kernel_format {
+    let entry = match res.kernel_format {
         KernelFormat::Elf => {
             let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
                 return Err(BootError::NoPvhEntry(res.kernel.clone()));
             };
             write_pvh_params(mem, &e820, initramfs)?;
-            Ok(EntryPoint::Pvh(entry))
+            EntryPoint::Pvh(entry)
         }
         KernelFormat::BzImage => {
             let mut params = boot_params::default();
@@ -172,11 +200,13 @@ pub fn load(
             )
             .map_err(BootError::Params)?;
             // startup_64 sits 0x200 past the protected-mode kernel's load address.
-            Ok(EntryPoint::Linux64(GuestAddress(
-                loaded.kernel_load.0 + 0x200,
-            )))
+            EntryPoint::Linux64(GuestAddress(loaded.kernel_load.0 + 0x200))
         }
-    }
+    };
+    Ok(Loaded {
+        entry,
+        mapped_bytes,
+    })
 }
 
 /// Where each initramfs part starts, relative to the first, and the size
@@ -196,12 +226,25 @@ pub fn initramfs_layout(sizes: &[u64]) -> Option<(Vec<u64>, u64)> {
 
 /// The initramfs goes at the top of low RAM, page aligned, above the
 /// kernel: its parts one after another, as one archive to the kernel.
+fn load_kernel<F: std::io::Read + vm_memory::ReadVolatile + std::io::Seek>(
+    mem: &GuestMemoryMmap,
+    format: KernelFormat,
+    reader: &mut F,
+    himem: Option<GuestAddress>,
+) -> linux_loader::loader::Result<linux_loader::loader::KernelLoaderResult> {
+    match format {
+        KernelFormat::Elf => Elf::load(mem, None, reader, himem),
+        KernelFormat::BzImage => BzImage::load(mem, None, reader, himem),
+    }
+}
+
 fn load_initramfs(
     mem: &GuestMemoryMmap,
     limit: u64,
     parts: &[PathBuf],
     kernel_end: u64,
-) -> Result<(u64, u64), BootError> {
+    map_files: bool,
+) -> Result<Placed, BootError> {
     let mut files = Vec::with_capacity(parts.len());
     for path in parts {
         let file = File::open(path).map_err(|e| BootError::Open(path.clone(), e))?;
@@ -227,16 +270,26 @@ fn load_initramfs(
         return Err(too_large);
     };
     let mut end = 0;
-    for ((mut file, len), offset) in files.into_iter().zip(offsets) {
+    let mut mapped = 0;
+    for ((file, len), offset) in files.into_iter().zip(offsets) {
         // The gap before a part holds zeros, whatever memory held before.
         let gap = vec![0u8; (offset - end) as usize];
         mem.write_slice(&gap, GuestAddress(addr + end))
             .map_err(BootError::Initramfs)?;
-        mem.read_exact_volatile_from(GuestAddress(addr + offset), &mut file, len as usize)
-            .map_err(BootError::Initramfs)?;
+        let to = GuestAddress(addr + offset);
+        if map_files {
+            let mut reader = MappedFile::new(&file)
+                .map_err(|e| BootError::Initramfs(vm_memory::GuestMemoryError::IOError(e)))?;
+            let read = mem.read_exact_volatile_from(to, &mut reader, len as usize);
+            mapped += reader.mapped;
+            read
+        } else {
+            mem.read_exact_volatile_from(to, &mut &file, len as usize)
+        }
+        .map_err(BootError::Initramfs)?;
         end = offset + len;
     }
-    Ok((addr, size))
+    Ok(Placed { addr, size, mapped })
 }
 
 fn write_pvh_params(
@@ -324,7 +377,8 @@ mod tests {
         std::fs::write(&a, b"AAAAA").unwrap();
         std::fs::write(&b, b"BB").unwrap();
         let limit = 8 << 20;
-        let (addr, size) = load_initramfs(&mem, limit, &[a.clone(), b], 0).unwrap();
+        let Placed { addr, size, .. } =
+            load_initramfs(&mem, limit, &[a.clone(), b], 0, false).unwrap();
         assert_eq!((addr, size), (limit - 4096, 10));
         let mut got = [0u8; 10];
         mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
@@ -332,13 +386,38 @@ mod tests {
 
         // Parts that do not fit above the kernel are refused.
         assert!(matches!(
-            load_initramfs(&mem, limit, std::slice::from_ref(&a), limit - 1),
+            load_initramfs(&mem, limit, std::slice::from_ref(&a), limit - 1, false),
             Err(BootError::InitramfsTooLarge { size: 5, .. })
         ));
         assert!(matches!(
-            load_initramfs(&mem, limit, &[dir.path().join("missing")], 0),
+            load_initramfs(&mem, limit, &[dir.path().join("missing")], 0, false),
             Err(BootError::Open(..))
         ));
+    }
+
+    #[test]
+    fn mapped_initramfs_parts_read_the_same_as_copied_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        let big: Vec<u8> = (0..3 * 4096 + 5).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&a, &big).unwrap();
+        std::fs::write(&b, b"BB").unwrap();
+        let limit = 8 << 20;
+        let mut images = Vec::new();
+        for map in [false, true] {
+            let mem =
+                GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), limit as usize)]).unwrap();
+            let Placed { addr, size, mapped } =
+                load_initramfs(&mem, limit, &[a.clone(), b.clone()], 0, map).unwrap();
+            assert_eq!(mapped, if map { 3 * 4096 } else { 0 });
+            let mut got = vec![0u8; size as usize];
+            mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
+            images.push(got);
+        }
+        assert_eq!(images[0], images[1]);
+        assert_eq!(&images[1][..big.len()], &big[..]);
+        assert_eq!(&images[1][big.len()..], b"\0\0\0BB");
     }
 
     #[test]

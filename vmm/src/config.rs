@@ -23,6 +23,12 @@ pub struct VmConfig {
     /// their own without copying the large one into a new file.
     #[serde(default)]
     pub initramfs: Vec<PathBuf>,
+    /// Place the kernel and initramfs in guest memory by mapping their
+    /// pages (private, copy on write) instead of copying them, so VMs
+    /// booting the same files share those pages. Only for files that are
+    /// never changed in place while a VM runs (see `file_map`).
+    #[serde(default)]
+    pub map_boot_files: bool,
     /// Extra kernel command line, appended after the VMM's own arguments.
     #[serde(default)]
     pub cmdline: String,

@@ -32,13 +32,18 @@ pub enum CpuError {
 }
 
 const CPUID_HYPERVISOR: u32 = 1 << 31;
+const CPUID_TSC_DEADLINE: u32 = 1 << 24;
 const CPUID_HTT: u32 = 1 << 28;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
 /// Makes `entries` (KVM's supported CPUID) describe vCPU `index` of
 /// `count` single-threaded cores in one socket, with APIC ID == index.
-pub fn shape_cpuid(entries: &mut [kvm_cpuid_entry2], index: u32, count: u32) {
+/// `tsc_deadline` is KVM_CAP_TSC_DEADLINE_TIMER: KVM emulates that LAPIC
+/// timer mode but leaves its bit out of the supported CPUID, so a VMM must
+/// set it. Without it the guest programs its timer through the APIC's
+/// count registers, the mode that needs calibrating against another clock.
+pub fn shape_cpuid(entries: &mut [kvm_cpuid_entry2], index: u32, count: u32, tsc_deadline: bool) {
     // Bits needed to number `count` cores, for the x2APIC topology leaf.
     let core_bits = u32::BITS - (count.max(1) - 1).leading_zeros();
     for e in entries.iter_mut() {
@@ -46,6 +51,11 @@ pub fn shape_cpuid(entries: &mut [kvm_cpuid_entry2], index: u32, count: u32) {
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (index << 24) | ((count & 0xff) << 16);
                 e.ecx |= CPUID_HYPERVISOR;
+                if tsc_deadline {
+                    e.ecx |= CPUID_TSC_DEADLINE;
+                } else {
+                    e.ecx &= !CPUID_TSC_DEADLINE;
+                }
                 if count > 1 {
                     e.edx |= CPUID_HTT;
                 } else {
@@ -265,18 +275,25 @@ fn setup_lint(vcpu: &VcpuFd) -> Result<(), CpuError> {
         .map_err(|e| CpuError::Kvm("KVM_SET_LAPIC", e))
 }
 
+/// What the host's KVM offers beyond its supported CPUID.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostCpu {
+    /// KVM_CAP_TSC_DEADLINE_TIMER.
+    pub tsc_deadline: bool,
+}
+
 /// Configures vCPU `index` of `count`. Only the boot vCPU gets registers; the
 /// others wait for the guest's INIT/SIPI in the in-kernel LAPIC.
 pub fn configure(
     vcpu: &VcpuFd,
-    supported: &CpuId,
+    (supported, host): (&CpuId, HostCpu),
     mem: &GuestMemoryMmap,
     entry: EntryPoint,
     index: u32,
     count: u32,
 ) -> Result<(), CpuError> {
     let mut cpuid = supported.clone();
-    shape_cpuid(cpuid.as_mut_slice(), index, count);
+    shape_cpuid(cpuid.as_mut_slice(), index, count, host.tsc_deadline);
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| CpuError::Kvm("KVM_SET_CPUID2", e))?;
     let entries = boot_msrs();
@@ -320,11 +337,16 @@ mod tests {
     #[test]
     fn apic_ids_and_counts_describe_each_vcpu() {
         let mut e = vec![leaf(1, 0), leaf(0xb, 0), leaf(0xb, 1), leaf(0x8000_0008, 0)];
-        shape_cpuid(&mut e, 3, 4);
+        shape_cpuid(&mut e, 3, 4, true);
         assert_eq!(e[0].ebx >> 24, 3, "initial APIC ID");
         assert_eq!((e[0].ebx >> 16) & 0xff, 4, "logical processor count");
         assert_eq!(e[0].ebx & 0xffff, 0x0800, "low bits kept");
         assert_ne!(e[0].ecx & CPUID_HYPERVISOR, 0);
+        assert_ne!(
+            e[0].ecx & CPUID_TSC_DEADLINE,
+            0,
+            "KVM's TSC deadline timer offered"
+        );
         assert_ne!(e[0].edx & CPUID_HTT, 0);
         assert_eq!((e[1].edx, e[1].ebx, e[1].ecx >> 8), (3, 1, LEVEL_TYPE_SMT));
         assert_eq!(
@@ -339,9 +361,19 @@ mod tests {
     fn single_vcpu_clears_htt() {
         let mut e = vec![leaf(1, 0)];
         e[0].edx = CPUID_HTT;
-        shape_cpuid(&mut e, 0, 1);
+        shape_cpuid(&mut e, 0, 1, true);
         assert_eq!(e[0].edx & CPUID_HTT, 0);
         assert_eq!(e[0].ebx >> 24, 0);
+    }
+
+    #[test]
+    fn tsc_deadline_follows_the_kvm_capability_not_the_host_bit() {
+        let mut e = vec![leaf(1, 0)];
+        e[0].ecx = CPUID_TSC_DEADLINE;
+        shape_cpuid(&mut e, 0, 1, false);
+        assert_eq!(e[0].ecx & CPUID_TSC_DEADLINE, 0);
+        shape_cpuid(&mut e, 0, 1, true);
+        assert_ne!(e[0].ecx & CPUID_TSC_DEADLINE, 0);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod exit;
 pub mod fd_limit;
+pub mod file_map;
 pub mod initramfs;
 pub mod layout;
 pub mod memory;

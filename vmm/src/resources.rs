@@ -126,6 +126,8 @@ pub struct VmResources {
     pub kernel_format: KernelFormat,
     /// Initramfs parts, in order.
     pub initramfs: Vec<PathBuf>,
+    /// Map the kernel and initramfs instead of copying them.
+    pub map_boot_files: bool,
     /// Caller's part of the command line.
     pub cmdline: String,
     /// A virtio-rng device.
@@ -201,6 +203,7 @@ impl VmResources {
             kernel: config.kernel.clone(),
             kernel_format,
             initramfs: config.initramfs.clone(),
+            map_boot_files: config.map_boot_files,
             cmdline: config.cmdline.clone(),
             rng: config.rng,
             vsock: config.vsock.clone(),
@@ -362,6 +365,7 @@ mod tests {
             mem_mib: 128,
             kernel: kernel.to_owned(),
             initramfs: Vec::new(),
+            map_boot_files: false,
             cmdline: "quiet".into(),
             rng: false,
             vsock: None,

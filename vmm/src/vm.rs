@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vm_superio::Serial;
@@ -107,6 +107,9 @@ pub type StartedHook = Box<dyn FnOnce(&BuildTimes) + Send>;
 pub struct BuildTimes {
     /// Phase name and its duration.
     pub phases: Vec<(&'static str, Duration)>,
+    /// Bytes of the kernel and initramfs the `load` phase mapped rather
+    /// than copied (`map_boot_files`).
+    pub boot_files_mapped: u64,
 }
 
 impl BuildTimes {
@@ -183,8 +186,11 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     memory::register(&vm, mem)?;
     times.mark("memory", &mut since);
     let mmio = Arc::new(build_mmio_devices(&vm, mem, res)?);
+    times.mark("devices", &mut since);
     let cmdline = boot::build_cmdline(&res.cmdline, opts.console.is_some(), &mmio.cmdline_args())?;
-    let entry = boot::load(mem, res, &cmdline)?;
+    let loaded = boot::load(mem, res, &cmdline)?;
+    let entry = loaded.entry;
+    times.boot_files_mapped = loaded.mapped_bytes;
     mptable::write(mem, res.vcpus)?;
     times.mark("load", &mut since);
 
@@ -201,12 +207,15 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    let host = cpu::HostCpu {
+        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+    };
     let mut vcpus = Vec::with_capacity(res.vcpus as usize);
     for index in 0..res.vcpus {
         let vcpu = vm
             .create_vcpu(u64::from(index))
             .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
-        cpu::configure(&vcpu, &supported, mem, entry, index, res.vcpus)?;
+        cpu::configure(&vcpu, (&supported, host), mem, entry, index, res.vcpus)?;
         vcpus.push(vcpu);
     }
 
