@@ -20,12 +20,12 @@ die() { echo "setup.sh: error: $*" >&2; exit 1; }
 command -v cargo >/dev/null ||
     die "cargo is not installed; runvm needs a Rust toolchain >= 1.85 (rustup, https://rustup.rs)"
 
-# containerd, podman (with conmon) and runc: the engines the runtime tests drive
-# runvm from, and the runtime its benchmark compares with; docker-registry: the
-# registry the pull tests start on 127.0.0.1.
+# containerd, podman (with conmon), docker.io and runc: the engines the runtime
+# tests drive runvm from, and the runtime its benchmark compares with;
+# docker-registry: the registry the pull tests start on 127.0.0.1.
 packages=(build-essential bc flex bison libelf-dev libssl-dev xz-utils zstd kmod cpio
     busybox-static qemu-system-x86 linux-source-6.12 iproute2
-    containerd podman conmon runc docker-registry)
+    containerd podman conmon docker.io runc docker-registry)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -107,7 +107,7 @@ impl Attached {
 
 /// Opens a pty, sends its master to `socket` and returns the slave.
 pub fn hand_over(socket: &Path) -> anyhow::Result<File> {
-    let conn = UnixStream::connect(socket)
+    let conn = vmm::unix_path::connect(socket)
         .with_context(|| format!("cannot connect to console socket {}", socket.display()))?;
     hand_over_on(&conn).with_context(|| format!("cannot send the pty to {}", socket.display()))
 }

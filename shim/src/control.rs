@@ -98,7 +98,7 @@ pub fn call_with_fds(
     fds: &[RawFd],
     timeout: Duration,
 ) -> anyhow::Result<(UnixStream, Reply)> {
-    let s = UnixStream::connect(sock)
+    let s = vmm::unix_path::connect(sock)
         .with_context(|| format!("cannot reach the container's monitor at {}", sock.display()))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;

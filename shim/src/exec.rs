@@ -116,7 +116,7 @@ pub fn exec(g: &Globals, id: &str, opts: &ExecOpts) -> anyhow::Result<i32> {
     };
     let sock = dir.file(state::CONTROL_SOCKET);
     let conn = if local_tty {
-        let conn = UnixStream::connect(&sock).with_context(|| {
+        let conn = vmm::unix_path::connect(&sock).with_context(|| {
             format!("cannot reach the container's monitor at {}", sock.display())
         })?;
         let conn = send_exec(conn, &request)?;

@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, IntoRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -690,13 +690,15 @@ fn connect_agent(
     plan: &Plan,
     inputs: &Receiver<Input>,
 ) -> anyhow::Result<UnixStream> {
-    let uds = dir.file(state::VSOCK_SOCKET);
+    let path = dir.file(state::VSOCK_SOCKET);
+    let sock = vmm::unix_path::SocketPath::new(&path)
+        .with_context(|| format!("cannot reach {}", path.display()))?;
     let start = Instant::now();
     loop {
         if let Ok(Input::VmEnded(_)) = inputs.try_recv() {
             bail!("the VM ended while booting{}", console_tail(dir));
         }
-        match connect_vsock(&uds, AGENT_VSOCK_PORT, Duration::from_millis(500)) {
+        match connect_vsock(sock.as_path(), AGENT_VSOCK_PORT, Duration::from_millis(500)) {
             Ok(c) => return Ok(c),
             Err(e) if start.elapsed() >= plan.boot_timeout => {
                 bail!(
@@ -808,7 +810,7 @@ fn request_name(req: &Request) -> &'static str {
 /// Accepts `runvm start` / `kill` / `exec` on the control socket.
 fn listen_control(dir: &ContainerDir, tx: Sender<Input>) -> anyhow::Result<()> {
     let path = dir.file(state::CONTROL_SOCKET);
-    let listener = UnixListener::bind(&path)
+    let listener = vmm::unix_path::bind(&path)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
     thread::Builder::new()
         .name("control".into())

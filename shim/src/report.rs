@@ -1,5 +1,7 @@
 //! `ps` and `events`: what runs in a container and what it uses, as the
-//! guest agent sees it. PIDs are the guest's (the processes live there).
+//! guest agent sees it. The table's PIDs are the guest's (the processes live
+//! there); the JSON list, which engines use to look processes up on the
+//! host, holds the host process that stands for the container.
 
 use std::time::Duration;
 
@@ -11,19 +13,32 @@ use crate::control::Request;
 use crate::lifecycle::{self, Globals};
 use crate::state::{Root, Status};
 
-/// `runvm ps ID`: a table, or (`json`) the PIDs as a JSON array as runc
-/// prints them.
+/// `runvm ps ID`: the guest's processes as a table, or (`json`) a JSON
+/// array of host PIDs as runc prints them.
+///
+/// Engines take that array for host PIDs: `docker top` runs the host's `ps`
+/// and keeps the lines of those PIDs. Guest PIDs would pick out unrelated
+/// host processes (a kernel thread, another tenant's program), so the
+/// array holds the container's monitor, the host process that stands for
+/// its init (the `--pid-file` PID), and the guest's processes are in the
+/// table.
 pub fn ps(g: &Globals, id: &str, format: &str) -> anyhow::Result<String> {
-    let reply = lifecycle::query(g, id, &Request::Ps)?;
-    let procs = reply
-        .processes
-        .context("the monitor sent no process list")?;
     match format {
-        "json" => Ok(format!(
-            "{}\n",
-            serde_json::to_string(&procs.iter().map(|p| p.pid).collect::<Vec<_>>())?
-        )),
-        "table" => Ok(table(&procs)),
+        "json" => {
+            let record = Root::new(&g.root).open(id)?.load_live()?;
+            let pid = match (record.status, record.pid) {
+                (Status::Created | Status::Running | Status::Paused, Some(pid)) => pid,
+                (s, _) => bail!("container {id} is not running (state {s})"),
+            };
+            Ok(format!("{}\n", serde_json::to_string(&[pid])?))
+        }
+        "table" => {
+            let reply = lifecycle::query(g, id, &Request::Ps)?;
+            let procs = reply
+                .processes
+                .context("the monitor sent no process list")?;
+            Ok(table(&procs))
+        }
         other => bail!("invalid format {other:?}: table or json"),
     }
 }

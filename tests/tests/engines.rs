@@ -625,3 +625,210 @@ kvm_test!(
         before.assert_none(Path::new("/run/runvm"), &dir.to_string_lossy());
     }
 );
+
+/// A private dockerd (own data root, exec root and socket; no iptables, no
+/// bridge) with runvm added as the runtime `runvm`; stopped (by its PID)
+/// when dropped.
+struct Dockerd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Dockerd {
+    /// `exec_root` holds the runtime's state root,
+    /// `<exec root>/runtime-runc/moby`, where a container's directory adds
+    /// docker's 64-character ID.
+    fn start(dir: &Path, exec_root: &Path) -> Self {
+        let socket = dir.join("docker.sock");
+        let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
+        // dockerd writes a key into /etc/docker unless told otherwise,
+        // which is read-only in the test host.
+        let config = dir.join("daemon.json");
+        let key = dir.join("key.json");
+        let settings = serde_json::json!({ "deprecated-key-path": key });
+        std::fs::write(&config, settings.to_string()).unwrap();
+        let child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(&config)
+            .args(["--iptables=false", "--ip6tables=false", "--ip-masq=false"])
+            .args(["--bridge=none", "--storage-driver", "vfs"])
+            .arg("--data-root")
+            .arg(dir.join("docker-root"))
+            .arg("--exec-root")
+            .arg(exec_root)
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--add-runtime")
+            .arg(format!("runvm={}", runtime_wrapper(dir).display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("dockerd (Debian package docker.io; setup.sh installs it)");
+        let d = Dockerd { child, socket };
+        let start = Instant::now();
+        while !(d.socket.exists() && run(&d.docker(&["version"])).status.success()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "dockerd did not answer in 2 minutes\n{}",
+                Dockerd::explain(dir)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        d
+    }
+
+    /// `docker -H unix://SOCKET args...`
+    fn docker(&self, args: &[&str]) -> Vec<String> {
+        let mut v = strings(&["docker", "-H"]);
+        v.push(format!("unix://{}", self.socket.display()));
+        v.extend(strings(args));
+        v
+    }
+
+    /// `docker run --runtime runvm` without a network, flags, the image, `cmd`.
+    fn run(&self, flags: &[&str], cmd: &[&str]) -> Vec<String> {
+        let mut args = vec!["run", "--runtime", "runvm", "--network", "none"];
+        args.extend(flags);
+        args.push(IMAGE);
+        args.extend(cmd);
+        self.docker(&args)
+    }
+
+    /// The last lines of dockerd's log, for a failure message.
+    fn explain(dir: &Path) -> String {
+        let log = std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        format!(
+            "dockerd.log (last lines, newest first):\n{}",
+            tail.join("\n")
+        )
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        // SIGTERM first: dockerd then stops its own containerd.
+        // SAFETY: kill(2) on the PID of a child this test spawned.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+kvm_test!(
+    fn docker_runs_containers_in_micro_vms_through_runvm() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let image = image_archive(dir);
+        let before = Leftovers::note();
+        // Deep on purpose: with docker's 64-character IDs, runvm's sockets
+        // in the state directories under it are longer than `sun_path`.
+        let exec_root = tempfile::Builder::new()
+            .prefix(&"x".repeat(40))
+            .tempdir()
+            .unwrap();
+        let d = Dockerd::start(dir, exec_root.path());
+        let loaded = run(&d.docker(&["load", "-q", "-i", image.to_str().unwrap()]));
+        assert!(
+            loaded.status.success(),
+            "{}\n{}",
+            text(&loaded.stderr),
+            Dockerd::explain(dir)
+        );
+
+        let out = run(&d.run(
+            &["--rm", "-e", "GREETING=hi", "-w", "/tmp"],
+            &["sh", "-c", ENV_CWD_SCRIPT],
+        ));
+        if out.status.code() != Some(3) {
+            panic!(
+                "{}\n{}\n{}",
+                text(&out.stdout),
+                text(&out.stderr),
+                Dockerd::explain(dir)
+            );
+        }
+        assert_output(&out, 3, ENV_CWD_OUTPUT, "err\n");
+        pipe_through(
+            &d.run(&["--rm", "-i"], &["cat"]),
+            Duration::ZERO,
+            || true,
+            String::new,
+        );
+        let out = on_terminal(&d.run(&["--rm", "-t"], &["sh", "-c", "tty; stty size; exit 5"]));
+        assert_terminal(&out, 5);
+
+        ok(&d.run(
+            &["-d", "--name", "d1"],
+            &["sh", "-c", "echo started; sleep 1000"],
+        ));
+        wait_until("d1's output", Duration::from_secs(120), || {
+            text(&run(&d.docker(&["logs", "d1"])).stdout).contains("started")
+        });
+        let out = run(&d.docker(&[
+            "exec",
+            "-e",
+            "X=1",
+            "-w",
+            "/tmp",
+            "d1",
+            "sh",
+            "-c",
+            "echo $X $(pwd); exit 4",
+        ]));
+        assert_output(&out, 4, "1 /tmp\n", "");
+        let out = on_terminal(&d.docker(&["exec", "-t", "d1", "sh", "-c", "tty; exit 6"]));
+        assert_terminal(&out, 6);
+        // `docker top` shows the host processes whose PIDs the runtime's
+        // `ps --format json` gives: the container's monitor, nothing else.
+        let top = ok(&d.docker(&["top", "d1"]));
+        let rows: Vec<&str> = top.lines().skip(1).collect();
+        assert_eq!(rows.len(), 1, "{top}");
+        assert!(
+            rows[0].contains(&*runvm_binary().to_string_lossy()),
+            "{top}"
+        );
+        ok(&d.docker(&["stop", "-t", "5", "d1"]));
+        let code = ok(&d.docker(&["inspect", "--format", "{{.State.ExitCode}}", "d1"]));
+        assert_eq!(code.trim(), "143");
+        assert!(ok(&d.docker(&["logs", "d1"])).contains("started"));
+        ok(&d.docker(&["rm", "d1"]));
+
+        let all = ok(&d.docker(&["ps", "-a", "-q"]));
+        assert_eq!(all.trim(), "", "containers left");
+        // The runc shim keeps runtime state under the exec root.
+        let state_roots: Vec<PathBuf> = std::fs::read_dir(exec_root.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("runtime-")
+            })
+            .collect();
+        assert!(
+            !state_roots.is_empty(),
+            "no runtime state root in {}",
+            exec_root.path().display()
+        );
+        drop(d);
+        for root in state_roots {
+            before.assert_none(&root.join("moby"), &dir.to_string_lossy());
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let marker = exec_root.path().to_string_lossy();
+        assert!(!mounts.contains(&*marker), "mounts left under {marker}");
+    }
+);

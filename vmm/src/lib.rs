@@ -18,4 +18,5 @@ pub mod memory;
 pub mod mptable;
 pub mod pause;
 pub mod resources;
+pub mod unix_path;
 pub mod vm;

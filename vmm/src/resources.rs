@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::config::{FsConfig, MacAddr, NetConfig, TapSource, VmConfig, VsockConfig};
+use crate::unix_path::MAX_SOCKET_NAME;
 
 /// Smallest guest that can boot the runvm kernel with an initramfs.
 pub const MIN_MEM_MIB: u64 = 32;
@@ -291,9 +292,6 @@ fn validate_share(share: &FsConfig, earlier: &[FsConfig]) -> Result<(), ConfigEr
     Ok(())
 }
 
-/// Longest socket path (sun_path less the NUL) once `_<port>` is appended.
-const MAX_VSOCK_PATH: usize = 107 - "_4294967295".len();
-
 fn validate_vsock(vsock: &VsockConfig) -> Result<(), ConfigError> {
     if vsock.guest_cid <= 2 || vsock.guest_cid == u32::MAX {
         return Err(ConfigError::VsockCid(vsock.guest_cid));
@@ -302,8 +300,14 @@ fn validate_vsock(vsock: &VsockConfig) -> Result<(), ConfigError> {
         path: vsock.uds_path.clone(),
         why,
     };
-    if vsock.uds_path.as_os_str().len() > MAX_VSOCK_PATH {
-        return Err(bad("path too long for a Unix socket"));
+    // Any directory depth works (see `unix_path`); the name must leave
+    // room for `_<port>` suffixes.
+    if vsock
+        .uds_path
+        .file_name()
+        .is_some_and(|n| n.len() > MAX_SOCKET_NAME)
+    {
+        return Err(bad("file name too long for a Unix socket"));
     }
     if vsock.uds_path.symlink_metadata().is_ok() {
         return Err(bad("already exists"));

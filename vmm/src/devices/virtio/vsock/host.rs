@@ -7,6 +7,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use crate::unix_path::SocketPath;
+
 /// Host end of the device.
 pub trait VsockHost: Send {
     /// A descriptor that polls readable while [`VsockHost::accept`] has a
@@ -23,16 +25,20 @@ pub trait VsockHost: Send {
 #[derive(Debug)]
 pub struct UnixHost {
     path: PathBuf,
+    /// `path` in a form short enough for `sun_path`, also for `path_P`.
+    reachable: SocketPath,
     listener: UnixListener,
 }
 
 impl UnixHost {
-    /// Binds `path` (which must not exist yet).
+    /// Binds `path` (which must not exist yet), however long it is.
     pub fn bind(path: &Path) -> io::Result<Self> {
-        let listener = UnixListener::bind(path)?;
+        let reachable = SocketPath::new(path)?;
+        let listener = UnixListener::bind(reachable.as_path())?;
         listener.set_nonblocking(true)?;
         Ok(UnixHost {
             path: path.to_owned(),
+            reachable,
             listener,
         })
     }
@@ -63,9 +69,7 @@ impl VsockHost for UnixHost {
     }
 
     fn connect(&mut self, port: u32) -> io::Result<UnixStream> {
-        let mut name = self.path.clone().into_os_string();
-        name.push(format!("_{port}"));
-        connect_nonblocking(Path::new(&name))
+        connect_nonblocking(&self.reachable.with_suffix(&format!("_{port}")))
     }
 }
 
@@ -111,4 +115,39 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
         return Err(io::Error::last_os_error());
     }
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_deeper_than_sun_path_serves_both_directions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        let mut host = UnixHost::bind(&path).unwrap();
+        assert_eq!(host.path(), path);
+
+        // Host-initiated: a program connects to the long path.
+        let _client = crate::unix_path::connect(&path).unwrap();
+        let mut accepted = None;
+        for _ in 0..100 {
+            accepted = host.accept().unwrap();
+            if accepted.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(accepted.is_some(), "the connection was not accepted");
+
+        // Guest-initiated to port 1024: reaches `<path>_1024`.
+        let listener = crate::unix_path::bind(&dir.join("v.sock_1024")).unwrap();
+        let _to_host = host.connect(1024).unwrap();
+        assert!(listener.accept().is_ok());
+
+        drop(host);
+        assert!(!path.exists(), "the socket goes with the device");
+    }
 }
