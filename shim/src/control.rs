@@ -34,6 +34,15 @@ pub enum Request {
     Pause,
     /// Let them run again.
     Resume,
+    /// The host processes that stand for the container's: the monitor
+    /// (the init's) and each exec's caller or detached waiter.
+    HostPids,
+    /// Sent on an exec's connection by the host process that stands for
+    /// the exec from then on (its PID is what `--pid-file` got).
+    StandIn {
+        /// That process's PID.
+        pid: i32,
+    },
     /// Run one more process in the container. Without a terminal, its
     /// stdin, stdout and stderr come with the request (SCM_RIGHTS).
     Exec {
@@ -54,6 +63,9 @@ pub struct Reply {
     /// The process's PID in the guest (`exec`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_pid: Option<i32>,
+    /// Host PIDs standing for the container's processes (`host-pids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_pids: Option<Vec<i32>>,
     /// The container's processes (`ps`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processes: Option<Vec<GuestProcess>>,

@@ -246,8 +246,13 @@ pub fn waiter() -> anyhow::Result<i32> {
 }
 
 /// Forwards signals to the process until its status arrives; returns it.
-/// `winch_tty` gets the caller's terminal size on SIGWINCH instead.
+/// `winch_tty` gets the caller's terminal size on SIGWINCH instead. The
+/// monitor first learns that this process stands for the exec (`ps`).
 fn wait(conn: UnixStream, sigs: SignalFd, winch_tty: Option<File>) -> i32 {
+    let me = Request::StandIn {
+        pid: std::process::id() as i32,
+    };
+    let _ = control::write_line(&conn, &me);
     if let Ok(out) = conn.try_clone() {
         let _ = thread::Builder::new()
             .name("signals".into())

@@ -16,7 +16,7 @@ use crate::state::{self, ContainerDir, Record, Root, Status};
 use crate::{assets, bundle, console, logger, signals};
 
 /// How long a control request may take (start and kill are one agent call).
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `delete` waits for a monitor to end after asking.
 const STOP_WAIT: Duration = Duration::from_secs(15);
 /// Extra time `create` gives the monitor beyond the boot timeout.

@@ -4,13 +4,14 @@
 //! To the caller (containerd's shim, conmon) it *is* the container's init:
 //! its PID goes into `--pid-file` and they wait for it as a subreaper.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,9 @@ struct Monitor {
     network: Option<network::Attached>,
     /// The container's seccomp profile, which binds every exec too.
     seccomp: Option<Seccomp>,
+    /// Host processes standing for execs (their callers or detached
+    /// waiters), by exec handle, as they report themselves.
+    stand_ins: StandIns,
     /// Longest wait for the agent's answer to a call the event loop makes
     /// (the VM's boot timeout: what this container grants a slow guest):
     /// a guest that stops answering fails that request instead of freezing
@@ -210,6 +214,7 @@ impl Monitor {
                 paused: None,
                 network,
                 seccomp: plan.process.seccomp.clone(),
+                stand_ins: StandIns::default(),
                 answer_limit: plan.boot_timeout,
             },
             inputs,
@@ -334,6 +339,18 @@ impl Monitor {
                 Ok(None)
             }
             Request::Exec { .. } => bail!("exec requests come with their stdio"),
+            Request::HostPids => {
+                let mut pids = vec![std::process::id() as i32];
+                pids.extend(
+                    self.stand_ins
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .values(),
+                );
+                reply.host_pids = Some(pids);
+                Ok(None)
+            }
+            Request::StandIn { .. } => bail!("stand-ins report on their exec's connection"),
             Request::Ps | Request::Stats => {
                 if self.paused.is_some() {
                     bail!("container {} is paused", self.record.id);
@@ -387,6 +404,7 @@ impl Monitor {
                                 Arc::clone(&self.agent),
                                 handle,
                                 Arc::clone(&sink),
+                                Arc::clone(&self.stand_ins),
                             )
                         });
                 if let Err(e) = started {
@@ -764,15 +782,20 @@ fn relay_output(
     Ok(())
 }
 
+/// Host PIDs of the processes standing for execs, by exec handle.
+type StandIns = Arc<Mutex<BTreeMap<u32, i32>>>;
+
 /// Passes the signals an exec's caller sends on its connection to the
-/// process. A caller that hangs up while the process runs was killed (its
-/// stand-in is the process to the engine, which may SIGKILL it): the
-/// process is killed too, as it would be under runc.
+/// process, and notes the host process that stands for it. A caller that
+/// hangs up while the process runs was killed (its stand-in is the process
+/// to the engine, which may SIGKILL it): the process is killed too, as it
+/// would be under runc.
 fn forward_exec_signals(
     conn: &UnixStream,
     agent: Arc<MuxClient<UnixStream>>,
     handle: u32,
     sink: Arc<Sink>,
+    stand_ins: StandIns,
 ) -> anyhow::Result<()> {
     let conn = conn.try_clone()?;
     // The request was read with a timeout; signals may come at any time.
@@ -780,11 +803,25 @@ fn forward_exec_signals(
     thread::Builder::new()
         .name(format!("exec-{handle}"))
         .spawn(move || {
+            let noted = |pid: Option<i32>| {
+                let mut map = stand_ins.lock().unwrap_or_else(|e| e.into_inner());
+                match pid {
+                    Some(pid) => map.insert(handle, pid),
+                    None => map.remove(&handle),
+                }
+            };
             while let Ok(Some(line)) = control::read_line(&conn) {
-                if let Ok(Request::Kill { signal }) = serde_json::from_slice(&line) {
-                    let _ = agent.call(Op::Signal { handle, signal });
+                match serde_json::from_slice(&line) {
+                    Ok(Request::Kill { signal }) => {
+                        let _ = agent.call(Op::Signal { handle, signal });
+                    }
+                    Ok(Request::StandIn { pid }) if pid > 0 => {
+                        noted(Some(pid));
+                    }
+                    _ => {}
                 }
             }
+            noted(None);
             if !sink.is_done() {
                 let signal = libc::SIGKILL;
                 let _ = agent.call(Op::Signal { handle, signal });
@@ -804,6 +841,8 @@ fn request_name(req: &Request) -> &'static str {
         Request::Pause => "pause",
         Request::Resume => "resume",
         Request::Exec { .. } => "exec",
+        Request::HostPids => "host-pids",
+        Request::StandIn { .. } => "stand-in",
     }
 }
 

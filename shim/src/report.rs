@@ -9,9 +9,9 @@ use anyhow::{bail, Context};
 use runvm_protocol::{GuestProcess, GuestStats};
 use serde_json::json;
 
-use crate::control::Request;
+use crate::control::{self, Request};
 use crate::lifecycle::{self, Globals};
-use crate::state::{Root, Status};
+use crate::state::{self, Root, Status};
 
 /// `runvm ps ID`: the guest's processes as a table, or (`json`) a JSON
 /// array of host PIDs as runc prints them.
@@ -19,18 +19,25 @@ use crate::state::{Root, Status};
 /// Engines take that array for host PIDs: `docker top` runs the host's `ps`
 /// and keeps the lines of those PIDs. Guest PIDs would pick out unrelated
 /// host processes (a kernel thread, another tenant's program), so the
-/// array holds the container's monitor, the host process that stands for
-/// its init (the `--pid-file` PID), and the guest's processes are in the
-/// table.
+/// array holds the host processes that stand for the container's: its
+/// monitor, for the init (the `--pid-file` PID), and each running exec's
+/// caller or detached waiter (its `--pid-file` PID). The guest's processes
+/// are in the table.
 pub fn ps(g: &Globals, id: &str, format: &str) -> anyhow::Result<String> {
     match format {
         "json" => {
-            let record = Root::new(&g.root).open(id)?.load_live()?;
-            let pid = match (record.status, record.pid) {
-                (Status::Created | Status::Running | Status::Paused, Some(pid)) => pid,
-                (s, _) => bail!("container {id} is not running (state {s})"),
-            };
-            Ok(format!("{}\n", serde_json::to_string(&[pid])?))
+            let dir = Root::new(&g.root).open(id)?;
+            match dir.load_live()?.status {
+                Status::Created | Status::Running | Status::Paused => {}
+                s => bail!("container {id} is not running (state {s})"),
+            }
+            let reply = control::call(
+                &dir.file(state::CONTROL_SOCKET),
+                &Request::HostPids,
+                lifecycle::CONTROL_TIMEOUT,
+            )?;
+            let pids = reply.host_pids.context("the monitor sent no PIDs")?;
+            Ok(format!("{}\n", serde_json::to_string(&pids)?))
         }
         "table" => {
             let reply = lifecycle::query(g, id, &Request::Ps)?;
