@@ -128,17 +128,11 @@ pub fn load(
 ) -> Result<Loaded, BootError> {
     let kernel = File::open(&res.kernel).map_err(|e| BootError::Open(res.kernel.clone(), e))?;
     let himem = Some(GuestAddress(layout::HIMEM_START));
-    let mut mapped_bytes = 0;
-    let loaded = if res.map_boot_files {
-        let mut reader =
-            MappedFile::new(&kernel).map_err(|e| BootError::Open(res.kernel.clone(), e))?;
-        let loaded = load_kernel(mem, res.kernel_format, &mut reader, himem);
-        mapped_bytes += reader.mapped;
-        loaded
-    } else {
-        load_kernel(mem, res.kernel_format, &mut &kernel, himem)
-    }
-    .map_err(|e| BootError::Kernel(res.kernel.clone(), e))?;
+    let mut reader = MappedFile::new(&kernel, res.map_boot_files)
+        .map_err(|e| BootError::Open(res.kernel.clone(), e))?;
+    let loaded = load_kernel(mem, res.kernel_format, &mut reader, himem)
+        .map_err(|e| BootError::Kernel(res.kernel.clone(), e))?;
+    let mut mapped_bytes = reader.mapped;
 
     let initramfs = if res.initramfs.is_empty() {
         None
@@ -226,10 +220,10 @@ pub fn initramfs_layout(sizes: &[u64]) -> Option<(Vec<u64>, u64)> {
 
 /// The initramfs goes at the top of low RAM, page aligned, above the
 /// kernel: its parts one after another, as one archive to the kernel.
-fn load_kernel<F: std::io::Read + vm_memory::ReadVolatile + std::io::Seek>(
+fn load_kernel(
     mem: &GuestMemoryMmap,
     format: KernelFormat,
-    reader: &mut F,
+    reader: &mut MappedFile,
     himem: Option<GuestAddress>,
 ) -> linux_loader::loader::Result<linux_loader::loader::KernelLoaderResult> {
     match format {
@@ -276,17 +270,11 @@ fn load_initramfs(
         let gap = vec![0u8; (offset - end) as usize];
         mem.write_slice(&gap, GuestAddress(addr + end))
             .map_err(BootError::Initramfs)?;
-        let to = GuestAddress(addr + offset);
-        if map_files {
-            let mut reader = MappedFile::new(&file)
-                .map_err(|e| BootError::Initramfs(vm_memory::GuestMemoryError::IOError(e)))?;
-            let read = mem.read_exact_volatile_from(to, &mut reader, len as usize);
-            mapped += reader.mapped;
-            read
-        } else {
-            mem.read_exact_volatile_from(to, &mut &file, len as usize)
-        }
-        .map_err(BootError::Initramfs)?;
+        let mut reader = MappedFile::new(&file, map_files)
+            .map_err(|e| BootError::Initramfs(vm_memory::GuestMemoryError::IOError(e)))?;
+        mem.read_exact_volatile_from(GuestAddress(addr + offset), &mut reader, len as usize)
+            .map_err(BootError::Initramfs)?;
+        mapped += reader.mapped;
         end = offset + len;
     }
     Ok(Placed { addr, size, mapped })

@@ -11,8 +11,8 @@
 //! in pages the guest has not written, and a truncated file makes them fault
 //! (KVM_RUN then fails with EFAULT). So the caller must promise the file is
 //! never changed in place while a VM runs: replaced by rename, as runvm's
-//! own cache does, is fine. [`MappedFile`] is only used when the VM's
-//! configuration says so.
+//! own cache does, is fine. [`MappedFile`] maps only when the VM's
+//! configuration says so (`map_boot_files`) and copies otherwise.
 //!
 //! linux-loader still parses the kernel and decides where every byte goes:
 //! [`MappedFile`] is the reader it reads through, and turns each read into
@@ -30,10 +30,12 @@ use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 const PAGE: usize = 4096;
 
-/// A boot file read into guest memory by mapping (see the module docs).
+/// A boot file read into guest memory, by mapping where `map` allows (see
+/// the module docs), else by copying.
 #[derive(Debug)]
 pub struct MappedFile<'a> {
     file: &'a File,
+    map: bool,
     len: u64,
     pos: u64,
     /// Bytes placed by mapping rather than copying, for tests and timing.
@@ -41,11 +43,12 @@ pub struct MappedFile<'a> {
 }
 
 impl<'a> MappedFile<'a> {
-    /// A reader at offset 0 of `file`.
-    pub fn new(file: &'a File) -> io::Result<Self> {
+    /// A reader at offset 0 of `file`; without `map` it only copies.
+    pub fn new(file: &'a File, map: bool) -> io::Result<Self> {
         Ok(MappedFile {
             len: file.metadata()?.len(),
             file,
+            map,
             pos: 0,
             mapped: 0,
         })
@@ -130,7 +133,11 @@ impl ReadVolatile for MappedFile<'_> {
         }
         let guard = buf.ptr_guard_mut();
         let dst = guard.as_ptr();
-        let (head, pages) = split(dst as usize, self.pos, want);
+        let (head, pages) = if self.map {
+            split(dst as usize, self.pos, want)
+        } else {
+            (want, 0)
+        };
         let mut done = self
             .copy_into(dst, head)
             .map_err(VolatileMemoryError::IOError)?;
@@ -217,7 +224,7 @@ mod tests {
         let data = pattern(5 * PAGE + 100);
         let file = file_with(&data);
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 * PAGE)]).unwrap();
-        let mut reader = MappedFile::new(&file).unwrap();
+        let mut reader = MappedFile::new(&file, true).unwrap();
         reader.seek(SeekFrom::Start(PAGE as u64)).unwrap();
         mem.read_exact_volatile_from(GuestAddress(2 * PAGE as u64), &mut reader, 4 * PAGE + 100)
             .unwrap();
@@ -247,7 +254,7 @@ mod tests {
         let data = pattern(3 * PAGE);
         let file = file_with(&data);
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 * PAGE)]).unwrap();
-        let mut reader = MappedFile::new(&file).unwrap();
+        let mut reader = MappedFile::new(&file, true).unwrap();
         mem.read_exact_volatile_from(GuestAddress(PAGE as u64 + 4), &mut reader, 3 * PAGE)
             .unwrap();
         assert_eq!(reader.mapped, 0);
@@ -262,7 +269,7 @@ mod tests {
         let data = pattern(PAGE + 10);
         let file = file_with(&data);
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 * PAGE)]).unwrap();
-        let mut reader = MappedFile::new(&file).unwrap();
+        let mut reader = MappedFile::new(&file, true).unwrap();
         let err = mem.read_exact_volatile_from(GuestAddress(0), &mut reader, 3 * PAGE);
         assert!(err.is_err(), "a short file fails the exact read");
         let mut tail = [1u8; 16];
