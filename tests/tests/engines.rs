@@ -120,13 +120,20 @@ fn assert_output(out: &Output, code: i32, want: &str, err: &str) {
     assert!(text(&out.stderr).contains(err), "{}", text(&out.stderr));
 }
 
-/// Asserts exit status `code` and a terminal (`tty` printed a pty).
-fn assert_terminal(out: &Output, code: i32) {
-    assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("/dev/pts/"),
-        "{}",
-        text(&out.stdout)
+/// Asserts exit status `code` and a terminal (`tty` printed a pty). On a
+/// failure it shows everything: under `script` the engine's own error
+/// messages arrive on stdout (the pty), and `explain` adds the engine's side.
+fn assert_terminal(out: &Output, code: i32, explain: impl FnOnce() -> String) {
+    if out.status.code() == Some(code) && text(&out.stdout).contains("/dev/pts/") {
+        return;
+    }
+    panic!(
+        "on a terminal: exit status {:?}, expected {code} and a /dev/pts/ line\n\
+         stdout (the pty):\n{}\nstderr:\n{}\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr),
+        explain()
     );
 }
 
@@ -387,7 +394,7 @@ kvm_test!(
             "c3",
             &["sh", "-c", "tty; stty size; exit 7"],
         ));
-        assert_terminal(&out, 7);
+        assert_terminal(&out, 7, || c.explain(dir.path()));
 
         // A long-running task: exec (plain and on a terminal), ps, and
         // stopping it with SIGTERM.
@@ -414,7 +421,7 @@ kvm_test!(
             "-c",
             "tty; exit 6",
         ]));
-        assert_terminal(&out, 6);
+        assert_terminal(&out, 6, || c.explain(dir.path()));
         let ps = ok(&c.ctr(&["task", "ps", "c4"]));
         assert!(ps.starts_with("PID"), "{ps}");
         assert!(ps.lines().count() >= 2, "no process listed: {ps}");
@@ -555,7 +562,7 @@ kvm_test!(
             &["--rm", "-t"],
             &["sh", "-c", "tty; stty size; exit 5"],
         ));
-        assert_terminal(&out, 5);
+        assert_terminal(&out, 5, String::new);
 
         ok(&podman_run(
             dir,
@@ -584,7 +591,7 @@ kvm_test!(
             dir,
             &["exec", "-t", "s1", "sh", "-c", "tty; exit 6"],
         ));
-        assert_terminal(&out, 6);
+        assert_terminal(&out, 6, String::new);
         ok(&podman(dir, &["stop", "-t", "5", "s1"]));
         let code = ok(&podman(
             dir,
@@ -766,7 +773,7 @@ kvm_test!(
             String::new,
         );
         let out = on_terminal(&d.run(&["--rm", "-t"], &["sh", "-c", "tty; stty size; exit 5"]));
-        assert_terminal(&out, 5);
+        assert_terminal(&out, 5, || Dockerd::explain(dir));
 
         ok(&d.run(
             &["-d", "--name", "d1"],
@@ -788,7 +795,7 @@ kvm_test!(
         ]));
         assert_output(&out, 4, "1 /tmp\n", "");
         let out = on_terminal(&d.docker(&["exec", "-t", "d1", "sh", "-c", "tty; exit 6"]));
-        assert_terminal(&out, 6);
+        assert_terminal(&out, 6, || Dockerd::explain(dir));
         // `docker top` shows the host processes whose PIDs the runtime's
         // `ps --format json` gives: the container's monitor, nothing else.
         let top = ok(&d.docker(&["top", "d1"]));
