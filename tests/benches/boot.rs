@@ -3,11 +3,12 @@
 //!
 //! Prints, per VMM, the median wall time from spawning the VMM to the agent's
 //! ready line and the median peak VMM overhead RSS (anonymous + file-backed
-//! resident memory; guest RAM is a memfd for both, so it is excluded), then
+//! resident memory; guest RAM is a memfd for both, so it is excluded, and so
+//! are the boot files runvm-vmm maps into guest memory, as the runtime does), then
 //! the ratios. `RUNVM_BENCH_RUNS` sets the number of runs (default 10).
 //! Run it with `tests/bench.sh boot`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,13 +35,50 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Samples RssAnon + RssFile until the process is gone; returns the peak.
-fn watch_rss(pid: u32, done: Arc<AtomicBool>) -> thread::JoinHandle<u64> {
+/// Resident KiB of the mappings of files under `dirs`: runvm-vmm maps the
+/// boot files (which the bench keeps there) into guest memory, so those
+/// pages are guest memory, not VMM overhead.
+fn guest_file_kib(pid: u32, dirs: &[PathBuf]) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0;
+    };
+    let (mut inside, mut kib) = (false, 0);
+    for line in smaps.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            if inside {
+                kib += rss
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .unwrap_or(0);
+            }
+        } else if line
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|f| f.contains('-'))
+        {
+            // A mapping's header: "start-end perms offset dev inode [path]".
+            inside = line
+                .split_whitespace()
+                .nth(5)
+                .is_some_and(|path| dirs.iter().any(|d| Path::new(path).starts_with(d)));
+        }
+    }
+    kib
+}
+
+/// Samples RssAnon + RssFile, less the guest's mapped boot files, until the
+/// process is gone; returns the peak.
+fn watch_rss(pid: u32, boot_dirs: Vec<PathBuf>, done: Arc<AtomicBool>) -> thread::JoinHandle<u64> {
     thread::spawn(move || {
         let mut peak = 0;
         while !done.load(Ordering::Acquire) {
             match (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:")) {
-                (Some(a), Some(f)) => peak = peak.max(a + f),
+                (Some(a), Some(f)) => {
+                    let guest = guest_file_kib(pid, &boot_dirs);
+                    peak = peak.max((a + f).saturating_sub(guest))
+                }
                 _ => break,
             }
             thread::sleep(Duration::from_millis(2));
@@ -49,10 +87,10 @@ fn watch_rss(pid: u32, done: Arc<AtomicBool>) -> thread::JoinHandle<u64> {
     })
 }
 
-fn measure(cmd: Command) -> Sample {
+fn measure(cmd: Command, boot_dirs: &[PathBuf]) -> Sample {
     let mut guest = GuestProcess::spawn(cmd);
     let done = Arc::new(AtomicBool::new(false));
-    let rss = watch_rss(guest.pid(), done.clone());
+    let rss = watch_rss(guest.pid(), boot_dirs.to_vec(), done.clone());
     let ready = guest.wait_for(READY, Duration::from_secs(120));
     let run = guest.finish(Duration::from_secs(15));
     done.store(true, Ordering::Release);
@@ -77,7 +115,14 @@ fn measure(cmd: Command) -> Sample {
 fn runvm(initrd: &Initrd, mem_mib: u64) -> Command {
     let mut c = vmm_command("vmlinux", initrd);
     c.args(["--mem-mib", &mem_mib.to_string(), "--cmdline", "quiet"]);
-    c.args(["--boot-timeout", "120", "--report-timing"]);
+    // As the runtime boots: the kernel and initramfs pages are mapped into
+    // guest memory rather than copied.
+    c.args([
+        "--boot-timeout",
+        "120",
+        "--report-timing",
+        "--map-boot-files",
+    ]);
     c
 }
 
@@ -163,6 +208,11 @@ fn main() {
         .unwrap_or(10);
     let initrd = Initrd::agent();
     let kernel = guest_kernel_dir().join("vmlinux");
+    // The directories that hold the boot files and nothing the VMM runs.
+    let boot_dirs = [
+        initrd.path.parent().expect("initramfs dir").to_owned(),
+        guest_kernel_dir().to_owned(),
+    ];
     println!(
         "boot benchmark: {runs} runs each, interleaved, kernel {}",
         kernel.display()
@@ -181,7 +231,7 @@ fn main() {
             } else {
                 qemu(&kernel, &initrd.path, *mem)
             };
-            let s = measure(cmd);
+            let s = measure(cmd, &boot_dirs);
             eprintln!("run {run}/{runs} {name}: {:.0} ms", s.boot_ms);
             samples[i].push(s);
         }
