@@ -59,30 +59,26 @@ impl Attached {
             None
         };
         let mut to_guest = master.try_clone()?;
-        std::thread::Builder::new()
-            .name("tty-in".into())
-            .spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut input = std::io::stdin().lock();
-                while let Ok(n) = input.read(&mut buf) {
-                    if n == 0 || to_guest.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
+        vmm::threads::named("tty-in").spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut input = std::io::stdin().lock();
+            while let Ok(n) = input.read(&mut buf) {
+                if n == 0 || to_guest.write_all(&buf[..n]).is_err() {
+                    return;
                 }
-            })?;
+            }
+        })?;
         let mut from_guest = master.try_clone()?;
-        let output = std::thread::Builder::new()
-            .name("tty-out".into())
-            .spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut out = std::io::stdout();
-                // EIO once the last slave fd is gone.
-                while let Ok(n) = from_guest.read(&mut buf) {
-                    if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
-                        return;
-                    }
+        let output = vmm::threads::named("tty-out").spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut out = std::io::stdout();
+            // EIO once the last slave fd is gone.
+            while let Ok(n) = from_guest.read(&mut buf) {
+                if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                    return;
                 }
-            })?;
+            }
+        })?;
         Ok(Attached {
             _raw: raw,
             output,

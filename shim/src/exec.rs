@@ -11,7 +11,6 @@ use std::os::unix::net::UnixStream;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -254,24 +253,22 @@ fn wait(conn: UnixStream, sigs: SignalFd, winch_tty: Option<File>) -> i32 {
     };
     let _ = control::write_line(&conn, &me);
     if let Ok(out) = conn.try_clone() {
-        let _ = thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                while let Ok(Some(info)) = sigs.read_signal() {
-                    let signal = info.ssi_signo as i32;
-                    if signal == libc::SIGWINCH {
-                        if let Some(t) = &winch_tty {
-                            console::copy_size(std::io::stdin().as_fd(), t.as_fd());
-                        }
-                        if winch_tty.is_some() {
-                            continue;
-                        }
+        let _ = vmm::threads::named("signals").spawn(move || {
+            while let Ok(Some(info)) = sigs.read_signal() {
+                let signal = info.ssi_signo as i32;
+                if signal == libc::SIGWINCH {
+                    if let Some(t) = &winch_tty {
+                        console::copy_size(std::io::stdin().as_fd(), t.as_fd());
                     }
-                    if control::write_line(&out, &Request::Kill { signal }).is_err() {
-                        return;
+                    if winch_tty.is_some() {
+                        continue;
                     }
                 }
-            });
+                if control::write_line(&out, &Request::Kill { signal }).is_err() {
+                    return;
+                }
+            }
+        });
     }
     match control::read_line(&conn) {
         Ok(Some(line)) => match serde_json::from_slice::<ExecExit>(&line) {

@@ -407,25 +407,23 @@ pub fn run(
         Some(a) => Some(a.master().try_clone()?),
         None => None,
     };
-    std::thread::Builder::new()
-        .name("forward".into())
-        .spawn(move || {
-            while let Ok(Some(info)) = sigs.read_signal() {
-                let signal = info.ssi_signo as i32;
-                // Our terminal's new size goes to the container's; the
-                // monitor passes it on.
-                if let (libc::SIGWINCH, Some(master)) = (signal, &winch_to) {
-                    console::copy_size(std::io::stdin().as_fd(), master.as_fd());
-                    continue;
-                }
-                if info.ssi_code == libc::SI_KERNEL {
-                    continue;
-                }
-                if let Ok(sig) = Signal::try_from(signal) {
-                    let _ = kill(monitor, sig);
-                }
+    vmm::threads::named("forward").spawn(move || {
+        while let Ok(Some(info)) = sigs.read_signal() {
+            let signal = info.ssi_signo as i32;
+            // Our terminal's new size goes to the container's; the
+            // monitor passes it on.
+            if let (libc::SIGWINCH, Some(master)) = (signal, &winch_to) {
+                console::copy_size(std::io::stdin().as_fd(), master.as_fd());
+                continue;
             }
-        })?;
+            if info.ssi_code == libc::SI_KERNEL {
+                continue;
+            }
+            if let Ok(sig) = Signal::try_from(signal) {
+                let _ = kill(monitor, sig);
+            }
+        }
+    })?;
     let status = child.wait()?;
     if let Some(a) = attached {
         a.finish(TTY_DRAIN);

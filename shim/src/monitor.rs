@@ -12,7 +12,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -223,19 +222,17 @@ impl Monitor {
 
     fn serve(mut self, signals: nix::sys::signalfd::SignalFd, inputs: Receiver<Input>) -> i32 {
         let tx = self.tx.clone();
-        let _ = thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || loop {
-                match signals.read_signal() {
-                    Ok(Some(info)) => {
-                        if tx.send(Input::Signal(info.ssi_signo as i32)).is_err() {
-                            return;
-                        }
+        let _ = vmm::threads::named("signals").spawn(move || loop {
+            match signals.read_signal() {
+                Ok(Some(info)) => {
+                    if tx.send(Input::Signal(info.ssi_signo as i32)).is_err() {
+                        return;
                     }
-                    Ok(None) => {}
-                    Err(_) => return,
                 }
-            });
+                Ok(None) => {}
+                Err(_) => return,
+            }
+        });
         // Every sender lives in a thread that outlives this loop, so `recv`
         // only fails if they all died; the VM is then gone as well.
         while let Ok(input) = inputs.recv() {
@@ -525,9 +522,7 @@ impl Monitor {
         if let Some(inputs) = inputs {
             let agent = Arc::clone(&self.agent);
             // The agent may be gone or wedged; the VM ending is what counts.
-            let _ = thread::Builder::new()
-                .name("shutdown".into())
-                .spawn(move || agent.call(Op::Shutdown));
+            let _ = vmm::threads::named("shutdown").spawn(move || agent.call(Op::Shutdown));
             match wait_vm_end(inputs, SHUTDOWN_GRACE) {
                 None => logger::warn("the guest did not reset after shutdown; ending it"),
                 // How it ended says why an agent went away (a guest crash).
@@ -636,8 +631,7 @@ fn start_vm(
     let console_path = dir.file(state::CONSOLE_LOG);
     let console = File::create(&console_path)
         .with_context(|| format!("cannot create {}", console_path.display()))?;
-    thread::Builder::new()
-        .name("vmm".into())
+    vmm::threads::named("vmm")
         .spawn(move || {
             let opts = RunOptions {
                 console: Some(Box::new(ReadyMark {
@@ -750,8 +744,7 @@ fn relay_output(
     tx: Sender<Input>,
     routes: Routes,
 ) -> anyhow::Result<()> {
-    thread::Builder::new()
-        .name("output".into())
+    vmm::threads::named("output")
         .spawn(move || {
             for n in notices.iter() {
                 match n {
@@ -800,8 +793,7 @@ fn forward_exec_signals(
     let conn = conn.try_clone()?;
     // The request was read with a timeout; signals may come at any time.
     conn.set_read_timeout(None)?;
-    thread::Builder::new()
-        .name(format!("exec-{handle}"))
+    vmm::threads::named(format!("exec-{handle}"))
         .spawn(move || {
             let noted = |pid: Option<i32>| {
                 let mut map = stand_ins.lock().unwrap_or_else(|e| e.into_inner());
@@ -851,8 +843,7 @@ fn listen_control(dir: &ContainerDir, tx: Sender<Input>) -> anyhow::Result<()> {
     let path = dir.file(state::CONTROL_SOCKET);
     let listener = vmm::unix_path::bind(&path)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
-    thread::Builder::new()
-        .name("control".into())
+    vmm::threads::named("control")
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };

@@ -173,8 +173,7 @@ pub fn stdin(
     mut input: File,
     sink: Arc<Sink>,
 ) -> anyhow::Result<()> {
-    thread::Builder::new()
-        .name(format!("stdin-{handle}"))
+    vmm::threads::named(format!("stdin-{handle}"))
         .spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             let mut sent = 0u64;
@@ -225,8 +224,7 @@ pub fn watch_size(
     handle: u32,
     sink: Arc<Sink>,
 ) -> anyhow::Result<()> {
-    thread::Builder::new()
-        .name(format!("tty-size-{handle}"))
+    vmm::threads::named(format!("tty-size-{handle}"))
         .spawn(move || {
             let mut last = None;
             while agent.ended().is_none() && !sink.is_done() {

@@ -18,5 +18,6 @@ pub mod memory;
 pub mod mptable;
 pub mod pause;
 pub mod resources;
+pub mod threads;
 pub mod unix_path;
 pub mod vm;

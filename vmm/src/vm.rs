@@ -231,8 +231,7 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
             stop.clone(),
             control.clone(),
         );
-        let spawned = thread::Builder::new()
-            .name(format!("vcpu{index}"))
+        let spawned = crate::threads::named(format!("vcpu{index}"))
             .spawn(move || vcpu_loop(vcpu, &t_bus, &t_mmio, &t_exit, &t_stop, &t_ctl));
         match spawned {
             Ok(t) => threads.push(t),

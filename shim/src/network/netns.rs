@@ -18,8 +18,7 @@ pub fn run_in<T: Send>(
     let ns = File::open(path)
         .with_context(|| format!("cannot open network namespace {}", path.display()))?;
     thread::scope(|s| {
-        thread::Builder::new()
-            .name("netns".into())
+        vmm::threads::named("netns")
             .spawn_scoped(s, move || {
                 setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| match e {
                     nix::errno::Errno::EINVAL => {

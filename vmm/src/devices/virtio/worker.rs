@@ -2,7 +2,7 @@
 //! device starts one on activation and stops it on reset and drop.
 
 use std::io;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -21,7 +21,7 @@ impl<T: Send + 'static> DeviceWorker<T> {
         stop: EventFd,
         body: impl FnOnce() -> T + Send + 'static,
     ) -> io::Result<Self> {
-        let handle = thread::Builder::new().name(name.into()).spawn(body)?;
+        let handle = crate::threads::named(name).spawn(body)?;
         Ok(DeviceWorker { stop, handle })
     }
 
