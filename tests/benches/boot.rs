@@ -37,12 +37,11 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// Resident KiB of the mappings of files under `dirs`: runvm-vmm maps the
 /// boot files (which the bench keeps there) into guest memory, so those
-/// pages are guest memory, not VMM overhead.
-fn guest_file_kib(pid: u32, dirs: &[PathBuf]) -> u64 {
-    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return 0;
-    };
-    let (mut inside, mut kib) = (false, 0);
+/// pages are guest memory, not VMM overhead. None once the process is
+/// exiting (its smaps lists no mappings while its status still has an RSS).
+fn guest_file_kib(pid: u32, dirs: &[PathBuf]) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut inside, mut kib, mut mappings) = (false, 0, 0);
     for line in smaps.lines() {
         if let Some(rss) = line.strip_prefix("Rss:") {
             if inside {
@@ -59,13 +58,14 @@ fn guest_file_kib(pid: u32, dirs: &[PathBuf]) -> u64 {
             .is_some_and(|f| f.contains('-'))
         {
             // A mapping's header: "start-end perms offset dev inode [path]".
+            mappings += 1;
             inside = line
                 .split_whitespace()
                 .nth(5)
                 .is_some_and(|path| dirs.iter().any(|d| Path::new(path).starts_with(d)));
         }
     }
-    kib
+    (mappings > 0).then_some(kib)
 }
 
 /// Samples RssAnon + RssFile, less the guest's mapped boot files, until the
@@ -74,11 +74,15 @@ fn watch_rss(pid: u32, boot_dirs: Vec<PathBuf>, done: Arc<AtomicBool>) -> thread
     thread::spawn(move || {
         let mut peak = 0;
         while !done.load(Ordering::Acquire) {
-            match (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:")) {
-                (Some(a), Some(f)) => {
-                    let guest = guest_file_kib(pid, &boot_dirs);
-                    peak = peak.max((a + f).saturating_sub(guest))
-                }
+            let guest = guest_file_kib(pid, &boot_dirs);
+            match (
+                status_kib(pid, "RssAnon:"),
+                status_kib(pid, "RssFile:"),
+                guest,
+            ) {
+                (Some(a), Some(f), Some(g)) => peak = peak.max((a + f).saturating_sub(g)),
+                // Exiting: its memory is going away, not growing.
+                (Some(_), Some(_), None) => {}
                 _ => break,
             }
             thread::sleep(Duration::from_millis(2));
