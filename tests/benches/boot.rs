@@ -2,9 +2,9 @@
 //! same kernel and initramfs in the same KVM host, runs interleaved.
 //!
 //! Prints, per VMM, the median wall time from spawning the VMM to the agent's
-//! ready line and the median peak VMM overhead RSS (anonymous + file-backed
-//! resident memory; guest RAM is a memfd for both, so it is excluded, and so
-//! are the boot files runvm-vmm maps into guest memory, as the runtime does), then
+//! ready line and the median peak VMM overhead RSS (the Rss of every mapping
+//! in its smaps but guest memory: guest RAM is a memfd for both, and
+//! runvm-vmm maps the boot files into guest memory, as the runtime does), then
 //! the ratios. `RUNVM_BENCH_RUNS` sets the number of runs (default 10).
 //! Run it with `tests/bench.sh boot`.
 
@@ -35,55 +35,55 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Resident KiB of the mappings of files under `dirs`: runvm-vmm maps the
-/// boot files (which the bench keeps there) into guest memory, so those
-/// pages are guest memory, not VMM overhead. None once the process is
-/// exiting (its smaps lists no mappings while its status still has an RSS).
-fn guest_file_kib(pid: u32, dirs: &[PathBuf]) -> Option<u64> {
+/// The VMM's own resident KiB, from one read of its smaps: every mapping's
+/// Rss except guest memory, i.e. the guest RAM memfd (`/memfd:...`) and the
+/// boot files under `dirs`, which runvm-vmm maps into guest memory as the
+/// runtime does (their private copies are the guest's writes). One file read
+/// per sample, so a guest touching pages between two reads cannot be counted
+/// as overhead. None once the process is exiting (no mappings listed).
+fn overhead_kib(pid: u32, dirs: &[PathBuf]) -> Option<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut inside, mut kib, mut mappings) = (false, 0, 0);
+    let (mut counted, mut kib, mut mappings) = (false, 0, 0);
     for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
         if let Some(rss) = line.strip_prefix("Rss:") {
-            if inside {
+            if counted {
                 kib += rss
                     .trim()
                     .trim_end_matches("kB")
                     .trim()
-                    .parse()
+                    .parse::<u64>()
                     .unwrap_or(0);
             }
-        } else if line
-            .split_whitespace()
-            .nth(1)
-            .is_some_and(|f| f.contains('-'))
+        } else if first
+            .split_once('-')
+            .is_some_and(|(a, b)| is_hex(a) && is_hex(b))
         {
             // A mapping's header: "start-end perms offset dev inode [path]".
             mappings += 1;
-            inside = line
-                .split_whitespace()
-                .nth(5)
-                .is_some_and(|path| dirs.iter().any(|d| Path::new(path).starts_with(d)));
+            let path = fields.nth(4).unwrap_or_default();
+            counted = !(path.starts_with("/memfd:")
+                || dirs.iter().any(|d| Path::new(path).starts_with(d)));
         }
     }
     (mappings > 0).then_some(kib)
 }
 
-/// Samples RssAnon + RssFile, less the guest's mapped boot files, until the
-/// process is gone; returns the peak.
+fn is_hex(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Samples the VMM's overhead until the process is gone; returns the peak.
 fn watch_rss(pid: u32, boot_dirs: Vec<PathBuf>, done: Arc<AtomicBool>) -> thread::JoinHandle<u64> {
     thread::spawn(move || {
         let mut peak = 0;
         while !done.load(Ordering::Acquire) {
-            let guest = guest_file_kib(pid, &boot_dirs);
-            match (
-                status_kib(pid, "RssAnon:"),
-                status_kib(pid, "RssFile:"),
-                guest,
-            ) {
-                (Some(a), Some(f), Some(g)) => peak = peak.max((a + f).saturating_sub(g)),
-                // Exiting: its memory is going away, not growing.
-                (Some(_), Some(_), None) => {}
-                _ => break,
+            match overhead_kib(pid, &boot_dirs) {
+                Some(kib) => peak = peak.max(kib),
+                // Exiting (its memory is going away, not growing) or gone.
+                None if status_kib(pid, "VmRSS:").is_some() => {}
+                None => break,
             }
             thread::sleep(Duration::from_millis(2));
         }
