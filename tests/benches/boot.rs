@@ -85,7 +85,9 @@ fn watch_rss(pid: u32, boot_dirs: Vec<PathBuf>, done: Arc<AtomicBool>) -> thread
                 None if status_kib(pid, "VmRSS:").is_some() => {}
                 None => break,
             }
-            thread::sleep(Duration::from_millis(2));
+            // A full smaps walk of a 2 GiB guest mapping is costly under nested
+            // TCG; sampling it back to back competed with the VMs it measured.
+            thread::sleep(Duration::from_millis(25));
         }
         peak
     })
@@ -236,7 +238,12 @@ fn main() {
                 qemu(&kernel, &initrd.path, *mem)
             };
             let s = measure(cmd, &boot_dirs);
-            eprintln!("run {run}/{runs} {name}: {:.0} ms", s.boot_ms);
+            // Per run, so a test host that locks up part way still leaves figures.
+            eprintln!(
+                "run {run}/{runs} {name}: {:.0} ms, overhead RSS {:.2} MiB",
+                s.boot_ms,
+                s.overhead_kib as f64 / 1024.0
+            );
             samples[i].push(s);
         }
     }
