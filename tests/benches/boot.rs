@@ -28,11 +28,10 @@ struct Sample {
     build_ms: Option<f64>,
 }
 
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+/// Whether the process still has an address space (not gone, not a zombie).
+fn has_memory(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("VmRSS:")))
 }
 
 /// The VMM's own resident KiB, from one read of its smaps: every mapping's
@@ -82,7 +81,7 @@ fn watch_rss(pid: u32, boot_dirs: Vec<PathBuf>, done: Arc<AtomicBool>) -> thread
             match overhead_kib(pid, &boot_dirs) {
                 Some(kib) => peak = peak.max(kib),
                 // Exiting (its memory is going away, not growing) or gone.
-                None if status_kib(pid, "VmRSS:").is_some() => {}
+                None if has_memory(pid) => {}
                 None => break,
             }
             // A full smaps walk of a 2 GiB guest mapping is costly under nested
