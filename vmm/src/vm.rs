@@ -218,6 +218,8 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
         cpu::configure(&vcpu, (&supported, host), mem, entry, index, res.vcpus)?;
         vcpus.push(vcpu);
     }
+    // Last, after every write of the VMM's own into guest RAM.
+    ram.advise_huge_pages();
 
     install_kick_handler()?;
     let control = opts.control.unwrap_or_default();
