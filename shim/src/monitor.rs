@@ -707,8 +707,8 @@ fn connect_agent(
         .with_context(|| format!("cannot reach {}", path.display()))?;
     let start = Instant::now();
     loop {
-        if let Ok(Input::VmEnded(_)) = inputs.try_recv() {
-            bail!("the VM ended while booting{}", console_tail(dir));
+        if let Ok(Input::VmEnded(why)) = inputs.try_recv() {
+            bail!("the VM ended while booting ({why}){}", console_tail(dir));
         }
         match connect_vsock(sock.as_path(), AGENT_VSOCK_PORT, Duration::from_millis(500)) {
             Ok(c) => return Ok(c),
