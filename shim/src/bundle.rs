@@ -24,6 +24,9 @@ pub const ANN_BOOT_TIMEOUT: &str = "io.runvm.boot_timeout";
 /// Annotation: `true` shares the rootfs read-only and gives the container
 /// a writable overlay in guest memory, so the host directory never changes.
 pub const ANN_ROOTFS_OVERLAY: &str = "io.runvm.rootfs_overlay";
+/// Annotation: `false` keeps guest RAM on 4 KiB pages (no transparent huge
+/// page advice): less memory held per VM, slower first touches.
+pub const ANN_HUGE_PAGES: &str = "io.runvm.huge_pages";
 
 /// Guest memory without a limit in the spec or an annotation.
 pub const DEFAULT_MEM_MIB: u64 = 256;
@@ -45,6 +48,9 @@ pub struct Plan {
     /// A writable overlay in the guest over a read-only share (the
     /// annotation; moot with `root.readonly`).
     pub rootfs_overlay: bool,
+    /// Guest RAM advised for transparent huge pages (the annotation; on
+    /// by default).
+    pub huge_pages: bool,
     /// The container process.
     pub process: ProcessSpec,
     /// The guest's hostname.
@@ -120,11 +126,8 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
     };
     let mounts = crate::mounts::plan(bundle, spec.mounts().as_deref().unwrap_or_default())?;
     let network = network_plan(spec)?;
-    let rootfs_overlay = match annotations.get(ANN_ROOTFS_OVERLAY).map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(v) => bail!("annotation {ANN_ROOTFS_OVERLAY}={v:?} must be true or false"),
-    };
+    let rootfs_overlay = flag(&annotations, ANN_ROOTFS_OVERLAY, false)?;
+    let huge_pages = flag(&annotations, ANN_HUGE_PAGES, true)?;
     let mut process = process_spec(process)?;
     process.seccomp = spec
         .linux()
@@ -136,6 +139,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         rootfs,
         rootfs_ro: root.readonly().unwrap_or(false),
         rootfs_overlay,
+        huge_pages,
         process,
         hostname,
         vcpus,
@@ -178,6 +182,16 @@ fn check_hostname(h: &str) -> anyhow::Result<()> {
         bail!("invalid hostname {h:?}: use at most 64 letters, digits, '-' and '.'");
     }
     Ok(())
+}
+
+/// A `true`/`false` annotation, `default` when absent.
+fn flag(ann: &BTreeMap<String, String>, key: &str, default: bool) -> anyhow::Result<bool> {
+    match ann.get(key).map(String::as_str) {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(v) => bail!("annotation {key}={v:?} must be true or false"),
+    }
 }
 
 fn number(key: &str, v: &str) -> anyhow::Result<u64> {
@@ -534,20 +548,36 @@ mod tests {
         assert!(format!("{e:#}").contains("listenerPath"), "{e:#}");
     }
 
+    /// The plan of [`FULL`] with one annotation, `key=v`.
+    fn with_annotation(key: &str, v: &str) -> anyhow::Result<Plan> {
+        let config = FULL.replace(
+            r#""annotations": {"x": "y"}"#,
+            &format!(r#""annotations": {{"{key}": "{v}"}}"#),
+        );
+        load(bundle(&config).path())
+    }
+
     #[test]
     fn the_overlay_annotation_is_a_boolean() {
-        let with = |v: &str| {
-            let config = FULL.replace(
-                r#""annotations": {"x": "y"}"#,
-                &format!(r#""annotations": {{"io.runvm.rootfs_overlay": "{v}"}}"#),
-            );
-            load(bundle(&config).path())
-        };
+        let with = |v: &str| with_annotation(ANN_ROOTFS_OVERLAY, v);
         assert!(with("true").unwrap().rootfs_overlay);
         assert!(!with("false").unwrap().rootfs_overlay);
         assert!(!load(bundle(FULL).path()).unwrap().rootfs_overlay);
         let e = with("yes").unwrap_err();
         assert!(format!("{e:#}").contains("must be true or false"), "{e:#}");
+    }
+
+    #[test]
+    fn huge_pages_are_on_unless_the_annotation_says_false() {
+        let with = |v: &str| with_annotation(ANN_HUGE_PAGES, v);
+        assert!(load(bundle(FULL).path()).unwrap().huge_pages);
+        assert!(with("true").unwrap().huge_pages);
+        assert!(!with("false").unwrap().huge_pages);
+        let e = with("off").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("io.runvm.huge_pages=\"off\" must be true or false"),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Serialize;
 
-use crate::bundle::{ANN_BOOT_TIMEOUT, ANN_KERNEL, ANN_MEMORY, ANN_ROOTFS_OVERLAY, ANN_VCPUS};
+use crate::bundle::{
+    ANN_BOOT_TIMEOUT, ANN_HUGE_PAGES, ANN_KERNEL, ANN_MEMORY, ANN_ROOTFS_OVERLAY, ANN_VCPUS,
+};
 use crate::state::{Record, Root, Status};
 
 /// The OCI runtime spec version runvm implements.
@@ -152,6 +154,7 @@ pub fn features() -> anyhow::Result<String> {
             ANN_KERNEL: "guest kernel (vmlinux) to boot",
             ANN_BOOT_TIMEOUT: "seconds create waits for the guest agent",
             ANN_ROOTFS_OVERLAY: "true: the rootfs is shared read-only with a writable overlay in guest memory",
+            ANN_HUGE_PAGES: "false: guest RAM stays on 4 KiB pages (default true: advised for transparent huge pages)",
         },
         "potentiallyUnsafeConfigAnnotations": [ANN_KERNEL],
     });

@@ -596,6 +596,7 @@ fn start_vm(
         kernel,
         initramfs: vec![agent, own],
         map_boot_files,
+        huge_pages: plan.huge_pages,
         cmdline,
         rng: true,
         vsock: Some(VsockConfig {

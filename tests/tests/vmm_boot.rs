@@ -311,3 +311,97 @@ kvm_test!(
         }
     }
 );
+
+/// Boots a guest that fills 48 MiB of tmpfs and then waits; returns the
+/// VmFlags of each of the VMM's guest RAM mappings and its ShmemPmdMapped
+/// (KiB) while the guest waits.
+fn guest_ram_pages(extra: &[&str]) -> (Vec<String>, u64) {
+    let initrd = Initrd::busybox(
+        "mount -t tmpfs tmpfs /tmp\n\
+         dd if=/dev/zero of=/tmp/fill bs=1M count=48 2>/dev/null\n\
+         echo FILLED\n\
+         read -r line\n\
+         reboot -f",
+    );
+    let mut cmd = vmm("vmlinux", &initrd, 1, 256, "quiet");
+    cmd.args(["--boot-timeout", "150", "--console-input"])
+        .args(extra);
+    let mut guest = GuestProcess::spawn(cmd);
+    let filled = guest.wait_for("FILLED", BOOT);
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", guest.pid()));
+    let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", guest.pid()));
+    guest.send(b"done\n");
+    let run = guest.finish(Duration::from_secs(30));
+    assert!(
+        filled.is_some(),
+        "the guest did not fill its tmpfs:\n{}",
+        run.output
+    );
+    let smaps = smaps.expect("the VMM's smaps");
+    let mut flags = Vec::new();
+    let mut in_ram = false;
+    for line in smaps.lines() {
+        if let Some(f) = line.strip_prefix("VmFlags:") {
+            if in_ram {
+                flags.push(f.trim().to_owned());
+            }
+        } else if line.contains(" /memfd:runvm-guest-ram") {
+            in_ram = true;
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.contains('-'))
+        {
+            in_ram = false;
+        }
+    }
+    assert!(!flags.is_empty(), "no guest RAM mapping in smaps:\n{smaps}");
+    let pmd_kib = rollup
+        .expect("the VMM's smaps_rollup")
+        .lines()
+        .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("ShmemPmdMapped in smaps_rollup");
+    (flags, pmd_kib)
+}
+
+/// The host's shmem THP mode, e.g. "advise" (the bracketed word).
+fn shmem_thp_mode() -> String {
+    let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
+    s.split_whitespace()
+        .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+        .unwrap_or("none")
+        .to_owned()
+}
+
+kvm_test!(
+    fn guest_ram_is_advised_for_huge_pages_unless_told_not_to() {
+        let mode = shmem_thp_mode();
+        let (flags, pmd_kib) = guest_ram_pages(&[]);
+        assert!(
+            flags
+                .iter()
+                .all(|f| f.split_whitespace().any(|w| w == "hg")),
+            "every guest RAM mapping advised: {flags:?}"
+        );
+        // The test host sets `advise`; a host with `never` ignores the advice.
+        if mode == "advise" {
+            assert!(
+                pmd_kib >= 4 << 10,
+                "huge pages back guest RAM: {pmd_kib} KiB"
+            );
+        }
+        let (flags, pmd_kib) = guest_ram_pages(&["--no-huge-pages"]);
+        assert!(
+            flags
+                .iter()
+                .all(|f| !f.split_whitespace().any(|w| w == "hg")),
+            "no guest RAM mapping advised: {flags:?}"
+        );
+        if mode == "advise" {
+            assert_eq!(pmd_kib, 0, "no huge page backs guest RAM");
+        }
+        println!("shmem THP {mode}: huge pages with advice, none without");
+    }
+);

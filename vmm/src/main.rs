@@ -31,6 +31,11 @@ struct Args {
     /// runs (replacing them by rename is fine).
     #[arg(long)]
     map_boot_files: bool,
+    /// Keep guest RAM on 4 KiB pages: no transparent huge page advice (by
+    /// default guest RAM is advised for them once the guest is loaded; the
+    /// host's shmem THP setting decides whether the advice is taken)
+    #[arg(long)]
+    no_huge_pages: bool,
     /// Extra kernel command line.
     #[arg(long, default_value = "")]
     cmdline: String,
@@ -94,6 +99,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         kernel: args.kernel,
         initramfs: args.initramfs,
         map_boot_files: args.map_boot_files,
+        huge_pages: !args.no_huge_pages,
         cmdline: args.cmdline,
         rng: args.rng,
         vsock: args

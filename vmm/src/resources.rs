@@ -129,6 +129,8 @@ pub struct VmResources {
     pub initramfs: Vec<PathBuf>,
     /// Map the kernel and initramfs instead of copying them.
     pub map_boot_files: bool,
+    /// Advise guest RAM for transparent huge pages.
+    pub huge_pages: bool,
     /// Caller's part of the command line.
     pub cmdline: String,
     /// A virtio-rng device.
@@ -205,6 +207,7 @@ impl VmResources {
             kernel_format,
             initramfs: config.initramfs.clone(),
             map_boot_files: config.map_boot_files,
+            huge_pages: config.huge_pages,
             cmdline: config.cmdline.clone(),
             rng: config.rng,
             vsock: config.vsock.clone(),
@@ -370,6 +373,7 @@ mod tests {
             kernel: kernel.to_owned(),
             initramfs: Vec::new(),
             map_boot_files: false,
+            huge_pages: true,
             cmdline: "quiet".into(),
             rng: false,
             vsock: None,

@@ -219,7 +219,9 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
         vcpus.push(vcpu);
     }
     // Last, after every write of the VMM's own into guest RAM.
-    ram.advise_huge_pages();
+    if res.huge_pages {
+        ram.advise_huge_pages();
+    }
 
     install_kick_handler()?;
     let control = opts.control.unwrap_or_default();
