@@ -10,6 +10,7 @@ pub mod guest;
 pub mod host;
 pub mod kvm;
 pub mod netns;
+pub mod smaps;
 
 /// Declares a test that runs where KVM can boot a Linux guest.
 #[macro_export]

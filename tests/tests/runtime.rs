@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use runvm_tests::artifacts::{agent_binary, busybox_rootfs, guest_kernel_dir, runvm_binary};
 use runvm_tests::kvm_test;
 use runvm_tests::netns::Netns;
+use runvm_tests::smaps::{advised, guest_ram_flags};
 
 /// A bundle with a busybox rootfs, a state root, and the runvm command.
 struct Runtime {
@@ -883,6 +884,46 @@ kvm_test!(
             std::fs::read_to_string(rootfs.join("etc/keep")).unwrap(),
             "kept\n"
         );
+        rt.assert_clean();
+    }
+);
+
+kvm_test!(
+    fn the_huge_pages_annotation_decides_how_guest_ram_is_advised() {
+        let rt = Runtime::new();
+        let b = rt.bundle();
+        let b = b.to_str().unwrap();
+        let config_path = rt.path("bundle/config.json");
+        for (id, annotation, want) in [("hp1", None, true), ("hp2", Some("false"), false)] {
+            rt.configure("sleep 600");
+            if let Some(v) = annotation {
+                let mut config: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+                config["annotations"]["io.runvm.huge_pages"] = v.into();
+                std::fs::write(&config_path, config.to_string()).unwrap();
+            }
+            let pid_file = rt.path(&format!("{id}.pid"));
+            rt.detached(
+                &[
+                    "create",
+                    id,
+                    "--bundle",
+                    b,
+                    "--pid-file",
+                    pid_file.to_str().unwrap(),
+                ],
+                Stdio::null(),
+                &rt.path("stdout"),
+            );
+            // The monitor runs the VMM: its guest RAM is the VM's.
+            let monitor: u32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+            let flags = guest_ram_flags(monitor);
+            assert!(
+                flags.iter().all(|f| advised(f) == want),
+                "{id}: advised {want} expected: {flags:?}"
+            );
+            rt.ok(&["delete", "--force", id]);
+        }
         rt.assert_clean();
     }
 );

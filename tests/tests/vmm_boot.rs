@@ -7,6 +7,7 @@ use std::time::Duration;
 use runvm_tests::artifacts::{guest_kernel_dir, vmm_binary, vmm_command, Initrd};
 use runvm_tests::guest::{GuestProcess, GuestRun};
 use runvm_tests::kvm_test;
+use runvm_tests::smaps::{advised, guest_ram_flags};
 
 const READY: &str = "RUNVM_AGENT_READY";
 const BOOT: Duration = Duration::from_secs(180);
@@ -328,7 +329,7 @@ fn guest_ram_pages(extra: &[&str]) -> (Vec<String>, u64) {
         .args(extra);
     let mut guest = GuestProcess::spawn(cmd);
     let filled = guest.wait_for("FILLED", BOOT);
-    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", guest.pid()));
+    let flags = filled.map(|_| guest_ram_flags(guest.pid()));
     let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", guest.pid()));
     guest.send(b"done\n");
     let run = guest.finish(Duration::from_secs(30));
@@ -337,25 +338,7 @@ fn guest_ram_pages(extra: &[&str]) -> (Vec<String>, u64) {
         "the guest did not fill its tmpfs:\n{}",
         run.output
     );
-    let smaps = smaps.expect("the VMM's smaps");
-    let mut flags = Vec::new();
-    let mut in_ram = false;
-    for line in smaps.lines() {
-        if let Some(f) = line.strip_prefix("VmFlags:") {
-            if in_ram {
-                flags.push(f.trim().to_owned());
-            }
-        } else if line.contains(" /memfd:runvm-guest-ram") {
-            in_ram = true;
-        } else if line
-            .split_whitespace()
-            .next()
-            .is_some_and(|w| w.contains('-'))
-        {
-            in_ram = false;
-        }
-    }
-    assert!(!flags.is_empty(), "no guest RAM mapping in smaps:\n{smaps}");
+    let flags = flags.unwrap_or_default();
     let pmd_kib = rollup
         .expect("the VMM's smaps_rollup")
         .lines()
@@ -380,9 +363,7 @@ kvm_test!(
         let mode = shmem_thp_mode();
         let (flags, pmd_kib) = guest_ram_pages(&[]);
         assert!(
-            flags
-                .iter()
-                .all(|f| f.split_whitespace().any(|w| w == "hg")),
+            flags.iter().all(|f| advised(f)),
             "every guest RAM mapping advised: {flags:?}"
         );
         // The test host sets `advise`; a host with `never` ignores the advice.
@@ -394,9 +375,7 @@ kvm_test!(
         }
         let (flags, pmd_kib) = guest_ram_pages(&["--no-huge-pages"]);
         assert!(
-            flags
-                .iter()
-                .all(|f| !f.split_whitespace().any(|w| w == "hg")),
+            flags.iter().all(|f| !advised(f)),
             "no guest RAM mapping advised: {flags:?}"
         );
         if mode == "advise" {
