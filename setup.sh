@@ -75,14 +75,15 @@ fi
 # honours that advice only in `advise` mode (Debian's default is `never`).
 # Only where guests run on this host's KVM (the test host sets its own).
 # Not persistent across reboots; the README says how to make it so.
+kvm_mode=$(tests/testhost/testhost.sh mode)
 thp=/sys/kernel/mm/transparent_hugepage
-if [ "$(id -u)" = 0 ] && [ "$(tests/testhost/testhost.sh mode)" = native ] &&
+if [ "$(id -u)" = 0 ] && [ "$kvm_mode" = native ] &&
     grep -q '\[never\]' "$thp/shmem_enabled" 2>/dev/null; then
     log "shmem transparent huge pages: never -> advise (runvm advises guest RAM for them)"
     echo advise >"$thp/shmem_enabled" || log "could not set $thp/shmem_enabled"
     grep -q '\[defer\]' "$thp/defrag" || echo defer >"$thp/defrag" || true
 fi
-if [ "$(tests/testhost/testhost.sh mode)" = testhost ]; then
+if [ "$kvm_mode" = testhost ]; then
     log "KVM test host (no VT-x/AMD-V here: KVM runs nested under QEMU TCG)"
     tests/testhost/testhost.sh setup
 fi

@@ -22,6 +22,7 @@ use std::time::Duration;
 use runvm_tests::artifacts::{guest_kernel_dir, vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
 use runvm_tests::kvm;
+use runvm_tests::smaps;
 
 const READY: &str = "RUNVM_AGENT_READY";
 
@@ -47,35 +48,16 @@ fn has_memory(pid: u32) -> bool {
 /// as overhead. None once the process is exiting (no mappings listed).
 fn overhead_kib(pid: u32, dirs: &[PathBuf]) -> Option<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut counted, mut kib, mut mappings) = (false, 0, 0);
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let first = fields.next().unwrap_or_default();
-        if let Some(rss) = line.strip_prefix("Rss:") {
-            if counted {
-                kib += rss
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0);
-            }
-        } else if first
-            .split_once('-')
-            .is_some_and(|(a, b)| is_hex(a) && is_hex(b))
-        {
-            // A mapping's header: "start-end perms offset dev inode [path]".
-            mappings += 1;
-            let path = fields.nth(4).unwrap_or_default();
-            counted = !(path.starts_with("/memfd:")
-                || dirs.iter().any(|d| Path::new(path).starts_with(d)));
-        }
-    }
-    (mappings > 0).then_some(kib)
-}
-
-fn is_hex(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())
+    let maps = smaps::mappings(&smaps);
+    let kib = maps
+        .iter()
+        .filter(|m| {
+            !(m.path.starts_with("/memfd:")
+                || dirs.iter().any(|d| Path::new(m.path).starts_with(d)))
+        })
+        .filter_map(|m| m.kib("Rss"))
+        .sum();
+    (!maps.is_empty()).then_some(kib)
 }
 
 /// Samples the VMM's overhead until the process is gone; returns the peak.

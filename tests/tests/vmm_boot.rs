@@ -7,7 +7,7 @@ use std::time::Duration;
 use runvm_tests::artifacts::{guest_kernel_dir, vmm_binary, vmm_command, Initrd};
 use runvm_tests::guest::{GuestProcess, GuestRun};
 use runvm_tests::kvm_test;
-use runvm_tests::smaps::{advised, guest_ram_flags};
+use runvm_tests::smaps::{advised, field_kib, guest_ram_flags};
 
 const READY: &str = "RUNVM_AGENT_READY";
 const BOOT: Duration = Duration::from_secs(180);
@@ -342,8 +342,7 @@ fn guest_ram_pages(extra: &[&str]) -> (Vec<String>, u64) {
     let pmd_kib = rollup
         .expect("the VMM's smaps_rollup")
         .lines()
-        .find_map(|l| l.strip_prefix("ShmemPmdMapped:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .find_map(|l| field_kib(l, "ShmemPmdMapped"))
         .expect("ShmemPmdMapped in smaps_rollup");
     (flags, pmd_kib)
 }
