@@ -1,7 +1,7 @@
 //! `create`, `start`, `kill`, `delete` and `run`: the commands that move a
 //! container through its states.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,12 +13,15 @@ use nix::unistd::Pid;
 
 use crate::control::{self, Request};
 use crate::state::{self, ContainerDir, Record, Root, Status};
-use crate::{assets, bundle, console, logger, signals};
+use crate::{assets, bundle, console, logger, ready, signals};
 
 /// How long a control request may take (start and kill are one agent call).
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `delete` waits for a monitor to end after asking.
 const STOP_WAIT: Duration = Duration::from_secs(15);
+/// The longest `create` waits on the monitor's ready pipe before it looks
+/// at the monitor and the state again.
+const READY_WAIT: Duration = Duration::from_millis(500);
 /// Extra time `create` gives the monitor beyond the boot timeout.
 const CREATE_MARGIN: Duration = Duration::from_secs(30);
 
@@ -55,9 +58,12 @@ impl Globals {
         &self,
         id: &str,
         console: Option<&ConsoleTo<'_>>,
+        ready: &OwnedFd,
     ) -> anyhow::Result<Command> {
         let mut cmd = self.self_command()?;
         cmd.arg("monitor").arg(id);
+        // Placed after the console's descriptor (see `ready::pair`).
+        let ready = ready.as_raw_fd();
         match console {
             Some(ConsoleTo::Socket(s)) => {
                 cmd.arg("--console-socket").arg(s);
@@ -68,6 +74,8 @@ impl Globals {
             }
             None => {}
         }
+        crate::fdpass::inherit_as(&mut cmd, ready, ready::MONITOR_FD);
+        cmd.arg("--ready-fd").arg(ready::MONITOR_FD.to_string());
         Ok(cmd)
     }
 }
@@ -151,17 +159,28 @@ fn spawn_monitor(
     }
     let terminal = plan.process.terminal;
     let console = console.filter(|_| terminal);
-    let spawned = g.monitor_command(id, console.as_ref()).and_then(|mut c| {
-        // In terminal mode the container's stdio is the pty. The monitor
-        // must not hold `create`'s own: containerd's shim reads those
-        // to EOF before it goes on (runc's init does not keep them).
-        if terminal {
-            c.stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
+    let (mut ready, ready_end) = match ready::pair() {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = dir.remove();
+            return Err(e);
         }
-        Ok(c.spawn()?)
-    });
+    };
+    let spawned = g
+        .monitor_command(id, console.as_ref(), &ready_end)
+        .and_then(|mut c| {
+            // In terminal mode the container's stdio is the pty. The monitor
+            // must not hold `create`'s own: containerd's shim reads those
+            // to EOF before it goes on (runc's init does not keep them).
+            if terminal {
+                c.stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+            }
+            Ok(c.spawn()?)
+        });
+    // Only the monitor may hold the write end, or its closing is never seen.
+    drop(ready_end);
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
@@ -188,11 +207,14 @@ fn spawn_monitor(
                 return Ok((dir, child));
             }
         }
-        if Instant::now() >= deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             destroy(dir, Some(child));
             bail!("the container's VM did not come up in time");
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Woken at once by the monitor's word or its end closing; the
+        // limit only bounds how late a stuck monitor is noticed.
+        ready.wait(left.min(READY_WAIT));
     }
 }
 

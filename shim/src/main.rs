@@ -16,6 +16,7 @@ mod logger;
 mod monitor;
 mod mounts;
 mod network;
+mod ready;
 mod relay;
 mod report;
 mod run_args;
@@ -234,6 +235,9 @@ enum Cmd {
         /// A connected socket (inherited) to send the terminal's master on.
         #[arg(long, conflicts_with = "console_socket")]
         console_fd: Option<i32>,
+        /// A pipe (inherited) to tell `create` on once the container is created.
+        #[arg(long)]
+        ready_fd: Option<i32>,
     },
 }
 
@@ -375,14 +379,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             id,
             console_socket,
             console_fd,
+            ready_fd,
         } => {
             let dir = state::Root::new(&g.root).open(&id)?;
+            let ready = ready_fd.map(ready::monitor_end).transpose()?;
             let target = match (console_socket, console_fd) {
                 (Some(s), _) => Some(console::Target::Socket(s)),
                 (None, Some(fd)) => Some(console::Target::Fd(fd)),
                 (None, None) => None,
             };
-            return Ok(monitor::run(&dir, target));
+            return Ok(monitor::run(&dir, target, ready));
         }
     }
     Ok(0)

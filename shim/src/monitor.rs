@@ -27,7 +27,7 @@ use crate::bundle::{self, NetworkPlan, Plan};
 use crate::control::{self, Reply, Request};
 use crate::relay::{self, Routes, Sink};
 use crate::state::{self, ContainerDir, Record, Status};
-use crate::{assets, console, logger, network, signals};
+use crate::{assets, console, logger, network, ready, signals};
 
 /// The agent's handle for the container's init process.
 const INIT: u32 = 1;
@@ -59,14 +59,25 @@ enum Input {
 }
 
 /// Runs the monitor of container `dir`; returns the exit status. In
-/// terminal mode the pty's master goes to `console`.
-pub fn run(dir: &ContainerDir, console: Option<console::Target>) -> i32 {
+/// terminal mode the pty's master goes to `console`; `ready` (from
+/// `create`) hears once the container is created.
+pub fn run(
+    dir: &ContainerDir,
+    console: Option<console::Target>,
+    ready: Option<std::fs::File>,
+) -> i32 {
     let signals = match signals::forwarded_signalfd() {
         Ok(s) => s,
         Err(e) => return fail(dir, &e),
     };
     match Monitor::boot(dir, console) {
-        Ok((m, inputs)) => m.serve(signals, inputs),
+        Ok((m, inputs)) => {
+            if let Some(end) = ready {
+                ready::signal(end);
+            }
+            m.serve(signals, inputs)
+        }
+        // `ready` closes unsaid after the error is written for `create`.
         Err(e) => fail(dir, &e),
     }
 }
