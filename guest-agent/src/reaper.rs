@@ -20,6 +20,9 @@ use nix::unistd::Pid;
 /// Statuses of children nobody watches yet, kept briefly: a process can
 /// exit before its starter registers it. Old ones (orphans) fall off.
 const MAX_UNCLAIMED: usize = 1024;
+/// How long the reaper naps when there is no child (orphans of processes
+/// it did not spawn can appear any time; its own spawns wake it).
+const NO_CHILDREN_NAP: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 struct State {
@@ -33,6 +36,9 @@ pub struct Reaper {
     state: Mutex<State>,
     /// Spawns hold it shared; the reaper takes it alone to reap.
     spawning: RwLock<()>,
+    /// The reaping thread, unparked by each spawn: with no children it
+    /// naps, and a child that ends within the nap is then seen at once.
+    thread: std::sync::OnceLock<thread::Thread>,
 }
 
 impl std::fmt::Debug for Reaper {
@@ -46,9 +52,10 @@ impl Reaper {
     pub fn start() -> std::io::Result<Arc<Reaper>> {
         let reaper = Arc::new(Reaper::default());
         let r = reaper.clone();
-        thread::Builder::new()
+        let handle = thread::Builder::new()
             .name("reaper".into())
             .spawn(move || r.run())?;
+        let _ = reaper.thread.set(handle.thread().clone());
         Ok(reaper)
     }
 
@@ -57,9 +64,9 @@ impl Reaper {
             // Wait until some child can be reaped, without reaping it.
             match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
                 Ok(_) | Err(Errno::EINTR) => {}
-                // No children right now.
+                // No children right now: until the next spawn, at most.
                 Err(_) => {
-                    thread::sleep(Duration::from_millis(20));
+                    thread::park_timeout(NO_CHILDREN_NAP);
                     continue;
                 }
             }
@@ -82,7 +89,11 @@ impl Reaper {
     /// Spawns `cmd`; the reaper stays off its child until spawn returned.
     pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<Child> {
         let _shared = self.spawning.read().unwrap_or_else(|p| p.into_inner());
-        cmd.spawn()
+        let child = cmd.spawn();
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+        child
     }
 
     fn deliver(&self, pid: i32, status: i32) {
