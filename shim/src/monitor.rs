@@ -582,7 +582,8 @@ fn start_vm(
 ) -> anyhow::Result<()> {
     let kernel = assets::kernel(plan.kernel.as_deref())?;
     // Mapped rather than copied into guest memory when a cache copy (never
-    // changed in place) exists; the archives are the cache's and this VM's.
+    // changed in place) exists; the archives (the cache's and this VM's)
+    // are copied, as the guest frees them once unpacked.
     let (kernel, map_boot_files) = match assets::shared_kernel(&kernel) {
         Some(shared) => (shared, true),
         None => (kernel, false),

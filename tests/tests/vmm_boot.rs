@@ -214,7 +214,8 @@ kvm_test!(
                 .args(["--boot-timeout", "150"]);
             GuestProcess::spawn(cmd)
         };
-        // Two guests at once share the files' pages; each writes its own copies.
+        // Two guests at once share the kernel's pages; each writes its own
+        // copies. (The initramfs is copied; it must stay unchanged too.)
         let mut guests = [spawn(), spawn()];
         let ready: Vec<bool> = guests
             .iter_mut()

@@ -23,10 +23,10 @@ pub struct VmConfig {
     /// their own without copying the large one into a new file.
     #[serde(default)]
     pub initramfs: Vec<PathBuf>,
-    /// Place the kernel and initramfs in guest memory by mapping their
-    /// pages (private, copy on write) instead of copying them, so VMs
-    /// booting the same files share those pages. Only for files that are
-    /// never changed in place while a VM runs (see `file_map`).
+    /// Place the kernel in guest memory by mapping its pages (private, copy
+    /// on write) instead of copying them, so VMs booting the same kernel
+    /// share those pages. Only for a file that is never changed in place
+    /// while a VM runs (see `file_map`). The initramfs is always copied.
     #[serde(default)]
     pub map_boot_files: bool,
     /// Advise guest RAM for transparent huge pages once the guest is

@@ -1,11 +1,12 @@
-//! Boot files placed in guest memory by mapping their pages instead of
+//! The kernel placed in guest memory by mapping its pages instead of
 //! copying them.
 //!
-//! A kernel or initramfs that many VMs boot is then one set of page-cache
-//! pages: each guest reads them in place and gets a private copy only of the
-//! pages it writes (`MAP_PRIVATE`, copy on write). Loading costs no copy and
-//! no fresh memory, and guest memory those pages cover costs nothing until
-//! written.
+//! A kernel that many VMs boot is then one set of page-cache pages: each
+//! guest reads them in place and gets a private copy only of the pages it
+//! writes (`MAP_PRIVATE`, copy on write). Loading costs no copy and no fresh
+//! memory, and guest memory those pages cover costs nothing until written.
+//! (The initramfs is always copied: the guest frees it after unpacking it,
+//! see `boot::load_initramfs`.)
 //!
 //! The catch is that a private mapping still shows later changes to the file
 //! in pages the guest has not written, and a truncated file makes them fault

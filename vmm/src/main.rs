@@ -25,10 +25,11 @@ struct Args {
     /// several archives one after another.
     #[arg(long)]
     initramfs: Vec<PathBuf>,
-    /// Map the kernel and initramfs into guest memory (private, copy on
-    /// write) instead of copying them: VMs booting the same files share
-    /// their pages. Only for files nobody changes in place while the VM
-    /// runs (replacing them by rename is fine).
+    /// Map the kernel into guest memory (private, copy on write) instead of
+    /// copying it: VMs booting the same kernel share its pages. Only for a
+    /// file nobody changes in place while the VM runs (replacing it by
+    /// rename is fine). The initramfs is always copied
+    /// (the guest frees its pages after unpacking it).
     #[arg(long)]
     map_boot_files: bool,
     /// Keep guest RAM on 4 KiB pages: no transparent huge page advice (by

@@ -3,7 +3,8 @@
 //!
 //! Each range is mapped at a 2 MiB-aligned host address and, once the VMM has
 //! loaded the guest, advised for transparent huge pages (MADV_HUGEPAGE, as
-//! QEMU and Cloud Hypervisor advise guest RAM): KVM
+//! QEMU and Cloud Hypervisor advise guest RAM; the initramfs's blocks are
+//! advised before it is copied in, see [`advise_huge_pages_at`]): KVM
 //! maps guest memory with 2 MiB pages only where host and guest addresses
 //! agree modulo 2 MiB and the host backs the page with a huge page, and every
 //! 4 KiB page is otherwise a separate first-touch fault (a nested page fault in
@@ -22,7 +23,8 @@ use kvm_ioctls::VmFd;
 use thiserror::Error;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    Address, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress,
 };
 
 use crate::layout;
@@ -96,6 +98,38 @@ impl GuestRam {
             unsafe { libc::madvise(map.addr, map.len, libc::MADV_HUGEPAGE) };
         }
     }
+}
+
+/// Advises the host pages behind guest memory `[start, start + len)`,
+/// widened to whole 2 MiB blocks within the region that holds `start`, for
+/// transparent huge pages: for what the VMM is about to write in bulk (the
+/// initramfs), where whole huge pages cost no more than the small pages the
+/// write would fault in anyway. Nothing happens outside guest memory.
+pub fn advise_huge_pages_at(mem: &GuestMemoryMmap, start: GuestAddress, len: u64) {
+    let Some(region) = mem.find_region(start) else {
+        return;
+    };
+    let base = region.start_addr().raw_value();
+    let region_end = base + region.len();
+    let huge = HUGE_PAGE as u64;
+    let lo = (start.raw_value() & !(huge - 1)).max(base);
+    let hi = start
+        .raw_value()
+        .saturating_add(len)
+        .checked_next_multiple_of(huge)
+        .unwrap_or(u64::MAX)
+        .min(region_end);
+    if hi <= lo {
+        return;
+    }
+    let Ok(host) = region.get_host_address(MemoryRegionAddress(lo - base)) else {
+        return;
+    };
+    // SAFETY: [host, host + hi - lo) lies inside this region's live mapping
+    // (clamped to the region above) and starts page aligned (a 2 MiB
+    // boundary or the region's own start); MADV_HUGEPAGE only changes how
+    // the kernel backs it. Failure leaves small pages, which work the same.
+    unsafe { libc::madvise(host.cast(), (hi - lo) as usize, libc::MADV_HUGEPAGE) };
 }
 
 /// Maps `len` bytes of `file` at `offset`, at a 2 MiB-aligned address.
@@ -256,5 +290,28 @@ mod tests {
             let flags = vm_flags(a);
             assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
         }
+    }
+
+    #[test]
+    fn a_range_is_advised_in_whole_huge_pages_and_nothing_beyond_guest_memory() {
+        let mib = 1u64 << 20;
+        let ram = create(16 * mib).unwrap();
+        let host = |gpa: u64| ram.mem.get_host_address(GuestAddress(gpa)).unwrap() as usize;
+        // 5 MiB + 100 for 3000 bytes: the block [4 MiB, 6 MiB), on its own.
+        advise_huge_pages_at(&ram.mem, GuestAddress(5 * mib + 100), 3000);
+        let flags = vm_flags(host(4 * mib));
+        assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let vma = format!("{:x}-{:x} ", host(4 * mib), host(6 * mib));
+        assert!(smaps.contains(&vma), "no VMA {vma}");
+        assert!(!vm_flags(ram.maps[0].addr as usize)
+            .split_whitespace()
+            .any(|f| f == "hg"));
+        // A range running past the end stops at it; one outside is ignored.
+        advise_huge_pages_at(&ram.mem, GuestAddress(15 * mib), 8 * mib);
+        let flags = vm_flags(host(14 * mib));
+        assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
+        advise_huge_pages_at(&ram.mem, GuestAddress(64 * mib), mib);
+        advise_huge_pages_at(&ram.mem, GuestAddress(u64::MAX - 10), 100);
     }
 }

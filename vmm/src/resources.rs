@@ -127,7 +127,7 @@ pub struct VmResources {
     pub kernel_format: KernelFormat,
     /// Initramfs parts, in order.
     pub initramfs: Vec<PathBuf>,
-    /// Map the kernel and initramfs instead of copying them.
+    /// Map the kernel instead of copying it (the initramfs is always copied).
     pub map_boot_files: bool,
     /// Advise guest RAM for transparent huge pages.
     pub huge_pages: bool,

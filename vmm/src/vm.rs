@@ -107,8 +107,8 @@ pub type StartedHook = Box<dyn FnOnce(&BuildTimes) + Send>;
 pub struct BuildTimes {
     /// Phase name and its duration.
     pub phases: Vec<(&'static str, Duration)>,
-    /// Bytes of the kernel and initramfs the `load` phase mapped rather
-    /// than copied (`map_boot_files`).
+    /// Bytes of the kernel the `load` phase mapped rather than copied
+    /// (`map_boot_files`).
     pub boot_files_mapped: u64,
 }
 
