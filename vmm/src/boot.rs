@@ -237,9 +237,8 @@ fn load_kernel(
 /// page of a mapped file is a copy-on-write fault each (a nested one per
 /// 4 KiB page in the test host), while nothing is shared after the unpack.
 /// With `huge_pages` its blocks are advised before the copy, so the guest
-/// reads it, and later reuses it, through 2 MiB pages: in the test host
-/// that took the boot benchmark's medians from 0.71 to 0.44 of QEMU's at
-/// 128 MiB and from 0.78 to 0.45 at 2 GiB (10 runs, interleaved).
+/// reads it, and later reuses it, through 2 MiB pages (the README's boot
+/// benchmark section has the figures).
 fn load_initramfs(
     mem: &GuestMemoryMmap,
     limit: u64,
