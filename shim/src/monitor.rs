@@ -309,7 +309,14 @@ impl Monitor {
                     "container {} started (guest pid {pid:?})",
                     self.record.id
                 ));
-                let sink = self.routes.get(INIT).context("the process already ended")?;
+                // A process that ended as soon as it started (`true`) has
+                // had its output route closed already: it started, and its
+                // exit is on its way to the main loop; there is no input
+                // left to relay.
+                let Some(sink) = self.routes.get(INIT) else {
+                    logger::debug("the process ended before its input could be relayed");
+                    return Ok(None);
+                };
                 let input = match &self.tty {
                     Some(t) => {
                         let size = t.try_clone()?;
