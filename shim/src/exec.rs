@@ -230,7 +230,8 @@ fn spawn_waiter(g: &Globals, conn: &UnixStream) -> anyhow::Result<u32> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    crate::fdpass::inherit_as(&mut cmd, conn.as_raw_fd(), WAITER_FD);
+    crate::fdpass::inherit_as(&mut cmd, conn.as_raw_fd(), WAITER_FD)
+        .context("cannot hand the exec waiter its connection")?;
     let child = cmd.spawn().context("cannot start the exec waiter")?;
     Ok(child.id())
 }

@@ -62,19 +62,17 @@ impl Globals {
     ) -> anyhow::Result<Command> {
         let mut cmd = self.self_command()?;
         cmd.arg("monitor").arg(id);
-        // Placed after the console's descriptor (see `ready::pair`).
-        let ready = ready.as_raw_fd();
         match console {
             Some(ConsoleTo::Socket(s)) => {
                 cmd.arg("--console-socket").arg(s);
             }
             Some(ConsoleTo::Caller(conn)) => {
-                crate::fdpass::inherit_as(&mut cmd, conn.as_raw_fd(), CONSOLE_FD);
+                crate::fdpass::inherit_as(&mut cmd, conn.as_raw_fd(), CONSOLE_FD)?;
                 cmd.arg("--console-fd").arg(CONSOLE_FD.to_string());
             }
             None => {}
         }
-        crate::fdpass::inherit_as(&mut cmd, ready, ready::MONITOR_FD);
+        crate::fdpass::inherit_as(&mut cmd, ready.as_raw_fd(), ready::MONITOR_FD)?;
         cmd.arg("--ready-fd").arg(ready::MONITOR_FD.to_string());
         Ok(cmd)
     }

@@ -19,9 +19,6 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// The descriptor number the monitor finds its end on (3 is the console's).
 pub const MONITOR_FD: RawFd = 4;
-/// The write end is moved at least this high before the monitor is spawned,
-/// so that placing the inherited descriptors (3, 4) cannot overwrite it.
-const HIGH_FD: RawFd = 10;
 /// How often `create` looks at the state once the pipe is closed.
 const FALLBACK_POLL: Duration = Duration::from_millis(20);
 
@@ -44,20 +41,15 @@ pub struct ReadyPipe {
 }
 
 /// A new pipe: `create`'s end and the end to hand to the monitor (both
-/// close-on-exec; the write end numbered at least [`HIGH_FD`]).
+/// close-on-exec; `fdpass::inherit_as` places the latter at [`MONITOR_FD`]).
 pub fn pair() -> anyhow::Result<(ReadyPipe, OwnedFd)> {
     let (read, write) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).context("cannot create the monitor's ready pipe")?;
-    let high = fcntl(&write, FcntlArg::F_DUPFD_CLOEXEC(HIGH_FD))
-        .context("cannot move the monitor's ready pipe")?;
-    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
-    let high = unsafe { OwnedFd::from_raw_fd(high) };
-    drop(write);
     Ok((
         ReadyPipe {
             read: Some(File::from(read)),
         },
-        high,
+        write,
     ))
 }
 
@@ -119,7 +111,6 @@ mod tests {
     #[test]
     fn the_monitors_word_wakes_the_waiter_as_ready() {
         let (mut pipe, write) = pair().unwrap();
-        assert!(write.as_raw_fd() >= HIGH_FD, "{}", write.as_raw_fd());
         signal(File::from(write));
         assert_eq!(pipe.wait(Duration::from_secs(30)), Woken::Ready);
     }
