@@ -43,6 +43,13 @@ kvm_test!(
             .output()
             .unwrap();
         let tree = String::from_utf8(tree.stdout).unwrap();
+        // Set-user-ID and set-group-ID files a user writes to lose the bits;
+        // root keeps them (it holds CAP_FSETID).
+        for (name, mode) in [("suid", 0o4777), ("sgid", 0o2777), ("rootsuid", 0o4755)] {
+            fs::write(share.join(name), "start\n").unwrap();
+            fs::set_permissions(share.join(name), fs::Permissions::from_mode(mode)).unwrap();
+        }
+        fs::write(share.join("trunc"), "a much longer first version\n").unwrap();
         let ro = root.path().join("ro");
         fs::create_dir(&ro).unwrap();
         fs::write(ro.join("keep"), "unchanged").unwrap();
@@ -65,6 +72,10 @@ kvm_test!(
              $bb mkdir -p /mnt/gdir/a/b && $bb mv /mnt/gdir/a /mnt/gdir/c\n\
              echo x > /mnt/owned && $bb chown 1234:5678 /mnt/owned && $bb chmod 640 /mnt/owned\n\
              $bb rm /mnt/tree/a/b/f0\n\
+             $bb mkdir -p /etc && echo 'u:x:1000:1000::/:/bin/sh' > /etc/passwd && echo 'u:x:1000:' > /etc/group\n\
+             $bb su u -c 'echo more >> /mnt/suid && echo more >> /mnt/sgid' || echo SU-FAILED\n\
+             echo more >> /mnt/rootsuid\n\
+             echo short > /mnt/trunc\n\
              echo \"ROWRITE[$( (echo no > /ro/new) 2>&1 && echo written || echo refused)]\"\n\
              $bb mount -o remount,rw /ro || echo REMOUNT-FAILED\n\
              echo \"ROREMOUNT[$( (echo no > /ro/keep) 2>&1 && echo written || echo refused)]\"\n\
@@ -124,6 +135,16 @@ kvm_test!(
         assert_eq!((owned.uid(), owned.gid()), (1234, 5678));
         assert_eq!(owned.permissions().mode() & 0o7777, 0o640);
         assert!(!share.join("tree/a/b/f0").exists());
+        assert!(!out.contains("SU-FAILED"), "{out}");
+        for (name, mode) in [("suid", 0o777), ("sgid", 0o777), ("rootsuid", 0o4755)] {
+            let meta = fs::metadata(share.join(name)).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o7777, mode, "{name}: {out}");
+            assert_eq!(
+                fs::read_to_string(share.join(name)).unwrap(),
+                "start\nmore\n"
+            );
+        }
+        assert_eq!(fs::read_to_string(share.join("trunc")).unwrap(), "short\n");
 
         // The read-only share refused every change, even after a remount.
         for key in ["ROWRITE", "ROREMOUNT"] {

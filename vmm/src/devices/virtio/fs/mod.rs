@@ -3,7 +3,7 @@
 //! device's own thread straight from guest memory; there is no separate
 //! virtiofsd process and no vhost-user socket.
 
-pub mod read_only;
+pub mod share;
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::DeviceWorker;
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_VRING};
-use read_only::ReadOnly;
+use share::Share;
 
 /// Device type of virtio-fs.
 pub const TYPE_FS: u32 = 26;
@@ -71,6 +71,10 @@ fn passthrough_config(dir: &Path, cache: CacheMode) -> Config {
         attr_timeout: timeout,
         entry_timeout: timeout,
         xattr: true,
+        // The guest leaves clearing set-user-ID bits and file capabilities
+        // on a write to the host (which does it as its own write clears
+        // them), instead of asking for security.capability first.
+        killpriv_v2: true,
         do_import: true,
         ..Config::default()
     }
@@ -86,11 +90,12 @@ pub fn passthrough(
 ) -> std::io::Result<Box<dyn VirtioDevice>> {
     let fs: PassthroughFs = PassthroughFs::new(passthrough_config(dir, cache))?;
     fs.import()?;
-    Ok(if read_only {
-        Box::new(Fs::new(tag, ReadOnly(fs))?)
+    let share = if read_only {
+        Share::read_only(fs)
     } else {
-        Box::new(Fs::new(tag, fs)?)
-    })
+        Share::read_write(fs)
+    };
+    Ok(Box::new(Fs::new(tag, share)?))
 }
 
 /// The virtio-fs device over any FUSE file system.

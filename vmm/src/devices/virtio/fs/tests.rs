@@ -1,16 +1,16 @@
-//! The virtio-fs device and the read-only wrapper, without a guest: FUSE
+//! The virtio-fs device and the share wrapper, without a guest: FUSE
 //! messages are built by hand in guest memory and fed through a queue.
 
 use std::ffi::CString;
 use std::io;
 
-use fuse_backend_rs::abi::fuse_abi::{InHeader, InitIn, OutHeader};
-use fuse_backend_rs::api::filesystem::{Context, FileSystem};
+use fuse_backend_rs::abi::fuse_abi::{CreateIn, FsOptions, InHeader, InitIn, InitOut, OutHeader};
+use fuse_backend_rs::api::filesystem::{Context, Entry, FileSystem};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::PassthroughFs;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::read_only::ReadOnly;
+use super::share::Share;
 use super::{passthrough_config, process_queue, CacheMode};
 use crate::devices::virtio::test_ring::{Ring, WRITE};
 
@@ -55,11 +55,16 @@ fn reply(mem: &GuestMemoryMmap, slot: u64) -> OutHeader {
 }
 
 fn init_request() -> Vec<u8> {
+    init_request_offering(FsOptions::empty())
+}
+
+/// An INIT from a guest kernel that supports `offered`.
+fn init_request_offering(offered: FsOptions) -> Vec<u8> {
     let init = InitIn {
         major: 7,
         minor: 31,
         max_readahead: 0x2_0000,
-        flags: 0,
+        flags: offered.bits() as u32,
     };
     let mut req = header(FUSE_INIT, 1, 0, std::mem::size_of::<InitIn>())
         .as_slice()
@@ -175,20 +180,40 @@ fn random_chains_never_panic() {
     );
 }
 
+/// A directory holding a file `f` ("data") and a directory `d`, shared
+/// by `share`, with the entries of both.
+fn shared_file_and_dir(
+    share: fn(PassthroughFs) -> Share<PassthroughFs>,
+) -> (tempfile::TempDir, Share<PassthroughFs>, Entry, Entry) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), "data").unwrap();
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    let fs = share(passthrough(dir.path()));
+    let ctx = Context::new();
+    let f = fs.lookup(&ctx, ROOT, c"f").unwrap();
+    let d = fs.lookup(&ctx, ROOT, c"d").unwrap();
+    (dir, fs, f, d)
+}
+
+/// The names in a host directory, sorted.
+fn names_in(dir: impl AsRef<std::path::Path>) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    names
+}
+
 fn erofs<T: std::fmt::Debug>(r: io::Result<T>) -> bool {
     r.unwrap_err().raw_os_error() == Some(libc::EROFS)
 }
 
 #[test]
 fn the_read_only_wrapper_refuses_every_change() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("f"), "data").unwrap();
-    std::fs::create_dir(dir.path().join("d")).unwrap();
-    let fs = ReadOnly(passthrough(dir.path()));
+    let (dir, fs, f, d) = shared_file_and_dir(Share::read_only);
     let ctx = Context::new();
     let name = |s: &str| CString::new(s).unwrap();
-    let f = fs.lookup(&ctx, ROOT, &name("f")).unwrap();
-    let d = fs.lookup(&ctx, ROOT, &name("d")).unwrap();
 
     assert!(fs.open(&ctx, f.inode, libc::O_RDONLY as u32, 0).is_ok());
     for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
@@ -223,14 +248,100 @@ fn the_read_only_wrapper_refuses_every_change() {
     assert_ne!(st.f_flag & libc::ST_RDONLY, 0);
 
     // The host directory is exactly as it was.
-    let mut names: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    names.sort();
+    let names = names_in(dir.path());
     assert_eq!(names, ["d", "f"]);
     assert_eq!(
         std::fs::read_to_string(dir.path().join("f")).unwrap(),
         "data"
+    );
+}
+
+/// The INIT reply a share gives a guest offering what Linux 6.12 offers.
+fn negotiate<F: FileSystem + Sync>(fs: F) -> InitOut {
+    let offered = FsOptions::ASYNC_READ
+        | FsOptions::ATOMIC_O_TRUNC
+        | FsOptions::BIG_WRITES
+        | FsOptions::MAX_PAGES
+        | FsOptions::PARALLEL_DIROPS
+        | FsOptions::WRITEBACK_CACHE
+        | FsOptions::HANDLE_KILLPRIV_V2
+        | FsOptions::DO_READDIRPLUS
+        | FsOptions::READDIRPLUS_AUTO;
+    let server = Server::new(fs);
+    let mem = memory();
+    let mut ring = Ring::new(&mem, 0);
+    let mut q = ring.queue();
+    post(&mut ring, &mem, 0, &init_request_offering(offered));
+    process_queue(&server, &mut q, &mem);
+    assert_eq!(reply(&mem, 0).error, 0);
+    mem.read_obj(GuestAddress(
+        REPLY + std::mem::size_of::<OutHeader>() as u64,
+    ))
+    .unwrap()
+}
+
+#[test]
+fn shares_take_one_mebibyte_requests_and_leave_suid_clearing_to_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    for share in [
+        Share::read_write(passthrough(dir.path())),
+        Share::read_only(passthrough(dir.path())),
+    ] {
+        let out = negotiate(share);
+        let flags = FsOptions::from_bits_truncate(out.flags as u64);
+        // Without these the guest sends one page per WRITE.
+        assert!(flags.contains(FsOptions::BIG_WRITES | FsOptions::MAX_PAGES));
+        assert_eq!((out.max_write, out.max_pages), (1 << 20, 256));
+        assert!(flags.contains(FsOptions::ASYNC_READ | FsOptions::PARALLEL_DIROPS));
+        assert!(flags.contains(FsOptions::ATOMIC_O_TRUNC));
+        assert!(flags.contains(FsOptions::HANDLE_KILLPRIV_V2));
+        // The guest may not hold writes back from the host.
+        assert!(!flags.contains(FsOptions::WRITEBACK_CACHE));
+    }
+    // The bare file system asks for none of it: the wrapper is what does.
+    let bare = FsOptions::from_bits_truncate(negotiate(passthrough(dir.path())).flags as u64);
+    assert!(!bare.contains(FsOptions::BIG_WRITES));
+}
+
+#[test]
+fn a_read_write_share_passes_every_change_through() {
+    let (dir, fs, f, d) = shared_file_and_dir(Share::read_write);
+    std::fs::create_dir(dir.path().join("gone")).unwrap();
+    let ctx = Context::new();
+    let name = |s: &str| CString::new(s).unwrap();
+
+    let (h, _, _) = fs.open(&ctx, f.inode, libc::O_RDWR as u32, 0).unwrap();
+    fs.release(&ctx, f.inode, 0, h.unwrap(), false, false, None)
+        .unwrap();
+    fs.mkdir(&ctx, ROOT, &name("new"), 0o755, 0).unwrap();
+    fs.mknod(&ctx, ROOT, &name("n"), libc::S_IFREG | 0o644, 0, 0)
+        .unwrap();
+    let create = CreateIn {
+        flags: libc::O_WRONLY as u32,
+        mode: 0o600,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    fs.create(&ctx, ROOT, &name("c"), create).unwrap();
+    fs.rmdir(&ctx, ROOT, &name("gone")).unwrap();
+    fs.rename(&ctx, ROOT, &name("n"), d.inode, &name("moved"), 0)
+        .unwrap();
+    fs.link(&ctx, f.inode, d.inode, &name("hard")).unwrap();
+    fs.symlink(&ctx, &name("f"), ROOT, &name("s")).unwrap();
+    fs.setxattr(&ctx, f.inode, &name("user.x"), b"1", 0)
+        .unwrap();
+    fs.removexattr(&ctx, f.inode, &name("user.x")).unwrap();
+    fs.unlink(&ctx, ROOT, &name("c")).unwrap();
+    fs.access(&ctx, f.inode, libc::W_OK as u32).unwrap();
+    let st = fs.statfs(&ctx, ROOT).unwrap();
+    assert_eq!(st.f_flag & libc::ST_RDONLY, 0);
+
+    let names = names_in(dir.path());
+    assert_eq!(names, ["d", "f", "new", "s"]);
+    let inside = names_in(dir.path().join("d"));
+    assert_eq!(inside, ["hard", "moved"]);
+    assert_eq!(
+        std::fs::read_link(dir.path().join("s")).unwrap(),
+        std::path::Path::new("f")
     );
 }
