@@ -137,7 +137,7 @@ impl Monitor {
         record.pid = Some(me);
         record.pid_start = state::process_start_time(me);
         dir.save(&record)?;
-        vmm::fd_limit::raise_to_hard_limit();
+        vmm::fd_limit::raise();
 
         let plan = bundle::load(&record.bundle)?;
         for m in &plan.mounts.unsupported {

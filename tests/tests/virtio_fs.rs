@@ -159,3 +159,38 @@ kvm_test!(
         assert_eq!(fs::read_to_string(ro.join("keep")).unwrap(), "unchanged");
     }
 );
+
+kvm_test!(
+    fn a_guest_holds_more_files_than_a_default_descriptor_limit() {
+        // The VMM keeps a descriptor per inode the guest holds; 5000 exceeds
+        // the hard limit of 4096 a process gets outside systemd.
+        const FILES: usize = 5000;
+        let share = tempfile::tempdir().unwrap();
+        let initrd = Initrd::busybox(&format!(
+            "bb=/bin/busybox\n\
+             $bb mkdir -p /mnt\n\
+             $bb mount -t virtiofs data /mnt || echo MOUNT-FAILED\n\
+             $bb mkdir /mnt/many\n\
+             i=0; while [ $i -lt {FILES} ]; do : > /mnt/many/f$i || break; i=$((i+1)); done\n\
+             echo \"MADE[$i]\"\n\
+             echo \"LISTED[$($bb ls /mnt/many | $bb wc -l)]\"\n\
+             $bb umount /mnt\n\
+             $bb reboot -f"
+        ));
+        let mut cmd = vmm_command("vmlinux", &initrd);
+        cmd.args(["--mem-mib", "256", "--boot-timeout", "600"])
+            .args(["--cmdline", "quiet"])
+            .arg("--fs")
+            .arg(format!("tag=data,path={}", share.path().display()));
+        let run = GuestProcess::spawn(cmd).finish(Duration::from_secs(660));
+        let out = &run.output;
+        assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{out}");
+        assert!(!out.contains("MOUNT-FAILED"), "{out}");
+        assert_eq!(marked(out, "MADE"), FILES.to_string(), "{out}");
+        assert_eq!(marked(out, "LISTED").trim(), FILES.to_string(), "{out}");
+        assert_eq!(
+            fs::read_dir(share.path().join("many")).unwrap().count(),
+            FILES
+        );
+    }
+);

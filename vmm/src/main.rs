@@ -155,7 +155,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    vmm::fd_limit::raise_to_hard_limit();
+    vmm::fd_limit::raise();
     match run(Args::parse()) {
         Ok(code) => code,
         Err(e) => {
