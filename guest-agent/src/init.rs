@@ -263,7 +263,7 @@ fn prepare() -> Result<BootParams, String> {
     // The initramfs stays in memory under the new root: leave no copy.
     let _ = fs::remove_file(&seed_path);
     leave_initramfs()?;
-    mount_all(&mut Linux, BASICS, "")?;
+    mount_all(&mut Linux::new(), BASICS, "")?;
     if let Some(seed) = seed {
         match runvm_agent::entropy::seed("/dev/urandom", &seed) {
             Ok(()) => eprintln!(
@@ -273,7 +273,7 @@ fn prepare() -> Result<BootParams, String> {
             Err(e) => eprintln!("runvm-agent: seeding the random pool: {e}"),
         }
     }
-    mount_all(&mut Linux, EXTRAS, "")?;
+    mount_all(&mut Linux::new(), EXTRAS, "")?;
     if !copied.is_empty() {
         let dir = runvm_agent::mount_ns::COPIED_FILES;
         fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
@@ -287,7 +287,12 @@ fn prepare() -> Result<BootParams, String> {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h}: {e}"))?;
     }
     if let Some(tag) = &params.rootfs_tag {
-        mount_rootfs(&mut Linux, tag, params.rootfs_ro, params.rootfs_overlay)?;
+        mount_rootfs(
+            &mut Linux::new(),
+            tag,
+            params.rootfs_ro,
+            params.rootfs_overlay,
+        )?;
     }
     Ok(params)
 }

@@ -9,6 +9,7 @@ pub mod mount_ns;
 pub mod mount_sys;
 pub mod network;
 pub mod procfs;
+pub mod read_ahead;
 pub mod reaper;
 pub mod seccomp;
 pub mod server;

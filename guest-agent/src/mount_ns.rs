@@ -71,7 +71,7 @@ impl MountNs {
 /// `--hold-mount-ns ROOTFS [MOUNTS]`: sets up the namespace, says `ready`,
 /// and waits until its stdin closes.
 pub fn hold(rootfs: &Path, mounts: &[GuestMount]) -> Result<(), String> {
-    setup(&mut Linux, rootfs, mounts)?;
+    setup(&mut Linux::new(), rootfs, mounts)?;
     println!("ready");
     let mut sink = String::new();
     while io::stdin()

@@ -10,6 +10,8 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use runvm_protocol::GuestMount;
 
+use crate::read_ahead::BdiDir;
+
 /// What mount setup asks of the system.
 pub trait MountSys {
     /// `mkdir -p path`.
@@ -37,9 +39,28 @@ pub trait MountSys {
     fn bind_copied_file(&mut self, rootfs: &Path, m: &GuestMount) -> Result<(), String>;
 }
 
-/// The real system calls.
-#[derive(Debug, Default)]
-pub struct Linux;
+/// The real system calls. A virtio-fs mount also gets the read-ahead
+/// window of [`crate::read_ahead`], through the backing-device directory
+/// opened when this was made (where sysfs was mounted then).
+#[derive(Debug)]
+pub struct Linux {
+    bdi: Option<BdiDir>,
+}
+
+impl Linux {
+    /// The real calls; virtio-fs read-ahead is set where `/sys` is mounted now.
+    pub fn new() -> Self {
+        Linux {
+            bdi: BdiDir::open(Path::new("/sys/class/bdi")).ok(),
+        }
+    }
+}
+
+impl Default for Linux {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl MountSys for Linux {
     fn mkdir_all(&mut self, path: &str) -> io::Result<()> {
@@ -54,7 +75,17 @@ impl MountSys for Linux {
         flags: MsFlags,
         data: Option<&str>,
     ) -> nix::Result<()> {
-        nix::mount::mount(source, target, fstype, flags, data)
+        nix::mount::mount(source, target, fstype, flags, data)?;
+        if fstype == Some("virtiofs") && !flags.contains(MsFlags::MS_REMOUNT) {
+            // Only speed is at stake: a mount keeps the default window.
+            let set = self.bdi.as_ref().map(|bdi| {
+                bdi.set_for_mount(Path::new(target), runvm_protocol::VIRTIOFS_READ_AHEAD_KIB)
+            });
+            if let Some(Err(e)) = set {
+                eprintln!("runvm-agent: read-ahead of {target}: {e}");
+            }
+        }
+        Ok(())
     }
 
     fn umount_detach(&mut self, target: &str) -> nix::Result<()> {

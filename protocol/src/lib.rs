@@ -21,6 +21,11 @@ pub use message::{
 /// The vsock port the agent listens on inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The read-ahead window, in KiB, the agent gives each virtio-fs mount: the
+/// largest request the host's shares take (they negotiate 1 MiB), so a
+/// sequential read reaches the host in whole requests.
+pub const VIRTIOFS_READ_AHEAD_KIB: u32 = 1024;
+
 /// Version of the wire format; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u16 = 2;
 

@@ -2,7 +2,8 @@
 //! host's own filesystem, and vsock throughput, in one run of the KVM host.
 //!
 //! The same static `runvm-guest-tool fs-bench` runs natively on the host's
-//! /tmp and inside a guest on a virtio-fs share of a host /tmp directory:
+//! /tmp and inside a guest on a virtio-fs share of a host /tmp directory
+//! (with the read-ahead window the agent gives its virtio-fs mounts):
 //! sequential write and read of a `RUNVM_BENCH_FS_MIB` (default 512) MiB
 //! file and create/stat/read/delete of `RUNVM_BENCH_FS_FILES` (default
 //! 10,000) small files. Then the guest streams 64 MiB through vsock to a
@@ -98,12 +99,17 @@ fn main() {
          $bb mount -t proc proc /proc\n\
          $bb mkdir -p /mnt\n\
          $bb mount -t virtiofs bench /mnt\n\
+         $bb mkdir -p /sys && $bb mount -t sysfs sys /sys\n\
+         dev=$($bb grep ' /mnt ' /proc/self/mountinfo | $bb cut -d' ' -f3)\n\
+         echo {ra} > /sys/class/bdi/$dev/read_ahead_kb\n\
+         echo \"READ-AHEAD[$($bb cat /sys/class/bdi/$dev/read_ahead_kb)]\"\n\
          /bin/runvm-guest-tool fs-bench /mnt {mib} {files}\n\
          /bin/runvm-guest-tool send-host 6000 67108864 1\n\
          $bb ip link set eth0 up && $bb ip addr add 172.31.9.2/24 dev eth0\n\
          /bin/runvm-guest-tool send-tcp 172.31.9.1:7001 67108864 1\n\
          $bb umount /mnt\n\
-         $bb reboot -f"
+         $bb reboot -f",
+        ra = runvm_protocol::VIRTIOFS_READ_AHEAD_KIB
     ));
     let mut cmd = vmm_command("vmlinux", &initrd);
     cmd.args(["--vcpus", &vcpus.to_string()])
@@ -115,6 +121,12 @@ fn main() {
         .args(["--net", "tap=rvmbench0"]);
     let run = GuestProcess::spawn(cmd).finish(Duration::from_secs(1600));
     assert_eq!(run.status.and_then(|s| s.code()), Some(0), "{}", run.output);
+    let ra = runvm_protocol::VIRTIOFS_READ_AHEAD_KIB;
+    assert!(
+        run.output.contains(&format!("READ-AHEAD[{ra}]")),
+        "{}",
+        run.output
+    );
     let guest = fields(&run.output, "FSBENCH");
     let sent: Vec<&str> = run
         .output

@@ -123,15 +123,17 @@ fn exercise(c: &mut Client<UnixStream>, rootfs: &Path) {
     );
 
     // The rootfs is the process's `/` in its own mount namespace: the
-    // agent's initramfs is not reachable, not even through `..`.
+    // agent's initramfs is not reachable, not even through `..`. Its
+    // read-ahead window is the host's largest request.
     let probe = "test -e /init && echo agent-visible || echo agent-hidden; \
                      cd /; cd ../../..; pwd; ls /; grep -c rootfs /proc/self/mountinfo; \
-                     awk '$5 == \"/\" {print $8}' /proc/self/mountinfo";
+                     awk '$5 == \"/\" {print $8}' /proc/self/mountinfo; \
+                     cat /sys/class/bdi/$(awk '$5 == \"/\" {print $3}' /proc/self/mountinfo)/read_ahead_kb";
     eprintln!("stage: process 8");
     assert_eq!(h.run(c, 8, sh(probe)), 0, "{}", h.stderr(8));
     assert_eq!(
         h.stdout(8),
-        "agent-hidden\n/\nbin\ndev\netc\nproc\nsys\ntmp\n1\nvirtiofs\n",
+        "agent-hidden\n/\nbin\ndev\netc\nproc\nsys\ntmp\n1\nvirtiofs\n1024\n",
         "{}",
         h.stderr(8)
     );

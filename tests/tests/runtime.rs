@@ -655,7 +655,8 @@ kvm_test!(
         std::fs::create_dir_all(&ro).unwrap();
         std::fs::write(ro.join("in"), "from the host\n").unwrap();
         std::fs::write(rt.path("hosts-file"), "127.0.0.1 fromhost\n").unwrap();
-        let script = "mkdir -p /data/sub && echo written > /data/sub/out; \
+        let script = "cat /sys/class/bdi/$(grep ' /data ' /proc/self/mountinfo | cut -d' ' -f3)/read_ahead_kb; \
+                      mkdir -p /data/sub && echo written > /data/sub/out; \
                       cat /ro/in; \
                       touch /ro/x 2>/dev/null && echo ro-writable || echo ro-refused; \
                       grep ' /scratch ' /proc/mounts | cut -d' ' -f3,4; \
@@ -673,6 +674,8 @@ kvm_test!(
             },
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]},
                 {"destination": "/data", "type": "bind", "source": vol, "options": ["rbind", "rw"]},
                 {"destination": "/ro", "type": "bind", "source": ro, "options": ["rbind", "ro"]},
                 {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
@@ -694,6 +697,8 @@ kvm_test!(
             .unwrap();
         assert!(out.status.success(), "{}", text(&out.stderr));
         let shown = text(&out.stdout);
+        // A share's read-ahead window is the host's largest request.
+        assert!(shown.starts_with("1024\n"), "{shown}");
         assert!(shown.contains("from the host\n"), "{shown}");
         assert!(shown.contains("ro-refused\n"), "{shown}");
         assert!(shown.contains("tmpfs rw,nosuid"), "{shown}");
