@@ -113,11 +113,19 @@ fn on_terminal(argv: &[String]) -> Output {
 const ENV_CWD_SCRIPT: &str = "echo out:$GREETING:$(pwd); echo err >&2; exit 3";
 const ENV_CWD_OUTPUT: &str = "out:hi:/tmp\n";
 
-/// Asserts exit status `code`, exact stdout `want` and `err` within stderr.
-fn assert_output(out: &Output, code: i32, want: &str, err: &str) {
-    assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), want);
-    assert!(text(&out.stderr).contains(err), "{}", text(&out.stderr));
+/// Asserts exit status `code`, exact stdout `want` and `err` within stderr;
+/// on a failure `explain` adds the engine's side (its log, the runtime's).
+fn assert_output(out: &Output, code: i32, want: &str, err: &str, explain: impl FnOnce() -> String) {
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    if out.status.code() == Some(code) && stdout == want && stderr.contains(err) {
+        return;
+    }
+    panic!(
+        "exit status {:?}, expected {code}\nstdout: {stdout:?}, expected {want:?}\n\
+         stderr (expected to hold {err:?}):\n{stderr}\n{}",
+        out.status.code(),
+        explain()
+    );
 }
 
 /// Asserts exit status `code` and a terminal (`tty` printed a pty). On a
@@ -172,7 +180,7 @@ fn pipe_through(
     stdin.write_all(b"piped through\n").unwrap();
     drop(stdin);
     let out = cat.wait_with_output().unwrap();
-    assert_output(&out, 0, "piped through\n", "");
+    assert_output(&out, 0, "piped through\n", "", &explain);
 }
 
 /// Waits until `check` holds, failing after `limit`.
@@ -377,7 +385,7 @@ kvm_test!(
             "c1",
             &["sh", "-c", ENV_CWD_SCRIPT],
         ));
-        assert_output(&out, 3, ENV_CWD_OUTPUT, "err\n");
+        assert_output(&out, 3, ENV_CWD_OUTPUT, "err\n", || c.explain(dir.path()));
 
         // Piped stdin and its EOF (written once the task runs: ctr drops
         // input that ends before it wired the task's stdin).
@@ -409,7 +417,7 @@ kvm_test!(
             "-c",
             "echo exec-out:$(cat /proc/1/comm >/dev/null; echo ok); exit 4",
         ]));
-        assert_output(&out, 4, "exec-out:ok\n", "");
+        assert_output(&out, 4, "exec-out:ok\n", "", || c.explain(dir.path()));
         let out = on_terminal(&c.ctr(&[
             "task",
             "exec",
@@ -549,7 +557,7 @@ kvm_test!(
             &["--rm", "-e", "GREETING=hi", "-w", "/tmp"],
             &["sh", "-c", ENV_CWD_SCRIPT],
         ));
-        assert_output(&out, 3, ENV_CWD_OUTPUT, "err\n");
+        assert_output(&out, 3, ENV_CWD_OUTPUT, "err\n", String::new);
         pipe_through(
             &podman_run(dir, &["--rm", "-i"], &["cat"]),
             Duration::ZERO,
@@ -586,7 +594,7 @@ kvm_test!(
                 "echo $X $(pwd); exit 4",
             ],
         ));
-        assert_output(&out, 4, "1 /tmp\n", "");
+        assert_output(&out, 4, "1 /tmp\n", "", String::new);
         let out = run(&podman(
             dir,
             &["exec", "-t", "s1", "sh", "-c", "tty; exit 6"],
@@ -765,7 +773,7 @@ kvm_test!(
                 Dockerd::explain(dir)
             );
         }
-        assert_output(&out, 3, ENV_CWD_OUTPUT, "err\n");
+        assert_output(&out, 3, ENV_CWD_OUTPUT, "err\n", || Dockerd::explain(dir));
         pipe_through(
             &d.run(&["--rm", "-i"], &["cat"]),
             Duration::ZERO,
@@ -793,7 +801,7 @@ kvm_test!(
             "-c",
             "echo $X $(pwd); exit 4",
         ]));
-        assert_output(&out, 4, "1 /tmp\n", "");
+        assert_output(&out, 4, "1 /tmp\n", "", || Dockerd::explain(dir));
         let out = on_terminal(&d.docker(&["exec", "-t", "d1", "sh", "-c", "tty; exit 6"]));
         assert_terminal(&out, 6, || Dockerd::explain(dir));
         // `docker top` shows the host processes whose PIDs the runtime's
