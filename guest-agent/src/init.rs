@@ -273,7 +273,9 @@ fn prepare() -> Result<BootParams, String> {
             Err(e) => eprintln!("runvm-agent: seeding the random pool: {e}"),
         }
     }
-    mount_all(&mut Linux::new(), EXTRAS, "")?;
+    // Made once sysfs is mounted: its virtio-fs mounts get their read-ahead.
+    let mut sys = Linux::new();
+    mount_all(&mut sys, EXTRAS, "")?;
     if !copied.is_empty() {
         let dir = runvm_agent::mount_ns::COPIED_FILES;
         fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
@@ -287,12 +289,7 @@ fn prepare() -> Result<BootParams, String> {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h}: {e}"))?;
     }
     if let Some(tag) = &params.rootfs_tag {
-        mount_rootfs(
-            &mut Linux::new(),
-            tag,
-            params.rootfs_ro,
-            params.rootfs_overlay,
-        )?;
+        mount_rootfs(&mut sys, tag, params.rootfs_ro, params.rootfs_overlay)?;
     }
     Ok(params)
 }

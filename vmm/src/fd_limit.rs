@@ -53,13 +53,12 @@ mod tests {
     use super::*;
 
     fn holds_cap_sys_resource() -> bool {
-        const CAP_SYS_RESOURCE: u32 = 24;
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let eff = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .unwrap();
-        u64::from_str_radix(eff.trim(), 16).unwrap() & (1 << CAP_SYS_RESOURCE) != 0
+        caps::has_cap(
+            None,
+            caps::CapSet::Effective,
+            caps::Capability::CAP_SYS_RESOURCE,
+        )
+        .unwrap()
     }
 
     #[test]
