@@ -671,6 +671,7 @@ fn start_vm(
                 })),
                 on_timeout: None,
                 control: Some(control),
+                guest_profile: None,
             };
             let why = match vm::run(&kvm, &resources, opts) {
                 Ok(reason) => reason.to_string(),

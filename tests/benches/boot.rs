@@ -10,6 +10,8 @@
 //! it measures under nested TCG, and costs each VMM differently).
 //! `RUNVM_BENCH_RUNS` sets the number of timed runs (default 10),
 //! `RUNVM_BENCH_RSS_RUNS` the number of sampled ones (default 3).
+//! Last, one boot of runvm-vmm per size with `--guest-profile`, summarized
+//! by guest kernel function: where the guest's own part of the boot goes.
 //! Run it with `tests/bench.sh boot`.
 
 use std::path::{Path, PathBuf};
@@ -21,6 +23,7 @@ use std::time::Duration;
 
 use runvm_tests::artifacts::{guest_kernel_dir, vmm_command, Initrd};
 use runvm_tests::guest::GuestProcess;
+use runvm_tests::kernel_symbols::KernelSymbols;
 use runvm_tests::kvm;
 use runvm_tests::smaps;
 
@@ -285,4 +288,39 @@ fn main() {
         "ratio boot 2 GiB / 128 MiB, qemu:        {:.2}",
         qemu_large.boot / qemu_small.boot
     );
+    for mem_mib in [128, 2048] {
+        profile(&initrd, &kernel, mem_mib);
+    }
+}
+
+/// One profiled boot of runvm-vmm: the guest kernel functions the boot
+/// vCPU was sampled in most, up to the agent's ready line.
+fn profile(initrd: &Initrd, kernel: &Path, mem_mib: u64) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let out = dir.path().join("profile");
+    let mut cmd = runvm(initrd, mem_mib);
+    cmd.arg("--guest-profile").arg(&out);
+    let run = measure(cmd, None);
+    let text = std::fs::read_to_string(&out).expect("read the guest profile");
+    let samples = vmm::guest_profile::parse(&text).expect("a guest profile");
+    let symbols = KernelSymbols::load(kernel).expect("the guest kernel's symbols");
+    let boot: Vec<_> = samples
+        .into_iter()
+        .filter(|s| s.vcpu == 0 && s.elapsed.as_secs_f64() * 1000.0 <= run.boot_ms)
+        .collect();
+    let total = boot.len().max(1);
+    println!(
+        "profiled boot, runvm-vmm {mem_mib} MiB: {:.0} ms to the ready line, {} samples of the boot vCPU (one per {:.1} ms); most sampled:",
+        run.boot_ms,
+        boot.len(),
+        run.boot_ms / total as f64
+    );
+    for (name, count) in symbols.summarize(&boot).into_iter().take(12) {
+        let share = count as f64 / total as f64;
+        println!(
+            "  {:>5.1}%  ~{:>4.0} ms  {name}",
+            share * 100.0,
+            share * run.boot_ms
+        );
+    }
 }

@@ -8,6 +8,7 @@
 pub mod artifacts;
 pub mod guest;
 pub mod host;
+pub mod kernel_symbols;
 pub mod kvm;
 pub mod netns;
 pub mod smaps;

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use runvm_tests::artifacts::{guest_kernel_dir, vmm_binary, vmm_command, Initrd};
 use runvm_tests::guest::{GuestProcess, GuestRun};
+use runvm_tests::kernel_symbols::KernelSymbols;
 use runvm_tests::kvm_test;
 use runvm_tests::smaps::{advised, field_kib, guest_ram_flags};
+use vmm::guest_profile::Mode;
 
 const READY: &str = "RUNVM_AGENT_READY";
 const BOOT: Duration = Duration::from_secs(180);
@@ -81,6 +83,56 @@ kvm_test!(
     fn bzimage_boots_through_the_64_bit_boot_protocol() {
         let line = boot_agent("bzImage", 1, 256);
         assert!(line.contains("cpus_online=0 "), "{line}");
+    }
+);
+
+kvm_test!(
+    fn a_guest_profile_samples_every_vcpu_mostly_in_kernel_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("profile");
+        let initrd = Initrd::agent();
+        let mut cmd = vmm("vmlinux", &initrd, 2, 128, "quiet");
+        cmd.args(["--boot-timeout", "150", "--guest-profile"])
+            .arg(&out);
+        let run = GuestProcess::spawn(cmd).finish(BOOT);
+        assert!(run.output.contains(READY), "{}", run.output);
+        assert_eq!(code(&run), Some(0), "{}", run.output);
+        let text = std::fs::read_to_string(&out).unwrap();
+        let samples = vmm::guest_profile::parse(&text).unwrap();
+        let kernel = KernelSymbols::load(&guest_kernel_dir().join("vmlinux")).unwrap();
+        let summary = kernel.summarize(&samples);
+        println!(
+            "{} samples; most: {:?}",
+            samples.len(),
+            &summary[..summary.len().min(8)]
+        );
+        // A boot to the agent takes hundreds of milliseconds even on
+        // hardware; at one sample per vCPU every 2 ms that is well over 20.
+        assert!(samples.len() >= 20, "{} samples", samples.len());
+        for vcpu in 0..2 {
+            let times: Vec<_> = samples
+                .iter()
+                .filter(|s| s.vcpu == vcpu)
+                .map(|s| s.elapsed)
+                .collect();
+            assert!(!times.is_empty(), "no sample of vCPU {vcpu}");
+            assert!(
+                times.windows(2).all(|w| w[0] <= w[1]),
+                "vCPU {vcpu}'s samples out of order"
+            );
+        }
+        // The boot vCPU runs the kernel; the agent's own work is short.
+        let boot_vcpu: Vec<_> = samples.iter().filter(|s| s.vcpu == 0).collect();
+        let in_text = boot_vcpu.iter().filter(|s| kernel.in_text(s.rip)).count();
+        assert!(
+            in_text * 2 > boot_vcpu.len(),
+            "{in_text} of vCPU 0's {} samples in the kernel's text: {summary:?}",
+            boot_vcpu.len()
+        );
+        assert!(
+            samples.iter().any(|s| s.mode == Mode::Real && s.vcpu == 1),
+            "vCPU 1 was never seen before the kernel started it: {summary:?}"
+        );
     }
 );
 

@@ -12,6 +12,7 @@ pub mod event_loop;
 pub mod exit;
 pub mod fd_limit;
 pub mod file_map;
+pub mod guest_profile;
 pub mod initramfs;
 pub mod layout;
 pub mod memory;

@@ -76,6 +76,11 @@ struct Args {
     /// Print how long each VM build phase took (stderr) once the vCPUs run.
     #[arg(long)]
     report_timing: bool,
+    /// Sample every vCPU's instruction pointer every 2 ms while the VM runs
+    /// and write the samples to this file when it ends (`VCPU MICROSECONDS
+    /// RIP` per line; map kernel addresses with `nm -n vmlinux`).
+    #[arg(long, value_name = "FILE")]
+    guest_profile: Option<PathBuf>,
 }
 
 fn console(spec: &str) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
@@ -148,6 +153,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         })),
         control: None,
+        guest_profile: args
+            .guest_profile
+            .as_deref()
+            .map(|p| {
+                File::create(p)
+                    .with_context(|| format!("cannot create the guest profile {}", p.display()))
+            })
+            .transpose()?,
     };
     let reason = vm::run(&kvm, &resources, opts)?;
     eprintln!("runvm-vmm: {reason}");

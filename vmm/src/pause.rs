@@ -87,6 +87,17 @@ impl VmControl {
         self.gate().paused
     }
 
+    /// Kicks every vCPU out of KVM_RUN once; false once the VM has stopped.
+    pub(crate) fn kick_all(&self) -> bool {
+        let g = self.gate();
+        for t in &g.threads {
+            // SAFETY: the threads are live: `stopped` clears them under this
+            // lock before they are joined; the kick handler does nothing.
+            unsafe { libc::pthread_kill(*t, crate::vm::kick_signal()) };
+        }
+        g.running
+    }
+
     /// The VM runs these vCPU threads.
     pub(crate) fn started(&self, threads: Vec<libc::pthread_t>) {
         let mut g = self.gate();
@@ -146,6 +157,22 @@ mod tests {
             .collect();
         ctl.started(threads.iter().map(|t| t.as_pthread_t()).collect());
         (threads, work)
+    }
+
+    #[test]
+    fn kicks_reach_the_vcpus_only_while_the_vm_runs() {
+        let ctl = VmControl::new();
+        assert!(!ctl.kick_all(), "kicked before the VM started");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (threads, _work) = fake_vcpus(2, &ctl, &stop);
+        ctl.started(threads.iter().map(|t| t.as_pthread_t()).collect());
+        assert!(ctl.kick_all());
+        ctl.stopped();
+        assert!(!ctl.kick_all(), "kicked after the VM stopped");
+        stop.store(true, Ordering::Release);
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]

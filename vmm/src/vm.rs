@@ -34,6 +34,7 @@ use crate::devices::virtio::vsock::{UnixHost, Vsock};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::event_loop::{ConsoleInput, ExitWatcher};
 use crate::exit::{ExitReason, ExitSignal};
+use crate::guest_profile::GuestProfile;
 use crate::memory::{self, MemoryError};
 use crate::mptable::{self, MptableError};
 use crate::pause::VmControl;
@@ -94,6 +95,9 @@ pub struct RunOptions {
     pub on_timeout: Option<TimeoutHook>,
     /// Pauses and resumes the vCPUs while the VM runs.
     pub control: Option<VmControl>,
+    /// Samples where the vCPUs are while the VM runs and writes them here
+    /// at its end (see [`crate::guest_profile`]).
+    pub guest_profile: Option<File>,
 }
 
 /// See [`RunOptions::on_timeout`].
@@ -133,6 +137,8 @@ impl std::fmt::Debug for RunOptions {
             .field("timeout", &self.timeout)
             .field("on_started", &self.on_started.is_some())
             .field("on_timeout", &self.on_timeout.is_some())
+            .field("control", &self.control.is_some())
+            .field("guest_profile", &self.guest_profile.is_some())
             .finish()
     }
 }
@@ -225,18 +231,30 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
 
     install_kick_handler()?;
     let control = opts.control.unwrap_or_default();
+    let profile = opts.guest_profile.map(|f| Arc::new(GuestProfile::new(f)));
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
-        let (t_bus, t_mmio, t_exit, t_stop, t_ctl) = (
+        let (t_bus, t_mmio, t_exit, t_stop, t_ctl, t_profile) = (
             bus.clone(),
             mmio.clone(),
             exit.clone(),
             stop.clone(),
             control.clone(),
+            profile.clone(),
         );
-        let spawned = crate::threads::named(format!("vcpu{index}"))
-            .spawn(move || vcpu_loop(vcpu, &t_bus, &t_mmio, &t_exit, &t_stop, &t_ctl));
+        let spawned = crate::threads::named(format!("vcpu{index}")).spawn(move || {
+            let on = VcpuLoop {
+                index,
+                bus: &t_bus,
+                mmio: &t_mmio,
+                exit: &t_exit,
+                stop: &t_stop,
+                control: &t_ctl,
+                profile: t_profile.as_deref(),
+            };
+            on.run(vcpu)
+        });
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
@@ -249,6 +267,18 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
         }
     }
     control.started(threads.iter().map(|t| t.as_pthread_t()).collect());
+    let kicker = match profile {
+        Some(_) => match GuestProfile::start_kicking(control.clone()) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                control.stopped();
+                stop_vcpus(&stop, threads);
+                mmio.shutdown();
+                return Err(VmError::Io("spawning the guest profile thread", e));
+            }
+        },
+        None => None,
+    };
     times.mark("vcpus", &mut since);
     if let Some(report) = opts.on_started {
         report(&times);
@@ -262,6 +292,9 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     );
     // Before the threads are joined: a pause must not kick a stale thread.
     control.stopped();
+    if let Some(k) = kicker {
+        let _ = k.join();
+    }
     stop_vcpus(&stop, threads);
     let signalled = ended?;
     // The VM, then guest RAM, go only after the vCPU threads have stopped.
@@ -279,6 +312,10 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     mmio.shutdown();
     drop(vm);
     drop(ram);
+    if let Some(p) = profile {
+        p.write()
+            .map_err(|e| VmError::Io("writing the guest profile", e))?;
+    }
     Ok(reason)
 }
 
@@ -357,56 +394,68 @@ fn vcpu_state(vcpu: &VcpuFd) -> String {
     }
 }
 
-fn vcpu_loop(
-    mut vcpu: VcpuFd,
-    bus: &PioBus,
-    mmio: &MmioBus,
-    exit: &ExitSignal,
-    stop: &AtomicBool,
-    control: &VmControl,
-) {
-    let fail = |why: String| {
-        let _ = exit.signal(ExitReason::VcpuFailed(why));
-    };
-    while !stop.load(Ordering::Acquire) {
-        control.park_if_paused();
-        match vcpu.run() {
-            Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
-            Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
-            Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
-            Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
-            Ok(VcpuExit::Shutdown) => {
-                // Where the guest was is the only clue to why it died. The
-                // line names the exit as its Display does, so whoever reads
-                // only the VMM's stderr (an engine's error) sees the same words.
-                eprintln!(
-                    "runvm-vmm: {}, {}",
-                    ExitReason::TripleFault,
-                    vcpu_state(&vcpu)
-                );
-                let _ = exit.signal(ExitReason::TripleFault);
-                break;
-            }
-            Ok(VcpuExit::SystemEvent(..)) => {
-                let _ = exit.signal(ExitReason::Reset);
-                break;
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                fail(format!(
-                    "KVM_EXIT_FAIL_ENTRY on cpu {cpu}, reason {reason:#x}"
-                ));
-                break;
-            }
-            Ok(VcpuExit::InternalError) => {
-                fail("KVM_EXIT_INTERNAL_ERROR".into());
-                break;
-            }
-            // HLT with an in-kernel LAPIC, IRQ windows and the like need nothing.
-            Ok(_) => {}
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => {
-                fail(format!("KVM_RUN: {e}"));
-                break;
+/// What a vCPU thread works with besides its vCPU.
+struct VcpuLoop<'a> {
+    index: usize,
+    bus: &'a PioBus,
+    mmio: &'a MmioBus,
+    exit: &'a ExitSignal,
+    stop: &'a AtomicBool,
+    control: &'a VmControl,
+    profile: Option<&'a GuestProfile>,
+}
+
+impl VcpuLoop<'_> {
+    fn run(&self, mut vcpu: VcpuFd) {
+        let (bus, mmio, exit) = (self.bus, self.mmio, self.exit);
+        let fail = |why: String| {
+            let _ = exit.signal(ExitReason::VcpuFailed(why));
+        };
+        while !self.stop.load(Ordering::Acquire) {
+            self.control.park_if_paused();
+            match vcpu.run() {
+                Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
+                Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
+                Ok(VcpuExit::Shutdown) => {
+                    // Where the guest was is the only clue to why it died. The
+                    // line names the exit as its Display does, so whoever reads
+                    // only the VMM's stderr (an engine's error) sees the same words.
+                    eprintln!(
+                        "runvm-vmm: {}, {}",
+                        ExitReason::TripleFault,
+                        vcpu_state(&vcpu)
+                    );
+                    let _ = exit.signal(ExitReason::TripleFault);
+                    break;
+                }
+                Ok(VcpuExit::SystemEvent(..)) => {
+                    let _ = exit.signal(ExitReason::Reset);
+                    break;
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    fail(format!(
+                        "KVM_EXIT_FAIL_ENTRY on cpu {cpu}, reason {reason:#x}"
+                    ));
+                    break;
+                }
+                Ok(VcpuExit::InternalError) => {
+                    fail("KVM_EXIT_INTERNAL_ERROR".into());
+                    break;
+                }
+                // HLT with an in-kernel LAPIC, IRQ windows and the like need nothing.
+                Ok(_) => {}
+                // A kick: a pause, the end of the VM, or a profile sample.
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if let Some(p) = self.profile {
+                        p.record(self.index, &vcpu);
+                    }
+                }
+                Err(e) => {
+                    fail(format!("KVM_RUN: {e}"));
+                    break;
+                }
             }
         }
     }
