@@ -151,7 +151,8 @@ fn qemu(kernel: &Path, initrd: &Path, mem_mib: u64) -> Command {
         .arg("-initrd")
         .arg(initrd);
     // runvm-vmm's own arguments (vmm::boot::build_cmdline), so that both
-    // VMMs boot the same guest; reboot=t because microvm has no i8042 reset.
+    // VMMs boot the same guest; reboot=t (a triple fault) ends QEMU through
+    // -no-reboot.
     c.args([
         "-append",
         "console=ttyS0 reboot=t panic=-1 pci=off nomodule 8250.nr_uarts=1 noreplace-smp quiet",

@@ -244,7 +244,7 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
             profile.clone(),
         );
         let spawned = crate::threads::named(format!("vcpu{index}")).spawn(move || {
-            let on = VcpuLoop {
+            let worker = VcpuLoop {
                 index,
                 bus: &t_bus,
                 mmio: &t_mmio,
@@ -253,7 +253,7 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
                 control: &t_ctl,
                 profile: t_profile.as_deref(),
             };
-            on.run(vcpu)
+            worker.run(vcpu)
         });
         match spawned {
             Ok(t) => threads.push(t),
