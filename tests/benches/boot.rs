@@ -289,14 +289,15 @@ fn main() {
         "ratio boot 2 GiB / 128 MiB, qemu:        {:.2}",
         qemu_large.boot / qemu_small.boot
     );
+    let symbols = KernelSymbols::load(&kernel).expect("the guest kernel's symbols");
     for mem_mib in [128, 2048] {
-        profile(&initrd, &kernel, mem_mib);
+        profile(&initrd, &symbols, mem_mib);
     }
 }
 
 /// One profiled boot of runvm-vmm: the guest kernel functions the boot
 /// vCPU was sampled in most, up to the agent's ready line.
-fn profile(initrd: &Initrd, kernel: &Path, mem_mib: u64) {
+fn profile(initrd: &Initrd, symbols: &KernelSymbols, mem_mib: u64) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let out = dir.path().join("profile");
     let mut cmd = runvm(initrd, mem_mib);
@@ -304,7 +305,6 @@ fn profile(initrd: &Initrd, kernel: &Path, mem_mib: u64) {
     let run = measure(cmd, None);
     let text = std::fs::read_to_string(&out).expect("read the guest profile");
     let samples = vmm::guest_profile::parse(&text).expect("a guest profile");
-    let symbols = KernelSymbols::load(kernel).expect("the guest kernel's symbols");
     let boot: Vec<_> = samples
         .into_iter()
         .filter(|s| s.vcpu == 0 && s.elapsed.as_secs_f64() * 1000.0 <= run.boot_ms)

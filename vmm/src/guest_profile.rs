@@ -76,17 +76,14 @@ pub struct Sample {
 /// Samples collected while a VM runs, written once it has ended.
 #[derive(Debug)]
 pub struct GuestProfile {
-    out: Mutex<Option<File>>,
     samples: Mutex<Vec<Sample>>,
     start: Instant,
 }
 
 impl GuestProfile {
-    /// A profile to be written to `out` (opened by the caller, so that a
-    /// path that cannot be written fails before the VM boots).
-    pub fn new(out: File) -> Self {
+    /// An empty profile; its times count from now.
+    pub fn new() -> Self {
         Self {
-            out: Mutex::new(Some(out)),
             samples: Mutex::new(Vec::new()),
             start: Instant::now(),
         }
@@ -125,14 +122,18 @@ impl GuestProfile {
         })
     }
 
-    /// Writes the samples (in the order taken) to the file given to
-    /// [`GuestProfile::new`]; a second call writes nothing.
-    pub fn write(&self) -> io::Result<()> {
-        let Some(file) = self.out.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return Ok(());
-        };
+    /// Writes the samples, in the order taken, to `out` (opened by the
+    /// caller before the VM boots, so that a path that cannot be written
+    /// fails at once).
+    pub fn write_to(&self, out: File) -> io::Result<()> {
         let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        write_samples(BufWriter::new(file), &samples)
+        write_samples(BufWriter::new(out), &samples)
+    }
+}
+
+impl Default for GuestProfile {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -151,7 +152,7 @@ fn write_samples(mut out: impl Write, samples: &[Sample]) -> io::Result<()> {
     out.flush()
 }
 
-/// Reads a profile written by [`GuestProfile::write`].
+/// Reads a profile written by [`GuestProfile::write_to`].
 pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
     let mut lines = text.lines();
     if lines.next() != Some(HEADER) {

@@ -78,7 +78,7 @@ struct Args {
     report_timing: bool,
     /// Sample every vCPU's instruction pointer every 2 ms while the VM runs
     /// and write the samples to this file when it ends (`VCPU MICROSECONDS
-    /// RIP` per line; map kernel addresses with `nm -n vmlinux`).
+    /// MODE RIP` per line; map kernel addresses with `nm -n vmlinux`).
     #[arg(long, value_name = "FILE")]
     guest_profile: Option<PathBuf>,
 }

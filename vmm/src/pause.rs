@@ -27,6 +27,19 @@ struct Gate {
     running: bool,
 }
 
+impl Gate {
+    /// Kicks every vCPU thread out of KVM_RUN. Called with the gate locked:
+    /// `stopped` takes the lock and clears the IDs before the threads are
+    /// joined, so none of them is stale.
+    fn kick(&self) {
+        for t in &self.threads {
+            // SAFETY: `t` is a live vCPU thread (see above); the kick
+            // signal has a handler that does nothing.
+            unsafe { libc::pthread_kill(*t, crate::vm::kick_signal()) };
+        }
+    }
+}
+
 /// Pauses and resumes a VM's vCPUs; clones share the VM.
 #[derive(Debug, Clone, Default)]
 pub struct VmControl(Arc<(Mutex<Gate>, Condvar)>);
@@ -60,13 +73,7 @@ impl VmControl {
                 if g.parked == g.threads.len() {
                     return Ok(());
                 }
-                // Kicked under the lock: `stopped` takes it before the
-                // threads are joined, so none of these IDs is stale.
-                for t in &g.threads {
-                    // SAFETY: `t` is a live vCPU thread (see above); the
-                    // kick signal has a handler that does nothing.
-                    unsafe { libc::pthread_kill(*t, crate::vm::kick_signal()) };
-                }
+                g.kick();
             }
             if Instant::now() >= deadline {
                 self.resume();
@@ -90,11 +97,7 @@ impl VmControl {
     /// Kicks every vCPU out of KVM_RUN once; false once the VM has stopped.
     pub(crate) fn kick_all(&self) -> bool {
         let g = self.gate();
-        for t in &g.threads {
-            // SAFETY: the threads are live: `stopped` clears them under this
-            // lock before they are joined; the kick handler does nothing.
-            unsafe { libc::pthread_kill(*t, crate::vm::kick_signal()) };
-        }
+        g.kick();
         g.running
     }
 

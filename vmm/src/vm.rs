@@ -231,7 +231,8 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
 
     install_kick_handler()?;
     let control = opts.control.unwrap_or_default();
-    let profile = opts.guest_profile.map(|f| Arc::new(GuestProfile::new(f)));
+    let profile_out = opts.guest_profile;
+    let profile = profile_out.is_some().then(|| Arc::new(GuestProfile::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
@@ -312,8 +313,8 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     mmio.shutdown();
     drop(vm);
     drop(ram);
-    if let Some(p) = profile {
-        p.write()
+    if let (Some(p), Some(out)) = (profile, profile_out) {
+        p.write_to(out)
             .map_err(|e| VmError::Io("writing the guest profile", e))?;
     }
     Ok(reason)
