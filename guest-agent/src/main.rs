@@ -19,6 +19,11 @@ pub const READY_MARKER: &str = "RUNVM_AGENT_READY";
 pub const LISTENING_MARKER: &str = "RUNVM_AGENT_LISTENING";
 
 fn main() -> ExitCode {
+    // As init, the arguments are the kernel command line's words that the
+    // kernel did not take for itself: the guest's, not flags for the agent.
+    if std::process::id() == 1 {
+        return init::run();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--version" || a == "-V") {
         println!(
@@ -56,11 +61,8 @@ fn main() -> ExitCode {
             };
         }
     }
-    if std::process::id() != 1 {
-        eprintln!("runvm-agent: must run as PID 1 inside a runvm guest (try --version)");
-        return ExitCode::from(2);
-    }
-    init::run()
+    eprintln!("runvm-agent: must run as PID 1 inside a runvm guest (try --version)");
+    ExitCode::from(2)
 }
 
 /// Development and test mode: serve host connections on a Unix socket, one

@@ -27,6 +27,9 @@ pub const ANN_ROOTFS_OVERLAY: &str = "io.runvm.rootfs_overlay";
 /// Annotation: `false` keeps guest RAM on 4 KiB pages (no transparent huge
 /// page advice): less memory held per VM, slower first touches.
 pub const ANN_HUGE_PAGES: &str = "io.runvm.huge_pages";
+/// Annotation: extra guest kernel parameters, space-separated (checked by
+/// [`crate::kernel_params::parse`]).
+pub const ANN_KERNEL_PARAMS: &str = "io.runvm.kernel_params";
 
 /// Guest memory without a limit in the spec or an annotation.
 pub const DEFAULT_MEM_MIB: u64 = 256;
@@ -61,6 +64,8 @@ pub struct Plan {
     pub mem_mib: u64,
     /// The kernel the annotations ask for.
     pub kernel: Option<PathBuf>,
+    /// Extra guest kernel parameters (the annotation), after runvm's own.
+    pub kernel_params: Vec<String>,
     /// How long to wait for the agent.
     pub boot_timeout: Duration,
     /// The spec's mounts, mapped onto the VM.
@@ -128,6 +133,10 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
     let network = network_plan(spec)?;
     let rootfs_overlay = flag(&annotations, ANN_ROOTFS_OVERLAY, false)?;
     let huge_pages = flag(&annotations, ANN_HUGE_PAGES, true)?;
+    let kernel_params = match annotations.get(ANN_KERNEL_PARAMS) {
+        Some(v) => crate::kernel_params::parse(ANN_KERNEL_PARAMS, v)?,
+        None => Vec::new(),
+    };
     let mut process = process_spec(process)?;
     process.seccomp = spec
         .linux()
@@ -145,6 +154,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         vcpus,
         mem_mib,
         kernel: annotations.get(ANN_KERNEL).map(PathBuf::from),
+        kernel_params,
         boot_timeout,
         mounts,
         annotations,
@@ -576,6 +586,21 @@ mod tests {
         let e = with("off").unwrap_err();
         assert!(
             format!("{e:#}").contains("io.runvm.huge_pages=\"off\" must be true or false"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn kernel_params_come_from_the_annotation_checked() {
+        let with = |v: &str| with_annotation(ANN_KERNEL_PARAMS, v);
+        assert!(load(bundle(FULL).path()).unwrap().kernel_params.is_empty());
+        assert_eq!(
+            with("mitigations=off nosmt").unwrap().kernel_params,
+            ["mitigations=off", "nosmt"]
+        );
+        let e = with("init=/bin/sh").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("io.runvm.kernel_params: init is set by runvm"),
             "{e:#}"
         );
     }

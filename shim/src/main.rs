@@ -11,6 +11,7 @@ mod exec;
 mod fdpass;
 mod image_cmd;
 mod info;
+mod kernel_params;
 mod lifecycle;
 mod logger;
 mod monitor;

@@ -159,7 +159,7 @@ impl Monitor {
         };
         let (tx, inputs) = mpsc::channel();
         let vm = VmControl::new();
-        start_vm(dir, &plan, nics, tx.clone(), vm.clone())?;
+        start_vm(dir, &record.id, &plan, nics, tx.clone(), vm.clone())?;
         let conn = connect_agent(dir, &plan, &inputs)?;
         logger::debug(&format!("{TIMING} agent connected"));
         let reader = conn
@@ -580,13 +580,54 @@ fn wait_vm_end(inputs: &Receiver<Input>, limit: Duration) -> Option<String> {
     }
 }
 
+/// What runvm tells the agent on the kernel command line (the VMM adds the
+/// console, devices and how the guest ends), then the annotation's words.
+fn guest_cmdline(plan: &Plan) -> String {
+    let mut cmdline = format!("quiet runvm.rootfs={ROOTFS_TAG}");
+    if plan.rootfs_ro {
+        cmdline.push_str(" runvm.rootfs_ro");
+    } else if plan.rootfs_overlay {
+        cmdline.push_str(" runvm.rootfs_overlay");
+    }
+    if let Some(h) = &plan.hostname {
+        cmdline.push_str(&format!(" runvm.hostname={h}"));
+    }
+    for word in &plan.kernel_params {
+        cmdline.push(' ');
+        cmdline.push_str(word);
+    }
+    cmdline
+}
+
+/// Where the guest's boot is sampled when the operator asks for it
+/// (`runvm-vmm --guest-profile`, one file per container in the directory
+/// named by this variable). From the environment, not an annotation: the
+/// file is written with the runtime's privileges, at a path of the host.
+pub const GUEST_PROFILE_ENV: &str = "RUNVM_GUEST_PROFILE";
+
+fn guest_profile_file(id: &str) -> anyhow::Result<Option<File>> {
+    let Some(dir) = std::env::var_os(GUEST_PROFILE_ENV).filter(|d| !d.is_empty()) else {
+        return Ok(None);
+    };
+    let path = Path::new(&dir).join(format!("{id}.profile"));
+    let file = File::create(&path).with_context(|| {
+        format!(
+            "cannot create the guest profile {} ({GUEST_PROFILE_ENV})",
+            path.display()
+        )
+    })?;
+    Ok(Some(file))
+}
+
 fn start_vm(
     dir: &ContainerDir,
+    id: &str,
     plan: &Plan,
     nics: Vec<network::GuestNic>,
     tx: Sender<Input>,
     control: VmControl,
 ) -> anyhow::Result<()> {
+    let guest_profile = guest_profile_file(id)?;
     let kernel = assets::kernel(plan.kernel.as_deref())?;
     // Mapped rather than copied into guest memory when a cache copy (never
     // changed in place) exists; the archives (the cache's and this VM's)
@@ -599,16 +640,8 @@ fn start_vm(
     let own = dir.file(state::INITRAMFS);
     assets::write_vm_archive(&plan.mounts, &own)?;
     logger::debug(&format!("{TIMING} initramfs written"));
-    let mut cmdline = format!("quiet runvm.rootfs={ROOTFS_TAG}");
     let overlay = plan.rootfs_overlay && !plan.rootfs_ro;
-    if plan.rootfs_ro {
-        cmdline.push_str(" runvm.rootfs_ro");
-    } else if overlay {
-        cmdline.push_str(" runvm.rootfs_overlay");
-    }
-    if let Some(h) = &plan.hostname {
-        cmdline.push_str(&format!(" runvm.hostname={h}"));
-    }
+    let cmdline = guest_cmdline(plan);
     let config = VmConfig {
         vcpus: plan.vcpus,
         mem_mib: plan.mem_mib,
@@ -671,7 +704,7 @@ fn start_vm(
                 })),
                 on_timeout: None,
                 control: Some(control),
-                guest_profile: None,
+                guest_profile,
             };
             let why = match vm::run(&kvm, &resources, opts) {
                 Ok(reason) => reason.to_string(),
@@ -908,4 +941,46 @@ fn listen_control(dir: &ContainerDir, tx: Sender<Input>) -> anyhow::Result<()> {
         })
         .context("starting the control listener")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(extra: &str) -> Plan {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        let config = format!(
+            r#"{{"ociVersion": "1.2.0", "root": {{"path": "rootfs"}}, "hostname": "box",
+                "process": {{"args": ["true"], "cwd": "/", "user": {{"uid": 0, "gid": 0}}}}{extra}}}"#
+        );
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        crate::bundle::load(dir.path()).unwrap()
+    }
+
+    #[test]
+    fn the_annotations_kernel_params_follow_runvms_own_words() {
+        let p = plan(r#", "annotations": {"io.runvm.kernel_params": "mitigations=off  nosmt"}"#);
+        assert_eq!(
+            guest_cmdline(&p),
+            "quiet runvm.rootfs=rootfs runvm.hostname=box mitigations=off nosmt"
+        );
+        assert_eq!(
+            guest_cmdline(&plan("")),
+            "quiet runvm.rootfs=rootfs runvm.hostname=box"
+        );
+    }
+
+    #[test]
+    fn an_overlay_on_a_read_only_root_is_not_asked_for() {
+        let p = plan(r#", "annotations": {"io.runvm.rootfs_overlay": "true"}"#);
+        assert!(guest_cmdline(&p).ends_with(" runvm.rootfs_overlay runvm.hostname=box"));
+        let mut ro = p.clone();
+        ro.rootfs_ro = true;
+        let line = guest_cmdline(&ro);
+        assert!(
+            line.contains(" runvm.rootfs_ro ") && !line.contains("overlay"),
+            "{line}"
+        );
+    }
 }

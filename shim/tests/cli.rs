@@ -196,6 +196,17 @@ fn bad_create_requests_fail_cleanly_and_leave_nothing() {
         &[],
         "--preserve-fds",
     );
+    let with_params = CONFIG.replace(
+        r#""root""#,
+        r#""annotations": {"io.runvm.kernel_params": "quiet init=/bin/sh"}, "root""#,
+    );
+    std::fs::write(s.dir.path().join("bundle/config.json"), with_params).unwrap();
+    s.fail(
+        &["create", "c", "--bundle", &b],
+        &[],
+        "annotation io.runvm.kernel_params: init is set by runvm and cannot be changed",
+    );
+    std::fs::write(s.dir.path().join("bundle/config.json"), CONFIG).unwrap();
     std::fs::remove_dir(s.dir.path().join("bundle/rootfs")).unwrap();
     s.fail(&["create", "c", "--bundle", &b], &[], "rootfs");
     std::fs::write(s.dir.path().join("bundle/config.json"), "{").unwrap();
@@ -232,6 +243,16 @@ fn a_kernel_the_monitor_cannot_boot_fails_create_and_leaves_nothing() {
         stderr(&out)
     );
     s.assert_nothing_left();
+}
+
+#[test]
+fn a_guest_profile_directory_that_cannot_be_written_fails_create_and_leaves_nothing() {
+    let s = Setup::new(CONFIG);
+    s.fail(
+        &["create", "c", "--bundle", &s.p("bundle")],
+        &[("RUNVM_GUEST_PROFILE", "/nonexistent/profiles")],
+        "cannot create the guest profile /nonexistent/profiles/c.profile (RUNVM_GUEST_PROFILE)",
+    );
 }
 
 #[test]

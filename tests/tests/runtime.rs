@@ -53,6 +53,15 @@ impl Runtime {
         std::fs::write(self.path("bundle/config.json"), config.to_string()).unwrap();
     }
 
+    /// Changes the bundle's config.json (as written by [`Self::configure`]).
+    fn edit_config(&self, change: impl FnOnce(&mut serde_json::Value)) {
+        let path = self.path("bundle/config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        change(&mut config);
+        std::fs::write(&path, config.to_string()).unwrap();
+    }
+
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(runvm_binary());
         c.arg("--root")
@@ -727,11 +736,7 @@ kvm_test!(
 
 /// Adds `linux.namespaces` to the bundle's config.json.
 fn set_namespaces(rt: &Runtime, namespaces: serde_json::Value) {
-    let path = rt.path("bundle/config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["linux"] = serde_json::json!({ "namespaces": namespaces });
-    std::fs::write(&path, config.to_string()).unwrap();
+    rt.edit_config(|c| c["linux"] = serde_json::json!({ "namespaces": namespaces }));
 }
 
 kvm_test!(
@@ -802,21 +807,19 @@ kvm_test!(
             "grep Seccomp: /proc/self/status; mkdir /tmp/x || echo mkdir-refused; \
              echo ready; while :; do sleep 1; done",
         );
-        let path = rt.path("bundle/config.json");
-        let mut config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         // Allow by default; mkdir refused with EACCES, kill(_, SIGUSR1) with
         // the default EPERM.
-        config["linux"] = serde_json::json!({"seccomp": {
-            "defaultAction": "SCMP_ACT_ALLOW",
-            "architectures": ["SCMP_ARCH_X86_64"],
-            "syscalls": [
-                {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
-                {"names": ["kill"], "action": "SCMP_ACT_ERRNO",
-                 "args": [{"index": 1, "value": 10, "op": "SCMP_CMP_EQ"}]}
-            ]
-        }});
-        std::fs::write(&path, config.to_string()).unwrap();
+        rt.edit_config(|c| {
+            c["linux"] = serde_json::json!({"seccomp": {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "syscalls": [
+                    {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+                    {"names": ["kill"], "action": "SCMP_ACT_ERRNO",
+                     "args": [{"index": 1, "value": 10, "op": "SCMP_CMP_EQ"}]}
+                ]
+            }})
+        });
         rt.detached(
             &["run", "--detach", "sc1", "--bundle", b.to_str().unwrap()],
             Stdio::null(),
@@ -860,11 +863,7 @@ kvm_test!(
              grep ' / overlay ' /proc/mounts | cut -d' ' -f3; cat /created /marker; \
              ls /etc/keep 2>/dev/null || echo keep-gone",
         );
-        let path = rt.path("bundle/config.json");
-        let mut config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        config["annotations"]["io.runvm.rootfs_overlay"] = "true".into();
-        std::fs::write(&path, config.to_string()).unwrap();
+        rt.edit_config(|c| c["annotations"]["io.runvm.rootfs_overlay"] = "true".into());
         let out = rt.ok(&[
             "run",
             "--keep",
@@ -898,14 +897,10 @@ kvm_test!(
         let rt = Runtime::new();
         let b = rt.bundle();
         let b = b.to_str().unwrap();
-        let config_path = rt.path("bundle/config.json");
         for (id, annotation, want) in [("hp1", None, true), ("hp2", Some("false"), false)] {
             rt.configure("sleep 600");
             if let Some(v) = annotation {
-                let mut config: serde_json::Value =
-                    serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-                config["annotations"]["io.runvm.huge_pages"] = v.into();
-                std::fs::write(&config_path, config.to_string()).unwrap();
+                rt.edit_config(|c| c["annotations"]["io.runvm.huge_pages"] = v.into());
             }
             let pid_file = rt.path(&format!("{id}.pid"));
             rt.detached(
@@ -929,6 +924,35 @@ kvm_test!(
             );
             rt.ok(&["delete", "--force", id]);
         }
+        rt.assert_clean();
+    }
+);
+
+kvm_test!(
+    fn the_guest_kernel_mitigates_cpu_flaws_unless_the_kernel_params_turn_it_off() {
+        let rt = Runtime::new();
+        let b = rt.bundle();
+        let b = b.to_str().unwrap();
+        // Spectre v1 concerns every out-of-order x86 CPU, so the kernel
+        // always has something to say about it.
+        let script = "cat /sys/devices/system/cpu/vulnerabilities/spectre_v1; \
+                      grep -o 'mitigations=off' /proc/cmdline || echo default";
+        let mut seen = Vec::new();
+        for (id, params) in [("mit1", None), ("mit2", Some("mitigations=off"))] {
+            rt.configure(script);
+            if let Some(v) = params {
+                rt.edit_config(|c| c["annotations"]["io.runvm.kernel_params"] = v.into());
+            }
+            let out = rt.ok(&["run", id, "--bundle", b]);
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines.len(), 2, "{id}: {out}");
+            seen.push((lines[0].to_owned(), lines[1].to_owned()));
+        }
+        let (on, off) = (&seen[0], &seen[1]);
+        assert!(on.0.starts_with("Mitigation: "), "default: {on:?}");
+        assert_eq!(on.1, "default");
+        assert!(off.0.starts_with("Vulnerable"), "mitigations=off: {off:?}");
+        assert_eq!(off.1, "mitigations=off");
         rt.assert_clean();
     }
 );
