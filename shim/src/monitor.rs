@@ -605,18 +605,43 @@ fn guest_cmdline(plan: &Plan) -> String {
 /// file is written with the runtime's privileges, at a path of the host.
 pub const GUEST_PROFILE_ENV: &str = "RUNVM_GUEST_PROFILE";
 
-fn guest_profile_file(id: &str) -> anyhow::Result<Option<File>> {
-    let Some(dir) = std::env::var_os(GUEST_PROFILE_ENV).filter(|d| !d.is_empty()) else {
-        return Ok(None);
-    };
-    let path = Path::new(&dir).join(format!("{id}.profile"));
-    let file = File::create(&path).with_context(|| {
-        format!(
-            "cannot create the guest profile {} ({GUEST_PROFILE_ENV})",
-            path.display()
-        )
-    })?;
-    Ok(Some(file))
+/// The profile file of a VM about to start; removed again unless the VM
+/// takes it, so a `create` that fails later leaves no empty profile behind.
+struct PendingProfile {
+    file: Option<File>,
+    path: PathBuf,
+}
+
+impl PendingProfile {
+    /// `None` unless [`GUEST_PROFILE_ENV`] names a directory.
+    fn create(id: &str) -> anyhow::Result<Option<Self>> {
+        let Some(dir) = std::env::var_os(GUEST_PROFILE_ENV).filter(|d| !d.is_empty()) else {
+            return Ok(None);
+        };
+        let path = Path::new(&dir).join(format!("{id}.profile"));
+        let file = File::create(&path).with_context(|| {
+            format!(
+                "cannot create the guest profile {} ({GUEST_PROFILE_ENV})",
+                path.display()
+            )
+        })?;
+        Ok(Some(PendingProfile {
+            file: Some(file),
+            path,
+        }))
+    }
+
+    fn take(mut self) -> File {
+        self.file.take().expect("taken once")
+    }
+}
+
+impl Drop for PendingProfile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 fn start_vm(
@@ -627,7 +652,7 @@ fn start_vm(
     tx: Sender<Input>,
     control: VmControl,
 ) -> anyhow::Result<()> {
-    let guest_profile = guest_profile_file(id)?;
+    let profile = PendingProfile::create(id)?;
     let kernel = assets::kernel(plan.kernel.as_deref())?;
     // Mapped rather than copied into guest memory when a cache copy (never
     // changed in place) exists; the archives (the cache's and this VM's)
@@ -684,6 +709,7 @@ fn start_vm(
     let console_path = dir.file(state::CONSOLE_LOG);
     let console = File::create(&console_path)
         .with_context(|| format!("cannot create {}", console_path.display()))?;
+    let guest_profile = profile.map(PendingProfile::take);
     vmm::threads::named("vmm")
         .spawn(move || {
             let opts = RunOptions {

@@ -234,8 +234,15 @@ fn terminal_mode_needs_a_console_socket() {
 fn a_kernel_the_monitor_cannot_boot_fails_create_and_leaves_nothing() {
     // Past every check `create` makes itself: the monitor starts and fails,
     // and `create` reports its error and removes the state.
+    // With a guest profile asked for, whose file goes again with the VM
+    // that never ran.
     let s = Setup::new(CONFIG);
-    let out = s.runvm(&["create", "c", "--bundle", &s.p("bundle")]);
+    let profiles = s.p("profiles");
+    std::fs::create_dir(&profiles).unwrap();
+    let out = s.runvm_env(
+        &["create", "c", "--bundle", &s.p("bundle")],
+        &[("RUNVM_GUEST_PROFILE", &profiles)],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).starts_with("runvm: error: "),
@@ -243,6 +250,8 @@ fn a_kernel_the_monitor_cannot_boot_fails_create_and_leaves_nothing() {
         stderr(&out)
     );
     s.assert_nothing_left();
+    let left: Vec<_> = std::fs::read_dir(&profiles).unwrap().flatten().collect();
+    assert!(left.is_empty(), "profiles left: {left:?}");
 }
 
 #[test]
