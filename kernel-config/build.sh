@@ -14,10 +14,11 @@ default_source=/usr/src/linux-source-6.12.tar.xz
 source_path=""
 cache_dir="${RUNVM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runvm}/kernel"
 jobs=$(nproc)
+print_key=0
 
 usage() {
     cat <<EOF
-usage: $(basename "$0") [--source TARBALL|DIR] [--cache-dir DIR] [--jobs N]
+usage: $(basename "$0") [--source TARBALL|DIR] [--cache-dir DIR] [--jobs N] [--print-key]
 
 Builds the runvm guest kernel and prints, alone on stdout, the directory holding
 vmlinux, bzImage, the final config and build-info. Progress goes to stderr.
@@ -27,6 +28,8 @@ vmlinux, bzImage, the final config and build-info. Progress goes to stderr.
                     linux-source-6.12 package when missing)
   --cache-dir DIR   where built kernels are kept (default: $cache_dir)
   --jobs N          parallel make jobs (default: $jobs)
+  --print-key       print the cache key of this source and these fragments
+                    and stop (nothing is built)
 EOF
 }
 
@@ -38,6 +41,7 @@ while [ $# -gt 0 ]; do
         --source) [ $# -ge 2 ] || die "--source needs a path"; source_path=$2; shift 2 ;;
         --cache-dir) [ $# -ge 2 ] || die "--cache-dir needs a path"; cache_dir=$2; shift 2 ;;
         --jobs) [ $# -ge 2 ] || die "--jobs needs a number"; jobs=$2; shift 2 ;;
+        --print-key) print_key=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option '$1'" ;;
     esac
@@ -77,7 +81,20 @@ fi
 shopt -s nullglob
 fragments=("$fragments_dir"/*.conf)
 [ ${#fragments[@]} -gt 0 ] || die "no fragments in $fragments_dir"
-key=$( { echo "recipe $recipe"; echo "$src_id"; cat "${fragments[@]}"; } | sha256sum | cut -c1-16)
+# Only what merge_config.sh reads counts (the option lines, in fragment
+# order): a fragment's comments explain a choice and never force a rebuild.
+key=$( {
+    echo "recipe $recipe"
+    echo "$src_id"
+    for f in "${fragments[@]}"; do
+        echo "== $(basename "$f")"
+        grep -E '^(CONFIG_|# CONFIG_[A-Za-z0-9_]+ is not set$)' "$f" || true
+    done
+} | sha256sum | cut -c1-16)
+if [ "$print_key" = 1 ]; then
+    echo "$key"
+    exit 0
+fi
 out="$cache_dir/$key"
 
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ] && [ -f "$out/config" ]; then

@@ -74,7 +74,72 @@ fn fragments_ask_for_what_the_guest_needs() {
         "CONFIG_IPV6=y",
         "CONFIG_NF_TABLES=y",
         "# CONFIG_MODULES is not set",
+        "CONFIG_CPU_MITIGATIONS=y",
+        "CONFIG_STACKPROTECTOR_STRONG=y",
+        "CONFIG_BPF_JIT=y",
     ] {
         assert!(all.lines().any(|l| l == opt), "no fragment asks for {opt}");
+    }
+}
+
+/// The cache key of `kernel-config/` copied to a scratch directory, built
+/// from a stand-in kernel source tree (only its version is read).
+fn kernel_key(tree: &std::path::Path, source: &std::path::Path) -> String {
+    let out = Command::new(tree.join("kernel-config/build.sh"))
+        .args(["--source", source.to_str().unwrap(), "--print-key"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(key.len(), 16, "{key:?}");
+    key
+}
+
+#[test]
+fn the_kernel_cache_key_follows_options_not_comments() {
+    let tree = tempfile::tempdir().unwrap();
+    let root = repo_root();
+    for dir in ["kernel-config/fragments", "scripts"] {
+        std::fs::create_dir_all(tree.path().join(dir)).unwrap();
+    }
+    for file in ["kernel-config/build.sh", "scripts/apt-install.sh"] {
+        std::fs::copy(root.join(file), tree.path().join(file)).unwrap();
+    }
+    for e in std::fs::read_dir(root.join("kernel-config/fragments")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(
+            e.path(),
+            tree.path()
+                .join("kernel-config/fragments")
+                .join(e.file_name()),
+        )
+        .unwrap();
+    }
+    let source = tempfile::tempdir().unwrap();
+    std::fs::write(
+        source.path().join("Makefile"),
+        "kernelversion:\n\t@echo 6.12.0\n",
+    )
+    .unwrap();
+    let fragment = tree
+        .path()
+        .join("kernel-config/fragments/15-hardening.conf");
+    let original = std::fs::read_to_string(&fragment).unwrap();
+    let key = kernel_key(tree.path(), source.path());
+
+    std::fs::write(&fragment, format!("# a new comment\n\n{original}")).unwrap();
+    assert_eq!(kernel_key(tree.path(), source.path()), key);
+
+    for changed in [
+        original.replace("CONFIG_BPF_JIT=y", "# CONFIG_BPF_JIT is not set"),
+        original.replace("# CONFIG_MITIGATION_CALL_DEPTH_TRACKING is not set\n", ""),
+        format!("{original}CONFIG_KFENCE=y\n"),
+    ] {
+        std::fs::write(&fragment, changed).unwrap();
+        assert_ne!(kernel_key(tree.path(), source.path()), key);
     }
 }
