@@ -76,6 +76,14 @@ pub struct Plan {
     pub network: NetworkPlan,
 }
 
+impl Plan {
+    /// Whether the guest mounts a writable overlay over a read-only share:
+    /// asked for, and the root is not read-only anyway.
+    pub fn overlay(&self) -> bool {
+        self.rootfs_overlay && !self.rootfs_ro
+    }
+}
+
 /// The spec's network namespace, as the VM sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetworkPlan {

@@ -586,7 +586,7 @@ fn guest_cmdline(plan: &Plan) -> String {
     let mut cmdline = format!("quiet runvm.rootfs={ROOTFS_TAG}");
     if plan.rootfs_ro {
         cmdline.push_str(" runvm.rootfs_ro");
-    } else if plan.rootfs_overlay {
+    } else if plan.overlay() {
         cmdline.push_str(" runvm.rootfs_overlay");
     }
     if let Some(h) = &plan.hostname {
@@ -665,7 +665,6 @@ fn start_vm(
     let own = dir.file(state::INITRAMFS);
     assets::write_vm_archive(&plan.mounts, &own)?;
     logger::debug(&format!("{TIMING} initramfs written"));
-    let overlay = plan.rootfs_overlay && !plan.rootfs_ro;
     let cmdline = guest_cmdline(plan);
     let config = VmConfig {
         vcpus: plan.vcpus,
@@ -683,7 +682,7 @@ fn start_vm(
         fs: std::iter::once(FsConfig {
             tag: ROOTFS_TAG.into(),
             path: plan.rootfs.clone(),
-            read_only: plan.rootfs_ro || overlay,
+            read_only: plan.rootfs_ro || plan.overlay(),
             cache: Default::default(),
         })
         .chain(plan.mounts.shares.iter().map(|s| FsConfig {

@@ -231,8 +231,10 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
 
     install_kick_handler()?;
     let control = opts.control.unwrap_or_default();
-    let profile_out = opts.guest_profile;
-    let profile = profile_out.is_some().then(|| Arc::new(GuestProfile::new()));
+    // The samples, shared with the vCPU threads, and the file they go to.
+    let profile = opts
+        .guest_profile
+        .map(|out| (Arc::new(GuestProfile::new()), out));
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
@@ -242,7 +244,7 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
             exit.clone(),
             stop.clone(),
             control.clone(),
-            profile.clone(),
+            profile.as_ref().map(|(p, _)| p.clone()),
         );
         let spawned = crate::threads::named(format!("vcpu{index}")).spawn(move || {
             let worker = VcpuLoop {
@@ -268,7 +270,7 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
         }
     }
     control.started(threads.iter().map(|t| t.as_pthread_t()).collect());
-    let kicker = match profile {
+    let kicker = match &profile {
         Some(_) => match GuestProfile::start_kicking(control.clone()) {
             Ok(k) => Some(k),
             Err(e) => {
@@ -313,7 +315,7 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     mmio.shutdown();
     drop(vm);
     drop(ram);
-    if let (Some(p), Some(out)) = (profile, profile_out) {
+    if let Some((p, out)) = profile {
         p.write_to(out)
             .map_err(|e| VmError::Io("writing the guest profile", e))?;
     }
