@@ -1,5 +1,5 @@
 //! What a new process does between fork and exec: join the container's
-//! mount namespace, set limits, umask, groups, user, capabilities and
+//! cgroup and its cgroup and mount namespaces, set limits, umask, groups, user, capabilities and
 //! no_new_privs. Everything is worked out in the parent ([`ChildSetup::new`],
 //! where bad input becomes an error reply); the child only makes system
 //! calls, since it is a fork of a multi-threaded process and must not
@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use runvm_protocol::{Capabilities, ProcessSpec};
 
+use crate::cgroup::ContainerCgroup;
 use crate::mount_ns::MountNs;
 
 /// Capability masks as the kernel takes them (bit n = capability n).
@@ -100,6 +101,9 @@ fn rlimit_resource(name: &str) -> io::Result<libc::__rlimit_resource_t> {
 /// Everything the child applies, prepared in the parent.
 #[derive(Debug)]
 pub struct ChildSetup {
+    /// The container cgroup's `cgroup.procs`.
+    cgroup_procs: Option<RawFd>,
+    cgroup_ns: Option<RawFd>,
     mount_ns: Option<RawFd>,
     cwd: CString,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
@@ -140,8 +144,13 @@ struct CapData {
 const CAP_VERSION_3: u32 = 0x2008_0522;
 
 impl ChildSetup {
-    /// Checks and converts `spec`; `root` is the container's mount namespace.
-    pub fn new(root: Option<&MountNs>, spec: &ProcessSpec) -> io::Result<Self> {
+    /// Checks and converts `spec`; `root` is the container's mount
+    /// namespace, `cgroup` the container's cgroup.
+    pub fn new(
+        root: Option<&MountNs>,
+        cgroup: Option<&ContainerCgroup>,
+        spec: &ProcessSpec,
+    ) -> io::Result<Self> {
         use std::os::fd::AsRawFd;
         let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
         let mut rlimits = Vec::with_capacity(spec.rlimits.len());
@@ -174,6 +183,8 @@ impl ChildSetup {
             .map(|c| CapMasks::from_spec(c, last_cap))
             .transpose()?;
         Ok(ChildSetup {
+            cgroup_procs: cgroup.map(ContainerCgroup::procs_fd),
+            cgroup_ns: root.and_then(|ns| ns.cgroup_ns().map(|fd| fd.as_raw_fd())),
             mount_ns: root.map(|ns| ns.fd().as_raw_fd()),
             cwd: CString::new(spec.cwd.as_str())
                 .map_err(|_| invalid("NUL byte in the working directory".into()))?,
@@ -194,6 +205,20 @@ impl ChildSetup {
 
     /// Runs in the child between fork and exec: system calls only.
     pub fn apply(&self) -> io::Result<()> {
+        // Joined first, while the process is still root and before its
+        // cgroup namespace hides the root cgroup it moves out of.
+        if let Some(fd) = self.cgroup_procs {
+            // SAFETY: writes one byte from a static buffer to a descriptor
+            // the agent keeps open; "0" moves the writing process.
+            let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+            if n != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(fd) = self.cgroup_ns {
+            // SAFETY: the descriptor stays open in the agent (see mount_ns).
+            os_err(unsafe { libc::setns(fd, libc::CLONE_NEWCGROUP) })?;
+        }
         // SAFETY: setsid has no memory effects; failure (already a leader)
         // is harmless.
         unsafe { libc::setsid() };
@@ -335,7 +360,7 @@ mod tests {
                 ..Default::default()
             };
             f(&mut s);
-            ChildSetup::new(None, &s)
+            ChildSetup::new(None, None, &s)
         };
         let rl = |kind: &str, soft, hard| runvm_protocol::Rlimit {
             kind: kind.into(),

@@ -314,6 +314,19 @@ fn serve(params: &BootParams, started_ms: f64) -> Result<(), String> {
     let reaper = crate::Reaper::start().map_err(|e| format!("reaper: {e}"))?;
     let listener = crate::vsock::listen_port(runvm_protocol::AGENT_VSOCK_PORT)
         .map_err(|e| format!("vsock listen: {e}"))?;
+    // Made before the mount namespace, whose holder roots the container's
+    // cgroup namespace in it. A guest kernel without cgroup v2 (a custom
+    // one) runs containers without limits; a spec that asks for some is
+    // then refused when the host sets them.
+    let cgroup = match runvm_agent::cgroup::ContainerCgroup::create(std::path::Path::new(
+        runvm_agent::cgroup::HIERARCHY,
+    )) {
+        Ok(cg) => Some(cg),
+        Err(e) => {
+            eprintln!("runvm-agent: no container cgroup: {e}");
+            None
+        }
+    };
     let rootfs = params
         .rootfs_tag
         .as_ref()
@@ -330,9 +343,12 @@ fn serve(params: &BootParams, started_ms: f64) -> Result<(), String> {
         .map_err(|e| format!("network control socket: {e}"))?;
     let figures =
         runvm_agent::figures::BootFigures::new(started_ms, runvm_agent::figures::boottime_ms());
-    let agent = crate::Agent::new(reaper, rootfs, Box::new(|| power_off()))
+    let mut agent = crate::Agent::new(reaper, rootfs, Box::new(|| power_off()))
         .with_network(Box::new(net))
         .with_boot_figures(figures);
+    if let Some(cg) = cgroup {
+        agent = agent.with_cgroup(cg);
+    }
     println!(
         "{LISTENING_MARKER} port={}",
         runvm_protocol::AGENT_VSOCK_PORT

@@ -2,6 +2,7 @@
 //! the host<->agent protocol over any byte stream (vsock in the guest, a
 //! Unix socket in tests), and [`reaper::Reaper`] collects exit statuses.
 
+pub mod cgroup;
 pub mod child_setup;
 pub mod entropy;
 pub mod figures;

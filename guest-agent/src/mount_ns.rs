@@ -18,6 +18,9 @@ use crate::mount_sys::{Linux, MountSys};
 #[derive(Debug)]
 pub struct MountNs {
     fd: OwnedFd,
+    /// The holder's cgroup namespace (rooted at the container's cgroup),
+    /// when there is a container cgroup.
+    cgroup_ns: Option<OwnedFd>,
     _holder: Child,
     // The holder exits when this closes (the agent went away).
     _keepalive: Option<ChildStdin>,
@@ -42,8 +45,16 @@ impl MountNs {
             return Err(io::Error::other("the mount namespace holder failed"));
         }
         let fd = std::fs::File::open(format!("/proc/{}/ns/mnt", holder.id()))?;
+        let own_cgroup_ns = std::fs::read_link("/proc/self/ns/cgroup").ok();
+        let cgroup_ns = match std::fs::read_link(format!("/proc/{}/ns/cgroup", holder.id())) {
+            Ok(ns) if Some(&ns) != own_cgroup_ns.as_ref() => {
+                Some(std::fs::File::open(format!("/proc/{}/ns/cgroup", holder.id()))?.into())
+            }
+            _ => None,
+        };
         Ok(MountNs {
             fd: fd.into(),
+            cgroup_ns,
             _keepalive: holder.stdin.take(),
             _holder: holder,
         })
@@ -52,6 +63,11 @@ impl MountNs {
     /// The namespace, for setns.
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
+    }
+
+    /// The container's cgroup namespace, for setns.
+    pub fn cgroup_ns(&self) -> Option<&OwnedFd> {
+        self.cgroup_ns.as_ref()
     }
 
     /// Whether process `pid` lives in this namespace (the holder aside).
@@ -69,8 +85,14 @@ impl MountNs {
 }
 
 /// `--hold-mount-ns ROOTFS [MOUNTS]`: sets up the namespace, says `ready`,
-/// and waits until its stdin closes.
+/// and waits until its stdin closes. Where the container has a cgroup, the
+/// holder first enters a cgroup namespace rooted there, so a `cgroup2`
+/// mount in `MOUNTS` shows the container its own cgroup.
 pub fn hold(rootfs: &Path, mounts: &[GuestMount]) -> Result<(), String> {
+    let cgroup = Path::new(crate::cgroup::HIERARCHY).join(crate::cgroup::CONTAINER);
+    if cgroup.is_dir() {
+        crate::cgroup::enter_namespace_at(&cgroup)?;
+    }
     setup(&mut Linux::new(), rootfs, mounts)?;
     println!("ready");
     let mut sink = String::new();

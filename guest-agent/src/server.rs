@@ -26,6 +26,7 @@ use runvm_protocol::{
     Request, Response, StreamChunk, StreamId,
 };
 
+use crate::cgroup::ContainerCgroup;
 use crate::child_setup::ChildSetup;
 use crate::mount_ns::MountNs;
 use crate::network::NetSys;
@@ -111,6 +112,7 @@ pub struct Agent {
     on_shutdown: ShutdownHook,
     network: Option<Box<dyn NetSys + Send + Sync>>,
     figures: Option<crate::figures::BootFigures>,
+    cgroup: Option<ContainerCgroup>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -133,6 +135,7 @@ impl Agent {
             on_shutdown,
             network: None,
             figures: None,
+            cgroup: None,
         }
     }
 
@@ -140,6 +143,13 @@ impl Agent {
     /// from the agent's own start and what the agent occupies.
     pub fn with_boot_figures(mut self, f: crate::figures::BootFigures) -> Self {
         self.figures = Some(f);
+        self
+    }
+
+    /// Puts every process in `cgroup` and lets the host set its limits
+    /// (only the agent as the guest's init has one).
+    pub fn with_cgroup(mut self, cgroup: ContainerCgroup) -> Self {
+        self.cgroup = Some(cgroup);
         self
     }
 
@@ -249,6 +259,13 @@ impl Agent {
                     Err(e) => error(format!("reading /proc: {e}")),
                 }
             }
+            Op::UpdateResources { resources } => match &self.cgroup {
+                None => error("resource limits need the agent running as the guest's init"),
+                Some(cg) => match cg.apply(&resources) {
+                    Ok(()) => Outcome::Ok { pid: None },
+                    Err(e) => error(format!("cgroup: {e}")),
+                },
+            },
             Op::ConfigureNetwork { network } => match &self.network {
                 None => error("network configuration needs the agent running as the guest's init"),
                 Some(net) => match crate::network::configure(&network, net.as_ref()) {
@@ -359,7 +376,7 @@ impl Agent {
                 cmd.env(k, v);
             }
         }
-        let setup = ChildSetup::new(self.rootfs.as_ref(), spec)?;
+        let setup = ChildSetup::new(self.rootfs.as_ref(), self.cgroup.as_ref(), spec)?;
         // SAFETY: the hook only makes async-signal-safe system calls on
         // data prepared before the fork (see child_setup).
         unsafe { cmd.pre_exec(move || setup.apply()) };

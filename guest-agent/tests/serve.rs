@@ -553,6 +553,23 @@ fn network_configuration_is_refused_outside_the_guest() {
 }
 
 #[test]
+fn resource_limits_are_refused_without_a_container_cgroup() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    let Outcome::Error { message } = c.call(Op::UpdateResources {
+        resources: runvm_protocol::Resources {
+            pids_max: Some(10),
+            ..Default::default()
+        },
+    }) else {
+        panic!("a host-side agent claimed to set limits")
+    };
+    assert!(message.contains("guest's init"), "{message}");
+    // Processes still start (in the agent's own cgroup).
+    assert_eq!(c.run(1, sh("exit 3")), 3);
+}
+
+#[test]
 fn a_terminal_session_runs_interactively_and_follows_resizes() {
     let a = agent();
     let mut c = Client::connect(&a);

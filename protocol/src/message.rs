@@ -269,6 +269,12 @@ pub enum Op {
     ListProcesses,
     /// The guest's CPU and memory use.
     Stats,
+    /// Set limits on the container's cgroup in the guest (its processes
+    /// and every exec share it); fields left out keep their value.
+    UpdateResources {
+        /// The new limits.
+        resources: Resources,
+    },
     /// Check the agent is alive.
     Ping,
     /// Sync the guest's filesystems and end the VM (processes are killed).
@@ -359,6 +365,48 @@ pub struct GuestProcess {
     pub state: String,
     /// Command line (the command name in brackets when it has none).
     pub cmd: String,
+}
+
+/// Limits on the container's processes, as the guest's cgroup v2 takes
+/// them. `None` leaves a limit as it is; a negative limit removes it
+/// (`max`), as -1 does in the OCI spec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// `memory.max`, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<i64>,
+    /// `memory.low` (the OCI spec's reservation), in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_low: Option<i64>,
+    /// `cpu.max`: the quota per period, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max: Option<CpuMax>,
+    /// `cpu.weight`, 1 to 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u64>,
+    /// `pids.max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<i64>,
+}
+
+impl Resources {
+    /// Whether it sets nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == Resources::default()
+    }
+}
+
+/// A CPU bandwidth limit: `quota` microseconds in every `period` (a quota
+/// of 0 or less: no limit), as runc writes `cpu.max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuMax {
+    /// Microseconds of CPU time per period, over all CPUs.
+    pub quota: i64,
+    /// The period, in microseconds; `None` keeps the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<u64>,
 }
 
 /// The guest's resource use (the guest is the container's sandbox, so its
@@ -479,6 +527,32 @@ pub fn encode_json<T: Serialize>(kind: FrameKind, msg: &T) -> Result<Vec<u8>, Me
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_updates_carry_only_what_they_change() {
+        let req = Request {
+            seq: 3,
+            op: Op::UpdateResources {
+                resources: Resources {
+                    cpu_max: Some(CpuMax {
+                        quota: 50_000,
+                        period: None,
+                    }),
+                    pids_max: Some(-1),
+                    ..Default::default()
+                },
+            },
+        };
+        let json = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            json,
+            r#"{"seq":3,"op":"update_resources","resources":{"cpu_max":{"quota":50000},"pids_max":-1}}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
+        assert!(Resources::default().is_empty());
+        let unknown = r#"{"seq":3,"op":"update_resources","resources":{"swap":1}}"#;
+        assert!(serde_json::from_str::<Request>(unknown).is_err());
+    }
 
     #[test]
     fn golden_json_pins_the_message_format() {

@@ -74,6 +74,10 @@ pub struct Plan {
     pub annotations: BTreeMap<String, String>,
     /// Where the guest's network comes from.
     pub network: NetworkPlan,
+    /// `linux.resources` as limits on the container's cgroup in the guest.
+    pub limits: runvm_protocol::Resources,
+    /// `linux.resources` settings with no meaning in a VM (for a log line).
+    pub ignored_limits: Vec<&'static str>,
 }
 
 impl Plan {
@@ -152,6 +156,12 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         .and_then(|l| l.seccomp().as_ref())
         .map(seccomp)
         .transpose()?;
+    let (limits, ignored_limits) = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .map(crate::limits::from_oci)
+        .unwrap_or_default();
     Ok(Plan {
         rootfs,
         rootfs_ro: root.readonly().unwrap_or(false),
@@ -167,6 +177,8 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         mounts,
         annotations,
         network,
+        limits,
+        ignored_limits,
     })
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
-use runvm_protocol::{GuestProcess, GuestStats, ProcessSpec};
+use runvm_protocol::{GuestProcess, GuestStats, ProcessSpec, Resources};
 use serde::{Deserialize, Serialize};
 
 /// What a `runvm` command asks the monitor.
@@ -30,6 +30,11 @@ pub enum Request {
     Ps,
     /// The container's resource use.
     Stats,
+    /// New limits for the container's cgroup.
+    Update {
+        /// The limits to change.
+        resources: Resources,
+    },
     /// Stop the VM's vCPUs.
     Pause,
     /// Let them run again.

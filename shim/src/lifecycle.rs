@@ -283,6 +283,29 @@ pub fn resume(g: &Globals, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `runvm update`: new limits for the container's cgroup in the guest.
+pub fn update(g: &Globals, id: &str, opts: &crate::limits::UpdateOpts) -> anyhow::Result<()> {
+    let (resources, ignored) = opts.resources(std::io::stdin())?;
+    for what in ignored {
+        logger::debug(&format!("update: ignoring {what}"));
+    }
+    let dir = Root::new(&g.root).open(id)?;
+    match dir.load_live()?.status {
+        Status::Created | Status::Running => {}
+        Status::Paused => bail!("container {id} is paused: resume it to update its limits"),
+        s => bail!("container {id} is not running (state {s})"),
+    }
+    if resources.is_empty() {
+        return Ok(());
+    }
+    control::call(
+        &dir.file(state::CONTROL_SOCKET),
+        &Request::Update { resources },
+        CONTROL_TIMEOUT,
+    )?;
+    Ok(())
+}
+
 /// Asks a live container's monitor for `req` (`ps`, `stats`).
 pub fn query(g: &Globals, id: &str, req: &Request) -> anyhow::Result<control::Reply> {
     let dir = Root::new(&g.root).open(id)?;

@@ -13,6 +13,7 @@ mod image_cmd;
 mod info;
 mod kernel_params;
 mod lifecycle;
+mod limits;
 mod logger;
 mod monitor;
 mod mounts;
@@ -195,6 +196,13 @@ enum Cmd {
         /// Container ID.
         id: String,
     },
+    /// Change a container's resource limits (its cgroup in the guest).
+    Update {
+        #[command(flatten)]
+        opts: limits::UpdateOpts,
+        /// Container ID.
+        id: String,
+    },
     /// Pause a container: its VM's vCPUs stop.
     Pause {
         /// Container ID.
@@ -373,6 +381,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             id,
         } => report::events(&g, &id, stats, interval, std::io::stdout())?,
         Cmd::Resume { id } => lifecycle::resume(&g, &id)?,
+        Cmd::Update { opts, id } => lifecycle::update(&g, &id, &opts)?,
         Cmd::List { format, quiet } => stdout::print(&info::list(&g.root, &format, quiet)?)?,
         Cmd::Spec { bundle } => info::spec(&bundle)?,
         Cmd::Features => stdout::print(&info::features()?)?,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use runvm_protocol::client::{connect_vsock, Notice};
 use runvm_protocol::mux::MuxClient;
-use runvm_protocol::{Event, Op, Outcome, ProcessSpec, Seccomp, AGENT_VSOCK_PORT};
+use runvm_protocol::{Event, Op, Outcome, ProcessSpec, Resources, Seccomp, AGENT_VSOCK_PORT};
 use vmm::config::{FsConfig, NetConfig, TapSource, VmConfig, VsockConfig};
 use vmm::pause::VmControl;
 use vmm::resources::VmResources;
@@ -124,6 +124,8 @@ struct Monitor {
     /// a guest that stops answering fails that request instead of freezing
     /// the monitor, so kill, state and delete keep working.
     answer_limit: Duration,
+    /// vCPUs and MiB the VM was booted with: the most an update may grant.
+    vm_shape: (u32, u64),
 }
 
 impl Monitor {
@@ -183,6 +185,13 @@ impl Monitor {
             }
             logger::debug(&format!("{TIMING} guest network configured"));
         }
+        for what in &plan.ignored_limits {
+            logger::debug(&format!("linux.resources: ignoring {what}"));
+        }
+        if !plan.limits.is_empty() {
+            set_limits(&agent, plan.limits, plan.boot_timeout)?;
+            logger::debug(&format!("{TIMING} cgroup limits set"));
+        }
         match agent.call_within(
             Op::Create {
                 handle: INIT,
@@ -226,6 +235,7 @@ impl Monitor {
                 seccomp: plan.process.seccomp.clone(),
                 stand_ins: StandIns::default(),
                 answer_limit: plan.boot_timeout,
+                vm_shape: (plan.vcpus, plan.mem_mib),
             },
             inputs,
         ))
@@ -351,6 +361,15 @@ impl Monitor {
                         return Ok(Some(status));
                     }
                 }
+                Ok(None)
+            }
+            Request::Update { resources } => {
+                if self.paused.is_some() {
+                    bail!("container {} is paused", self.record.id);
+                }
+                let (vcpus, mem_mib) = self.vm_shape;
+                crate::limits::check_fits(resources, vcpus, mem_mib)?;
+                set_limits(&self.agent, *resources, self.answer_limit)?;
                 Ok(None)
             }
             Request::Exec { .. } => bail!("exec requests come with their stdio"),
@@ -902,6 +921,19 @@ fn forward_exec_signals(
     Ok(())
 }
 
+/// Sets the container cgroup's limits in the guest.
+fn set_limits(
+    agent: &MuxClient<UnixStream>,
+    limits: Resources,
+    within: Duration,
+) -> anyhow::Result<()> {
+    match agent.call_within(Op::UpdateResources { resources: limits }, within)? {
+        Outcome::Ok { .. } => Ok(()),
+        Outcome::Error { message } => bail!("the guest agent could not set the limits: {message}"),
+        other => bail!("unexpected answer from the guest agent: {other:?}"),
+    }
+}
+
 /// A request's name for the debug log (an exec's spec may hold secrets).
 fn request_name(req: &Request) -> &'static str {
     match req {
@@ -909,6 +941,7 @@ fn request_name(req: &Request) -> &'static str {
         Request::Kill { .. } => "kill",
         Request::Ps => "ps",
         Request::Stats => "stats",
+        Request::Update { .. } => "update",
         Request::Pause => "pause",
         Request::Resume => "resume",
         Request::Exec { .. } => "exec",

@@ -49,12 +49,11 @@ const GUEST_PROVIDED: &[&str] = &[
     "/dev/shm",
     "/dev/mqueue",
     "/sys",
-    "/sys/fs/cgroup",
     "/tmp",
 ];
 
 /// Filesystems the guest kernel mounts itself (no host source).
-const GUEST_FILESYSTEMS: &[&str] = &["tmpfs", "proc", "sysfs", "mqueue", "devpts", "cgroup2"];
+const GUEST_FILESYSTEMS: &[&str] = &["tmpfs", "proc", "sysfs", "mqueue", "devpts"];
 
 /// Options that are mount flags (the agent maps them); the rest is data.
 const FLAG_OPTIONS: &[&str] = &[
@@ -162,6 +161,18 @@ pub fn plan(bundle: &Path, mounts: &[Mount]) -> anyhow::Result<MountPlan> {
                 flags,
                 data: String::new(),
             });
+        } else if fstype == "cgroup" || fstype == "cgroup2" {
+            // The guest has only cgroup v2; mounted from the container's
+            // cgroup namespace, it shows the container its own cgroup and
+            // limits, as runc's does. v1 options (controller names) have
+            // no meaning there.
+            plan.mounts.push(GuestMount {
+                destination: dest.to_owned(),
+                source: "cgroup2".into(),
+                fstype: "cgroup2".into(),
+                flags,
+                data: String::new(),
+            });
         } else if GUEST_FILESYSTEMS.contains(&fstype.as_str()) {
             plan.mounts.push(GuestMount {
                 destination: dest.to_owned(),
@@ -213,6 +224,9 @@ mod tests {
                 r#"{"destination":"/scratch","type":"tmpfs","source":"tmpfs","options":["nosuid","size=1m","mode=1777"]}"#,
             ),
             mount(r#"{"destination":"/disk","type":"ext4","source":"/dev/sda1"}"#),
+            mount(
+                r#"{"destination":"/sys/fs/cgroup","type":"cgroup","source":"cgroup","options":["nosuid","noexec","nodev","relatime","ro"]}"#,
+            ),
         ];
         let p = plan(dir.path(), &mounts).unwrap();
         assert_eq!(
@@ -231,7 +245,10 @@ mod tests {
             ]
         );
         let dests: Vec<&str> = p.mounts.iter().map(|m| m.destination.as_str()).collect();
-        assert_eq!(dests, ["/data", "/ro", "/etc/hosts", "/scratch"]);
+        assert_eq!(
+            dests,
+            ["/data", "/ro", "/etc/hosts", "/scratch", "/sys/fs/cgroup"]
+        );
         assert_eq!(p.mounts[1].flags, ["ro", "nosuid"]);
         assert_eq!(
             (p.mounts[2].fstype.as_str(), p.mounts[2].source.as_str()),
@@ -240,6 +257,16 @@ mod tests {
         assert_eq!(p.files, [dir.path().join("hosts")]);
         assert_eq!(p.mounts[3].fstype, "tmpfs");
         assert_eq!(p.mounts[3].data, "size=1m,mode=1777");
+        let cgroup = &p.mounts[4];
+        assert_eq!(
+            (cgroup.fstype.as_str(), cgroup.source.as_str()),
+            ("cgroup2", "cgroup2")
+        );
+        assert_eq!(
+            cgroup.flags,
+            ["nosuid", "noexec", "nodev", "relatime", "ro"]
+        );
+        assert_eq!(cgroup.data, "");
         assert_eq!(p.unsupported.len(), 2, "{:?}", p.unsupported);
         assert!(p.unsupported[0].contains("does not exist"));
         assert!(p.unsupported[1].contains("ext4"));

@@ -278,9 +278,20 @@ fn commands_on_unknown_containers_fail() {
         &["events", "--stats", "ghost"],
         &["pause", "ghost"],
         &["resume", "ghost"],
+        &["update", "--pids-limit", "5", "ghost"],
+        &["update", "ghost"],
     ] {
         s.fail(cmd, &[], "container \"ghost\" does not exist");
     }
+    // A bad option value is a usage error, as clap reports them (status 2).
+    let out = s.runvm(&["update", "--memory", "lots", "ghost"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("\"lots\" is not a size in bytes"));
+    s.fail(
+        &["update", "--resources", "/nonexistent/r.json", "ghost"],
+        &[],
+        "cannot read resources file /nonexistent/r.json",
+    );
     s.fail(
         &["exec", "--preserve-fds", "1", "ghost", "true"],
         &[],
@@ -345,6 +356,7 @@ fn a_container_whose_monitor_died_is_stopped_and_can_be_deleted() {
         &["pause", "c1"],
         &["ps", "c1"],
         &["events", "--stats", "c1"],
+        &["update", "--pids-limit", "5", "c1"],
     ] {
         let out = s.runvm(cmd);
         assert!(!out.status.success());

@@ -129,6 +129,24 @@ impl Runtime {
         std::fs::read_to_string(&pid_file).unwrap().parse().unwrap()
     }
 
+    /// `runvm run --detach` of the bundle, output to the file `stdout`;
+    /// returns the monitor's PID from the pid file.
+    fn run_detached(&self, id: &str) -> i32 {
+        let pid_file = self.path("init.pid");
+        let bundle = self.bundle();
+        let args = [
+            "run",
+            "--detach",
+            id,
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+        ];
+        self.detached(&args, Stdio::null(), &self.path("stdout"));
+        std::fs::read_to_string(&pid_file).unwrap().parse().unwrap()
+    }
+
     fn state(&self, id: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["state", id])).unwrap()
     }
@@ -461,23 +479,8 @@ kvm_test!(
     fn exec_pause_and_resume_work_on_a_running_container() {
         become_subreaper();
         let rt = Runtime::new();
-        let b = rt.bundle();
         rt.configure("echo init > /tmp/init-was-here; while :; do sleep 1; done");
-        let pid_file = rt.path("init.pid");
-        rt.detached(
-            &[
-                "run",
-                "--detach",
-                "x1",
-                "--bundle",
-                b.to_str().unwrap(),
-                "--pid-file",
-                pid_file.to_str().unwrap(),
-            ],
-            Stdio::null(),
-            &rt.path("stdout"),
-        );
-        let init: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+        let init = rt.run_detached("x1");
 
         // Foreground: output, separate stderr, the exit status, the
         // container's env, cwd and hostname, and its files.
@@ -953,6 +956,119 @@ kvm_test!(
         assert_eq!(on.1, "default");
         assert!(off.0.starts_with("Vulnerable"), "mitigations=off: {off:?}");
         assert_eq!(off.1, "mitigations=off");
+        rt.assert_clean();
+    }
+);
+
+kvm_test!(
+    fn the_spec_resources_limit_the_container_and_update_changes_them() {
+        become_subreaper();
+        let rt = Runtime::new();
+        // No forks in the init: a shell whose fork fails at the pids limit
+        // exits, and the container with it.
+        rt.configure("exec sleep 100000");
+        rt.edit_config(|c| {
+            c["linux"] = serde_json::json!({"resources": {
+                "memory": {"limit": 64 << 20},
+                "cpu": {"quota": 50000, "period": 100000},
+                "pids": {"limit": 12}
+            }});
+            // As `runc spec` and Docker write it.
+            c["mounts"] = serde_json::json!([{
+                "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]
+            }]);
+        });
+        let init = rt.run_detached("lim");
+        let cg = |file: &str| rt.ok(&["exec", "lim", "cat", &format!("/sys/fs/cgroup/{file}")]);
+
+        // The container's own cgroup is the root of what it sees, with the
+        // spec's limits; its processes are in it.
+        let out = rt.ok(&[
+            "exec",
+            "lim",
+            "sh",
+            "-c",
+            "cat /proc/self/cgroup /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max \
+             /sys/fs/cgroup/pids.max; grep -qx $$ /sys/fs/cgroup/cgroup.procs && echo joined; \
+             grep -o 'cgroup2 /sys/fs/cgroup cgroup2 ro' /proc/mounts",
+        ]);
+        assert_eq!(
+            out,
+            "0::/\n67108864\n50000 100000\n12\njoined\ncgroup2 /sys/fs/cgroup cgroup2 ro\n"
+        );
+
+        // Forks stop at the pids limit: the inner shell starts sleeps until
+        // a fork fails (which ends it); the outer one reads the count with
+        // builtins only, then ends the sleeps.
+        let out = rt.ok(&[
+            "exec",
+            "lim",
+            "sh",
+            "-c",
+            "sh -c 'i=0; while [ $i -lt 20 ]; do i=$((i+1)); sleep 60 & echo $i > /tmp/n; done' \
+             2>/dev/null; read n < /tmp/n; read e < /sys/fs/cgroup/pids.events; \
+             echo $n $e; trap '' TERM; kill 0; wait",
+        ]);
+        let words: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(words.len(), 3, "{out}");
+        assert_eq!(words[1], "max", "{out}");
+        // init, the two shells and the sleeps fill the 12.
+        assert_eq!(words[0], "9", "{out}");
+        assert!(words[2].parse::<u32>().unwrap() > 0, "{out}");
+
+        // A process that grows past the memory limit is killed by the
+        // guest's OOM killer; the container lives on.
+        let out = rt
+            .cmd(&[
+                "exec",
+                "lim",
+                "sh",
+                "-c",
+                "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(137), "{}", text(&out.stdout));
+        assert!(cg("memory.events").contains("oom_kill 1"));
+        assert_eq!(rt.state("lim")["status"], "running");
+
+        // runvm update: options, and resources JSON on stdin as containerd
+        // sends them; what the VM cannot back is refused.
+        rt.ok(&["update", "--pids-limit", "30", "--memory", "48m", "lim"]);
+        assert_eq!(cg("pids.max"), "30\n");
+        assert_eq!(cg("memory.max"), "50331648\n");
+        let mut child = rt
+            .cmd(&["update", "--resources", "-", "lim"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin
+                .write_all(br#"{"cpu": {"quota": 80000, "period": 200000}, "pids": {"limit": -1}}"#)
+                .unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(cg("cpu.max"), "80000 200000\n");
+        assert_eq!(cg("pids.max"), "max\n");
+        rt.fails(&["update", "--memory", "1g", "lim"], "more than the 64 MiB");
+        rt.fails(&["update", "--cpu-quota", "300000", "lim"], "1 vCPUs");
+        rt.fails(&["update", "--cpu-quota", "10", "lim"], "below 1000");
+        assert_eq!(cg("memory.max"), "50331648\n");
+
+        rt.ok(&["pause", "lim"]);
+        rt.fails(&["update", "--pids-limit", "5", "lim"], "paused");
+        rt.ok(&["resume", "lim"]);
+        rt.ok(&["kill", "lim", "KILL"]);
+        assert_eq!(wait_pid(init, Duration::from_secs(120)), 137);
+        rt.fails(&["update", "--pids-limit", "5", "lim"], "not running");
+        rt.ok(&["delete", "lim"]);
         rt.assert_clean();
     }
 );
