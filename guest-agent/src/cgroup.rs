@@ -10,7 +10,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use runvm_protocol::Resources;
+use runvm_protocol::{CgroupStats, Resources};
 
 /// Where the agent mounts the cgroup2 hierarchy.
 pub const HIERARCHY: &str = "/sys/fs/cgroup";
@@ -84,12 +84,57 @@ impl ContainerCgroup {
         Ok(())
     }
 
+    /// Its figures.
+    pub fn stats(&self) -> io::Result<CgroupStats> {
+        stats(&self.dir)
+    }
+
     /// The value of one of the cgroup's files, trimmed.
     pub fn read(&self, name: &str) -> io::Result<String> {
         let mut s = String::new();
         File::open(self.dir.join(name))?.read_to_string(&mut s)?;
         Ok(s.trim().to_owned())
     }
+}
+
+/// The figures of the cgroup at `dir`; files a controller the kernel lacks
+/// would hold read as zero.
+pub fn stats(dir: &Path) -> io::Result<CgroupStats> {
+    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let number = |name: &str| read(name).trim().parse::<u64>().unwrap_or(0);
+    let max = |name: &str| {
+        let v = read(name);
+        match v.trim() {
+            "max" | "" => None,
+            n => n.parse().ok(),
+        }
+    };
+    // `memory.current` exists in every cgroup but the root: its absence
+    // means this is not a cgroup.
+    let current = fs::read_to_string(dir.join("memory.current"))?;
+    let events = read("memory.events");
+    let cpu = read("cpu.stat");
+    Ok(CgroupStats {
+        memory_current: current.trim().parse().unwrap_or(0),
+        memory_max: max("memory.max"),
+        memory_limit_hits: keyed(&events, "max"),
+        oom_kills: keyed(&events, "oom_kill"),
+        pids_current: number("pids.current"),
+        pids_max: max("pids.max"),
+        cpu_usage_usec: keyed(&cpu, "usage_usec"),
+        cpu_user_usec: keyed(&cpu, "user_usec"),
+        cpu_system_usec: keyed(&cpu, "system_usec"),
+        cpu_periods: keyed(&cpu, "nr_periods"),
+        cpu_throttled_periods: keyed(&cpu, "nr_throttled"),
+        cpu_throttled_usec: keyed(&cpu, "throttled_usec"),
+    })
+}
+
+/// The value of `key` in a flat keyed file (`key value` lines); 0 if absent.
+fn keyed(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn limit(v: i64) -> String {
@@ -341,6 +386,50 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("no cpu controller for cpu.weight"), "{e}");
         assert_eq!(cg.read("pids.max").unwrap(), "10");
+    }
+
+    #[test]
+    fn figures_come_from_the_cgroup_files() {
+        let root = fake_root("cpu memory pids", &[]);
+        let dir = root.path().join(CONTAINER);
+        for (name, text) in [
+            ("memory.current", "1048576\n"),
+            ("memory.max", "67108864\n"),
+            (
+                "memory.events",
+                "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n",
+            ),
+            ("pids.current", "3\n"),
+            ("pids.max", "max\n"),
+            (
+                "cpu.stat",
+                "usage_usec 5000\nuser_usec 3000\nsystem_usec 2000\nnr_periods 10\n\
+                 nr_throttled 4\nthrottled_usec 800\n",
+            ),
+        ] {
+            fs::write(dir.join(name), text).unwrap();
+        }
+        let s = stats(&dir).unwrap();
+        assert_eq!(
+            s,
+            CgroupStats {
+                memory_current: 1 << 20,
+                memory_max: Some(64 << 20),
+                memory_limit_hits: 12,
+                oom_kills: 1,
+                pids_current: 3,
+                pids_max: None,
+                cpu_usage_usec: 5000,
+                cpu_user_usec: 3000,
+                cpu_system_usec: 2000,
+                cpu_periods: 10,
+                cpu_throttled_periods: 4,
+                cpu_throttled_usec: 800,
+            }
+        );
+        // `oom_group_kill` is not `oom_kill`; a missing key reads 0.
+        assert_eq!(keyed("oom_group_kill 5\n", "oom_kill"), 0);
+        assert!(stats(root.path()).is_err(), "the root is no cgroup");
     }
 
     #[test]

@@ -255,7 +255,10 @@ impl Agent {
             Op::Stats => {
                 let pids = self.container_processes(&procs).len() as u64;
                 match crate::procfs::stats(Path::new("/proc"), pids) {
-                    Ok(stats) => Outcome::Stats { stats },
+                    Ok(mut stats) => {
+                        stats.cgroup = self.cgroup.as_ref().and_then(|cg| cg.stats().ok());
+                        Outcome::Stats { stats }
+                    }
                     Err(e) => error(format!("reading /proc: {e}")),
                 }
             }

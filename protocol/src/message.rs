@@ -425,6 +425,38 @@ pub struct GuestStats {
     pub memory_total: u64,
     /// Processes in the container.
     pub pids: u64,
+    /// The container cgroup's own figures, where it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<CgroupStats>,
+}
+
+/// What the container's cgroup in the guest reports (cgroup v2 files).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupStats {
+    /// `memory.current`, in bytes.
+    pub memory_current: u64,
+    /// `memory.max` (`None`: no limit).
+    pub memory_max: Option<u64>,
+    /// `memory.events`: times usage hit the limit.
+    pub memory_limit_hits: u64,
+    /// `memory.events`: processes the OOM killer ended.
+    pub oom_kills: u64,
+    /// `pids.current`.
+    pub pids_current: u64,
+    /// `pids.max` (`None`: no limit).
+    pub pids_max: Option<u64>,
+    /// `cpu.stat`: CPU time, in microseconds.
+    pub cpu_usage_usec: u64,
+    /// `cpu.stat`: in user mode.
+    pub cpu_user_usec: u64,
+    /// `cpu.stat`: in the kernel.
+    pub cpu_system_usec: u64,
+    /// `cpu.stat`: quota periods that have passed.
+    pub cpu_periods: u64,
+    /// `cpu.stat`: periods in which the quota ran out.
+    pub cpu_throttled_periods: u64,
+    /// `cpu.stat`: time spent throttled, in microseconds.
+    pub cpu_throttled_usec: u64,
 }
 
 /// Something the agent reports unasked.

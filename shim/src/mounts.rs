@@ -52,6 +52,9 @@ const GUEST_PROVIDED: &[&str] = &[
     "/tmp",
 ];
 
+/// Where a container finds its cgroup.
+const CGROUP_DIR: &str = "/sys/fs/cgroup";
+
 /// Filesystems the guest kernel mounts itself (no host source).
 const GUEST_FILESYSTEMS: &[&str] = &["tmpfs", "proc", "sysfs", "mqueue", "devpts"];
 
@@ -105,7 +108,16 @@ pub fn plan(bundle: &Path, mounts: &[Mount]) -> anyhow::Result<MountPlan> {
         check_destination(dest)?;
         let options = m.options().clone().unwrap_or_default();
         let fstype = m.typ().clone().unwrap_or_else(|| "bind".into());
-        let bind = fstype == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
+        // Whatever an engine mounts there (a cgroup mount, or with a host
+        // cgroup namespace a bind of the host's hierarchy), the container
+        // gets its own cgroup: the host's is never shared into a VM.
+        let fstype = if dest == CGROUP_DIR {
+            "cgroup2".to_string()
+        } else {
+            fstype
+        };
+        let bind = fstype != "cgroup2"
+            && (fstype == "bind" || options.iter().any(|o| o == "bind" || o == "rbind"));
         let flags: Vec<String> = options
             .iter()
             .filter(|o| FLAG_OPTIONS.contains(&o.as_str()))
@@ -270,6 +282,17 @@ mod tests {
         assert_eq!(p.unsupported.len(), 2, "{:?}", p.unsupported);
         assert!(p.unsupported[0].contains("does not exist"));
         assert!(p.unsupported[1].contains("ext4"));
+    }
+
+    #[test]
+    fn the_host_cgroup_hierarchy_is_never_shared() {
+        let bind = mount(
+            r#"{"destination":"/sys/fs/cgroup","type":"bind","source":"/sys/fs/cgroup","options":["rbind","nosuid","ro"]}"#,
+        );
+        let p = plan(Path::new("/"), &[bind]).unwrap();
+        assert!(p.shares.is_empty(), "{:?}", p.shares);
+        assert_eq!(p.mounts[0].fstype, "cgroup2");
+        assert_eq!(p.mounts[0].flags, ["nosuid", "ro"]);
     }
 
     #[test]

@@ -64,9 +64,51 @@ fn table(procs: &[GuestProcess]) -> String {
     out
 }
 
-/// runc's `events` stats record for `stats`.
+/// runc's `events` stats record for `stats`: the container cgroup's figures
+/// where the guest has one (as runc reports its cgroup's), else the whole
+/// guest's. Per-CPU time is the guest's vCPUs' either way (cgroup v2 has
+/// none per CPU).
 fn stats_event(id: &str, s: &GuestStats) -> serde_json::Value {
     let usage = |n: u64| json!({"usage": n, "limit": 0, "max": 0, "failcnt": 0});
+    if let Some(c) = &s.cgroup {
+        return json!({
+            "type": "stats",
+            "id": id,
+            "data": {
+                "cpu": {
+                    "usage": {
+                        "total": c.cpu_usage_usec * 1000,
+                        "percpu": s.cpu_percpu_ns,
+                        "kernel": c.cpu_system_usec * 1000,
+                        "user": c.cpu_user_usec * 1000,
+                    },
+                    "throttling": {
+                        "periods": c.cpu_periods,
+                        "throttledPeriods": c.cpu_throttled_periods,
+                        "throttledTime": c.cpu_throttled_usec * 1000,
+                    },
+                },
+                "memory": {
+                    "usage": {
+                        "usage": c.memory_current,
+                        // No limit of its own: the guest's memory is.
+                        "limit": c.memory_max.unwrap_or(s.memory_total),
+                        "max": 0,
+                        "failcnt": c.memory_limit_hits,
+                    },
+                    "swap": usage(0),
+                    "kernel": usage(0),
+                    "kernelTCP": usage(0),
+                    "raw": {"oom_kill": c.oom_kills},
+                },
+                "pids": {"current": c.pids_current, "limit": c.pids_max.unwrap_or(0)},
+                "blkio": {},
+                "hugetlb": {},
+                "intel_rdt": {},
+                "network_interfaces": null,
+            },
+        });
+    }
     json!({
         "type": "stats",
         "id": id,
@@ -161,6 +203,7 @@ mod tests {
             memory_used: 10,
             memory_total: 100,
             pids: 2,
+            cgroup: None,
         };
         let e = stats_event("c1", &s);
         assert_eq!(e["type"], "stats");
@@ -170,5 +213,36 @@ mod tests {
         assert_eq!(e["data"]["memory"]["usage"]["usage"], 10);
         assert_eq!(e["data"]["memory"]["usage"]["limit"], 100);
         assert_eq!(e["data"]["pids"]["current"], 2);
+
+        // With the container's cgroup: its figures, limits included.
+        let s = GuestStats {
+            cgroup: Some(runvm_protocol::CgroupStats {
+                memory_current: 40,
+                memory_max: None,
+                memory_limit_hits: 2,
+                oom_kills: 1,
+                pids_current: 3,
+                pids_max: Some(12),
+                cpu_usage_usec: 6,
+                cpu_user_usec: 4,
+                cpu_system_usec: 2,
+                cpu_periods: 9,
+                cpu_throttled_periods: 5,
+                cpu_throttled_usec: 7,
+            }),
+            ..s
+        };
+        let e = stats_event("c1", &s);
+        assert_eq!(e["data"]["cpu"]["usage"]["total"], 6000);
+        assert_eq!(e["data"]["cpu"]["usage"]["kernel"], 2000);
+        assert_eq!(e["data"]["cpu"]["usage"]["percpu"], json!([5, 2]));
+        assert_eq!(e["data"]["cpu"]["throttling"]["throttledPeriods"], 5);
+        assert_eq!(e["data"]["cpu"]["throttling"]["throttledTime"], 7000);
+        assert_eq!(e["data"]["memory"]["usage"]["usage"], 40);
+        // No limit of its own: the guest's memory bounds it.
+        assert_eq!(e["data"]["memory"]["usage"]["limit"], 100);
+        assert_eq!(e["data"]["memory"]["usage"]["failcnt"], 2);
+        assert_eq!(e["data"]["memory"]["raw"]["oom_kill"], 1);
+        assert_eq!(e["data"]["pids"], json!({"current": 3, "limit": 12}));
     }
 }

@@ -19,6 +19,11 @@ const IMAGE: &str = "localhost/runvm-busybox:latest";
 /// Every engine call runs under `timeout` so a hang fails the test.
 const CALL_LIMIT: &str = "240";
 
+/// The container's memory and pids limits, as it sees them.
+const CGROUP_MEMORY: &str = "/sys/fs/cgroup/memory.max";
+const CGROUP_PIDS: &str = "/sys/fs/cgroup/pids.max";
+const CGROUP_CPU: &str = "/sys/fs/cgroup/cpu.max";
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -574,12 +579,35 @@ kvm_test!(
 
         ok(&podman_run(
             dir,
-            &["-d", "--name", "s1"],
+            &[
+                "-d",
+                "--name",
+                "s1",
+                "--memory",
+                "96m",
+                "--pids-limit",
+                "50",
+            ],
             &["sh", "-c", "echo started; sleep 1000"],
         ));
         wait_until("s1's output", Duration::from_secs(120), || {
             text(&run(&podman(dir, &["logs", "s1"])).stdout).contains("started")
         });
+        // The limits are the container's cgroup's in the guest, and
+        // `podman update` (runvm update --resources FILE) changes them.
+        // (podman 4.3's update has no --pids-limit.)
+        let limits = || {
+            ok(&podman(
+                dir,
+                &["exec", "s1", "cat", CGROUP_MEMORY, CGROUP_PIDS, CGROUP_CPU],
+            ))
+        };
+        assert_eq!(limits(), "100663296\n50\nmax 100000\n");
+        ok(&podman(
+            dir,
+            &["update", "--memory", "80m", "--cpus", "0.5", "s1"],
+        ));
+        assert_eq!(limits(), "83886080\n50\n50000 100000\n");
         let out = run(&podman(
             dir,
             &[
@@ -784,12 +812,26 @@ kvm_test!(
         assert_terminal(&out, 5, || Dockerd::explain(dir));
 
         ok(&d.run(
-            &["-d", "--name", "d1"],
+            &[
+                "-d",
+                "--name",
+                "d1",
+                "--memory",
+                "96m",
+                "--pids-limit",
+                "50",
+            ],
             &["sh", "-c", "echo started; sleep 1000"],
         ));
         wait_until("d1's output", Duration::from_secs(120), || {
             text(&run(&d.docker(&["logs", "d1"])).stdout).contains("started")
         });
+        // `docker update` reaches runvm through containerd's shim
+        // (`update --resources -`).
+        let limits = || ok(&d.docker(&["exec", "d1", "cat", CGROUP_MEMORY, CGROUP_PIDS]));
+        assert_eq!(limits(), "100663296\n50\n");
+        ok(&d.docker(&["update", "--memory", "80m", "--pids-limit", "40", "d1"]));
+        assert_eq!(limits(), "83886080\n40\n");
         let out = run(&d.docker(&[
             "exec",
             "-e",

@@ -1033,6 +1033,21 @@ kvm_test!(
         assert_eq!(out.status.code(), Some(137), "{}", text(&out.stdout));
         assert!(cg("memory.events").contains("oom_kill 1"));
         assert_eq!(rt.state("lim")["status"], "running");
+        // runc's stats record holds the cgroup's figures and limits.
+        let stats: serde_json::Value =
+            serde_json::from_str(&rt.ok(&["events", "--stats", "lim"])).unwrap();
+        let data = &stats["data"];
+        assert_eq!(data["memory"]["usage"]["limit"], 64 << 20, "{stats}");
+        assert!(
+            data["memory"]["usage"]["failcnt"].as_u64().unwrap() > 0,
+            "{stats}"
+        );
+        assert_eq!(data["memory"]["raw"]["oom_kill"], 1, "{stats}");
+        assert_eq!(data["pids"]["limit"], 12, "{stats}");
+        assert!(
+            data["cpu"]["usage"]["total"].as_u64().unwrap() > 0,
+            "{stats}"
+        );
 
         // runvm update: options, and resources JSON on stdin as containerd
         // sends them; what the VM cannot back is refused.
