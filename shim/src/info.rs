@@ -120,9 +120,11 @@ pub fn features() -> anyhow::Result<String> {
         "hooks": [],
         "mountOptions": crate::mounts::known_options(),
         "linux": {
-            "namespaces": ["mount", "network"],
+            // Every container gets a cgroup namespace rooted at its cgroup
+            // in the guest, whose limits are cgroup v2's.
+            "namespaces": ["cgroup", "mount", "network"],
             "capabilities": caps,
-            "cgroup": {"v1": false, "v2": false, "systemd": false, "systemdUser": false, "rdma": false},
+            "cgroup": {"v1": false, "v2": true, "systemd": false, "systemdUser": false, "rdma": false},
             "seccomp": {
                 "enabled": true,
                 "actions": [

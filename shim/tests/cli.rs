@@ -85,8 +85,10 @@ fn features_are_json() {
     );
     assert_eq!(
         f["linux"]["namespaces"],
-        serde_json::json!(["mount", "network"])
+        serde_json::json!(["cgroup", "mount", "network"])
     );
+    assert_eq!(f["linux"]["cgroup"]["v2"], true);
+    assert_eq!(f["linux"]["cgroup"]["v1"], false);
     let opts = f["mountOptions"].as_array().unwrap();
     for o in ["ro", "nosuid", "rbind"] {
         assert!(opts.iter().any(|v| v == o), "{o}: {opts:?}");
