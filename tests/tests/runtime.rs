@@ -991,11 +991,13 @@ kvm_test!(
             "-c",
             "cat /proc/self/cgroup /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max \
              /sys/fs/cgroup/pids.max; grep -qx $$ /sys/fs/cgroup/cgroup.procs && echo joined; \
-             grep -o 'cgroup2 /sys/fs/cgroup cgroup2 ro' /proc/mounts",
+             grep -o 'cgroup2 /sys/fs/cgroup cgroup2 ro' /proc/mounts; \
+             grep -c 'cgroup2 .*favordynmods' /proc/mounts",
         ]);
+        // (favordynmods: moving a process in does not wait for RCU.)
         assert_eq!(
             out,
-            "0::/\n67108864\n50000 100000\n12\njoined\ncgroup2 /sys/fs/cgroup cgroup2 ro\n"
+            "0::/\n67108864\n50000 100000\n12\njoined\ncgroup2 /sys/fs/cgroup cgroup2 ro\n1\n"
         );
 
         // Forks stop at the pids limit: the inner shell starts sleeps until
