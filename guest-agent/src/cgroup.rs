@@ -206,9 +206,13 @@ pub fn enter_namespace_at(cgroup: &Path) -> Result<(), String> {
             drop((ready_r, done_w));
             let made = fs::write(cgroup.join("cgroup.procs"), "0").is_ok()
                 && unshare(CloneFlags::CLONE_NEWCGROUP).is_ok();
+            let mut ready = File::from(ready_w);
             if made {
-                let _ = File::from(ready_w).write_all(b"x");
+                let _ = ready.write_all(b"x");
             }
+            // Closed either way before waiting, so a failure reaches the
+            // parent as end of file instead of leaving both waiting.
+            drop(ready);
             // Holds the namespace until the parent has joined it.
             let _ = File::from(done_r).read(&mut [0u8; 1]);
             // SAFETY: ends the forked child without running the parent's

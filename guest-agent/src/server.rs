@@ -263,7 +263,10 @@ impl Agent {
                 }
             }
             Op::UpdateResources { resources } => match &self.cgroup {
-                None => error("resource limits need the agent running as the guest's init"),
+                None => error(
+                    "no container cgroup: limits need the agent running as the guest's init, \
+                     on a guest kernel with cgroup v2",
+                ),
                 Some(cg) => match cg.apply(&resources) {
                     Ok(()) => Outcome::Ok { pid: None },
                     Err(e) => error(format!("cgroup: {e}")),
