@@ -95,13 +95,20 @@ pub fn triple_fault_marker() -> String {
     vmm::exit::ExitReason::TripleFault.to_string()
 }
 
+/// How the runtime reports a guest whose vsock never answered.
+const SILENT_GUEST_MARKER: &str = "no agent answered on vsock port";
+/// ...because each CONNECT waited out its read timeout (a guest that is up
+/// but has no listener refuses at once instead).
+const SILENT_GUEST_CAUSE: &str = "Resource temporarily unavailable";
+
 /// Which fault of the nested TCG environment (README, Known problems) a
 /// failed test host run shows, if any: a nested guest that triple-faulted,
 /// a test host whose own kernel locked up (twice, as `testhost.sh` retries
 /// once itself), a nested guest that stopped making progress before its
 /// VMM's boot timeout (seen once with the guest's vCPU stuck mid-line on
 /// the serial port, right after a test host lockup), or a test host that
-/// ran out of time (see [`TESTHOST_TIMEOUT_MARKER`]).
+/// ran out of time (see [`TESTHOST_TIMEOUT_MARKER`]), or a guest that
+/// never answered on vsock.
 pub fn nested_fault(output: &str) -> Option<&'static str> {
     if output.contains(&triple_fault_marker()) {
         Some("a nested guest triple-faulted")
@@ -111,6 +118,10 @@ pub fn nested_fault(output: &str) -> Option<&'static str> {
         Some("a nested guest hit its boot timeout")
     } else if output.contains(TESTHOST_TIMEOUT_MARKER) {
         Some("the test host timed out with processes stuck in its kernel")
+    } else if output.contains(SILENT_GUEST_MARKER) && output.contains(SILENT_GUEST_CAUSE) {
+        // The guest kernel never answered a CONNECT (no reply, not a
+        // refusal): the guest had stopped, as in a boot timeout.
+        Some("a nested guest stopped answering before its agent listened")
     } else {
         None
     }
@@ -216,7 +227,15 @@ mod tests {
             nested_fault(stall),
             Some("a nested guest hit its boot timeout")
         );
+        let silent = "OCI runtime create failed: the guest agent did not answer within 120s \
+                      (no agent answered on vsock port 1024 within 10.2s: Resource temporarily \
+                      unavailable (os error 11)): unknown";
+        assert_eq!(
+            nested_fault(silent),
+            Some("a nested guest stopped answering before its agent listened")
+        );
         for other in [
+            "no agent answered on vsock port 1024 within 10s: nothing listens on that guest port yet",
             "assertion `left == right` failed\n  left: 3\n right: 4",
             "no answer from the container's monitor: Resource temporarily unavailable",
             "runvm-vmm: guest kernel panicked",
