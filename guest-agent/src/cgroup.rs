@@ -90,7 +90,8 @@ impl ContainerCgroup {
     }
 
     /// The value of one of the cgroup's files, trimmed.
-    pub fn read(&self, name: &str) -> io::Result<String> {
+    #[cfg(test)]
+    fn read(&self, name: &str) -> io::Result<String> {
         let mut s = String::new();
         File::open(self.dir.join(name))?.read_to_string(&mut s)?;
         Ok(s.trim().to_owned())

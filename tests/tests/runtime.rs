@@ -94,6 +94,24 @@ impl Runtime {
         );
     }
 
+    /// Runs `runvm args` with `input` on its stdin (then EOF), collecting
+    /// its output.
+    fn with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(input).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
     /// Runs a command whose children keep its stdio (create, run
     /// --detach): output goes to files, so nothing waits for the monitor to
     /// close a pipe.
@@ -518,19 +536,7 @@ kvm_test!(
         assert_eq!(out, "bye / 1000:1001\n");
 
         // stdin reaches the process, and its end is EOF.
-        let mut child = rt
-            .cmd(&["exec", "x1", "cat"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().unwrap();
-            stdin.write_all(b"piped through\n").unwrap();
-        }
-        let out = child.wait_with_output().unwrap();
+        let out = rt.with_input(&["exec", "x1", "cat"], b"piped through\n");
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert_eq!(text(&out.stdout), "piped through\n");
 
@@ -1056,21 +1062,10 @@ kvm_test!(
         rt.ok(&["update", "--pids-limit", "30", "--memory", "48m", "lim"]);
         assert_eq!(cg("pids.max"), "30\n");
         assert_eq!(cg("memory.max"), "50331648\n");
-        let mut child = rt
-            .cmd(&["update", "--resources", "-", "lim"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().unwrap();
-            stdin
-                .write_all(br#"{"cpu": {"quota": 80000, "period": 200000}, "pids": {"limit": -1}}"#)
-                .unwrap();
-        }
-        let out = child.wait_with_output().unwrap();
+        let out = rt.with_input(
+            &["update", "--resources", "-", "lim"],
+            br#"{"cpu": {"quota": 80000, "period": 200000}, "pids": {"limit": -1}}"#,
+        );
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert_eq!(cg("cpu.max"), "80000 200000\n");
         assert_eq!(cg("pids.max"), "max\n");
