@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Builds runvm's guest kernel: tinyconfig + the fragments in fragments/, checked
-# after the merge, giving a PVH-bootable vmlinux and a bzImage.
+# Builds runvm's guest kernel: the source with the patches in patches/
+# applied, tinyconfig + the fragments in fragments/, checked after the merge,
+# giving a PVH-bootable vmlinux and a bzImage.
 #
 # The result is cached outside the checkout under a key of (kernel source,
-# fragments, this script), so an unchanged configuration never rebuilds.
+# patches, fragments, this script), so an unchanged configuration never
+# rebuilds.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=../scripts/apt-install.sh
 . "$here/../scripts/apt-install.sh"
 fragments_dir="$here/fragments"
+patches_dir="$here/patches"
 default_source=/usr/src/linux-source-6.12.tar.xz
 source_path=""
 cache_dir="${RUNVM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runvm}/kernel"
@@ -56,7 +59,7 @@ fi
 [ -e "$source_path" ] || die "kernel source '$source_path' does not exist"
 
 missing=()
-for tool in make gcc bc flex bison xz; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+for tool in make gcc bc flex bison xz patch; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 [ -e /usr/include/libelf.h ] || missing+=(libelf-dev)
 [ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -67,7 +70,7 @@ fi
 
 # Bump when a change to the build steps below changes the output; edits that
 # do not (comments, messages) must not force a 9-minute rebuild.
-recipe=1
+recipe=2
 
 # The key covers every input that changes the output.
 if [ -d "$source_path" ]; then
@@ -81,11 +84,15 @@ fi
 shopt -s nullglob
 fragments=("$fragments_dir"/*.conf)
 [ ${#fragments[@]} -gt 0 ] || die "no fragments in $fragments_dir"
+patches=("$patches_dir"/*.patch)
 # Only what merge_config.sh reads counts (the option lines, in fragment
 # order): a fragment's comments explain a choice and never force a rebuild.
 key=$( {
     echo "recipe $recipe"
     echo "$src_id"
+    for p in "${patches[@]}"; do
+        echo "== $(basename "$p") $(sha256sum "$p" | cut -d' ' -f1)"
+    done
     for f in "${fragments[@]}"; do
         echo "== $(basename "$f")"
         grep -E '^(CONFIG_|# CONFIG_[A-Za-z0-9_]+ is not set$)' "$f" || true
@@ -108,7 +115,14 @@ work=$(mktemp -d "$cache_dir/.build-$key.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
 
-if [ -d "$source_path" ]; then
+if [ -d "$source_path" ] && [ ${#patches[@]} -gt 0 ]; then
+    # Patches never touch the caller's tree: they go into a copy.
+    log "copying $source_path to patch it"
+    cp -a "$source_path" "$work/src"
+    tree=$work/src
+    build_args=()
+    objdir=$tree
+elif [ -d "$source_path" ]; then
     tree=$source_path
     build_args=(O="$work/obj")
     mkdir -p "$work/obj"
@@ -123,6 +137,15 @@ else
 fi
 
 run_make() { make -C "$tree" "${build_args[@]}" "$@" >>"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; die "make $* failed (log above)"; }; }
+
+# A patch that does not apply cleanly (another kernel version) stops the
+# build: a kernel without it would still boot, and silently lose what the
+# patch is for.
+for p in "${patches[@]}"; do
+    log "applying $(basename "$p")"
+    patch -p1 -N --batch --fuzz=0 --quiet -d "$tree" <"$p" >>"$work/build.log" 2>&1 ||
+        { tail -n 20 "$work/build.log" >&2; die "patch $(basename "$p") does not apply to $(basename "$tree")"; }
+done
 
 log "configuring ($(basename "$tree"), key $key)"
 run_make tinyconfig

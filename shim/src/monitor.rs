@@ -747,6 +747,11 @@ fn start_vm(
                     logger::debug(&format!("{TIMING} vcpus running ({})", phases.join(", ")));
                 })),
                 on_timeout: None,
+                on_exit: Some(Box::new(|devices: &[String]| {
+                    for d in devices {
+                        logger::debug(d);
+                    }
+                })),
                 control: Some(control),
                 guest_profile,
             };

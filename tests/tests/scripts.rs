@@ -103,21 +103,21 @@ fn kernel_key(tree: &std::path::Path, source: &std::path::Path) -> String {
 fn the_kernel_cache_key_follows_options_not_comments() {
     let tree = tempfile::tempdir().unwrap();
     let root = repo_root();
-    for dir in ["kernel-config/fragments", "scripts"] {
+    for dir in [
+        "kernel-config/fragments",
+        "kernel-config/patches",
+        "scripts",
+    ] {
         std::fs::create_dir_all(tree.path().join(dir)).unwrap();
     }
     for file in ["kernel-config/build.sh", "scripts/apt-install.sh"] {
         std::fs::copy(root.join(file), tree.path().join(file)).unwrap();
     }
-    for e in std::fs::read_dir(root.join("kernel-config/fragments")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(
-            e.path(),
-            tree.path()
-                .join("kernel-config/fragments")
-                .join(e.file_name()),
-        )
-        .unwrap();
+    for dir in ["kernel-config/fragments", "kernel-config/patches"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), tree.path().join(dir).join(e.file_name())).unwrap();
+        }
     }
     let source = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -142,4 +142,41 @@ fn the_kernel_cache_key_follows_options_not_comments() {
         std::fs::write(&fragment, changed).unwrap();
         assert_ne!(kernel_key(tree.path(), source.path()), key);
     }
+    std::fs::write(&fragment, &original).unwrap();
+    assert_eq!(kernel_key(tree.path(), source.path()), key);
+
+    // Every byte of a patch counts, its description included: it is applied
+    // as it stands.
+    let patch = std::fs::read_dir(tree.path().join("kernel-config/patches"))
+        .unwrap()
+        .next()
+        .expect("kernel-config/patches holds a patch")
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(&patch).unwrap();
+    std::fs::write(&patch, format!("{text}\n")).unwrap();
+    assert_ne!(kernel_key(tree.path(), source.path()), key);
+}
+
+#[test]
+fn a_patch_that_does_not_apply_stops_the_kernel_build() {
+    // A stand-in source tree with the kernel's version and none of its
+    // files: the fuse patch finds no fs/fuse/dir.c. The build fails before
+    // configuring, leaves nothing in the cache, and never touches the tree.
+    let source = tempfile::tempdir().unwrap();
+    let makefile = "kernelversion:\n\t@echo 6.12.0\n";
+    std::fs::write(source.path().join("Makefile"), makefile).unwrap();
+    let (ok, err) = kernel_build(&["--source", source.path().to_str().unwrap()]);
+    assert!(!ok, "{err}");
+    assert!(err.contains("does not apply"), "{err}");
+    assert!(!err.contains("configuring"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(source.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["Makefile"]);
+    assert_eq!(
+        std::fs::read_to_string(source.path().join("Makefile")).unwrap(),
+        makefile
+    );
 }

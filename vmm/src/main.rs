@@ -76,6 +76,10 @@ struct Args {
     /// Print how long each VM build phase took (stderr) once the vCPUs run.
     #[arg(long)]
     report_timing: bool,
+    /// Print, when the VM ends, how many requests each virtio-fs share
+    /// answered, by FUSE opcode (stderr).
+    #[arg(long)]
+    report_requests: bool,
     /// Sample every vCPU's instruction pointer every 2 ms while the VM runs
     /// and write the samples to this file when it ends (`VCPU MICROSECONDS
     /// MODE RIP` per line; map kernel addresses with `nm -n vmlinux`).
@@ -152,6 +156,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 eprintln!("runvm-vmm: at timeout, {d}");
             }
         })),
+        on_exit: args.report_requests.then(|| {
+            Box::new(|devices: &[String]| {
+                for d in devices {
+                    eprintln!("runvm-vmm: {d}");
+                }
+            }) as vm::TimeoutHook
+        }),
         control: None,
         guest_profile: args
             .guest_profile

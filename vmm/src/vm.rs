@@ -93,6 +93,9 @@ pub struct RunOptions {
     /// Called when the timeout ends the VM, with one line per virtio device
     /// on how far its queues got (the post-mortem of a stuck guest).
     pub on_timeout: Option<TimeoutHook>,
+    /// Called when the VM has ended, however it ended, with one line per
+    /// device that counts its requests (virtio-fs: by FUSE opcode).
+    pub on_exit: Option<TimeoutHook>,
     /// Pauses and resumes the vCPUs while the VM runs.
     pub control: Option<VmControl>,
     /// Samples where the vCPUs are while the VM runs and writes them here
@@ -100,7 +103,7 @@ pub struct RunOptions {
     pub guest_profile: Option<File>,
 }
 
-/// See [`RunOptions::on_timeout`].
+/// See [`RunOptions::on_timeout`] and [`RunOptions::on_exit`].
 pub type TimeoutHook = Box<dyn FnOnce(&[String]) + Send>;
 
 /// See [`RunOptions::on_started`].
@@ -137,6 +140,7 @@ impl std::fmt::Debug for RunOptions {
             .field("timeout", &self.timeout)
             .field("on_started", &self.on_started.is_some())
             .field("on_timeout", &self.on_timeout.is_some())
+            .field("on_exit", &self.on_exit.is_some())
             .field("control", &self.control.is_some())
             .field("guest_profile", &self.guest_profile.is_some())
             .finish()
@@ -311,6 +315,9 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
         if let Some(report) = opts.on_timeout {
             report(&mmio.describe());
         }
+    }
+    if let Some(report) = opts.on_exit {
+        report(&mmio.reports());
     }
     mmio.shutdown();
     drop(vm);

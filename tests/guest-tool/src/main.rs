@@ -189,27 +189,42 @@ fn fs_bench(dir: &std::path::Path, mib: usize, files: usize) -> anyhow::Result<(
     fs::create_dir_all(&tree).context("mkdir")?;
     let start = Instant::now();
     let name = |i: usize| tree.join(format!("f{i}"));
+    // Each phase's share of the time says which requests cost.
+    let mut phases = [0f64; 4];
+    let mut lap = Instant::now();
+    let mut phase_done = |i: usize| {
+        phases[i] = lap.elapsed().as_secs_f64();
+        lap = Instant::now();
+    };
     for i in 0..files {
         fs::write(name(i), &chunk[..100]).context("create a small file")?;
     }
+    phase_done(0);
     for i in 0..files {
         fs::metadata(name(i)).context("stat")?;
     }
+    phase_done(1);
     for i in 0..files {
         if fs::read(name(i)).context("read a small file")?.len() != 100 {
             bail!("small file {i} has the wrong size");
         }
     }
+    phase_done(2);
     for i in 0..files {
         fs::remove_file(name(i)).context("delete")?;
     }
+    phase_done(3);
     let meta_s = start.elapsed().as_secs_f64();
     fs::remove_dir(&tree).context("rmdir")?;
     println!(
-        "FSBENCH dir={} mib={mib} write_s={write_s:.3} read_s={read_s:.3} write_mib_s={:.1} read_mib_s={:.1} files={files} meta_s={meta_s:.3}",
+        "FSBENCH dir={} mib={mib} write_s={write_s:.3} read_s={read_s:.3} write_mib_s={:.1} read_mib_s={:.1} files={files} meta_s={meta_s:.3} create_s={:.3} stat_s={:.3} readsmall_s={:.3} delete_s={:.3}",
         dir.display(),
         mib as f64 / write_s,
-        mib as f64 / read_s
+        mib as f64 / read_s,
+        phases[0],
+        phases[1],
+        phases[2],
+        phases[3]
     );
     Ok(())
 }

@@ -75,6 +75,14 @@ impl MmioBus {
             .collect()
     }
 
+    /// What each device that counts its work did, one line each.
+    pub fn reports(&self) -> Vec<String> {
+        self.slots
+            .iter()
+            .filter_map(|s| lock(&s.transport).report())
+            .collect()
+    }
+
     /// The interrupts of every device, for the watchdog that raises again
     /// those the guest leaves unacknowledged.
     pub fn interrupts(&self) -> Vec<(u32, std::sync::Arc<Interrupt>)> {

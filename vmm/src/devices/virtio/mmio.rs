@@ -271,6 +271,11 @@ impl MmioTransport {
         out
     }
 
+    /// What the device says it did (see [`VirtioDevice::report`]).
+    pub fn report(&self) -> Option<String> {
+        self.device.report()
+    }
+
     /// The device's interrupt.
     pub fn interrupt(&self) -> &Arc<Interrupt> {
         &self.interrupt

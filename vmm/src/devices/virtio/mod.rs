@@ -244,4 +244,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops processing and returns to the pre-activation state.
     fn reset(&mut self);
+    /// One line on the work the device did, for `--report-requests`;
+    /// `None` for a device that counts nothing.
+    fn report(&self) -> Option<String> {
+        None
+    }
 }

@@ -3,6 +3,7 @@
 //! device's own thread straight from guest memory; there is no separate
 //! virtiofsd process and no vhost-user socket.
 
+pub mod counts;
 pub mod share;
 
 use std::os::fd::AsRawFd;
@@ -22,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::DeviceWorker;
 use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, INT_VRING};
+use counts::RequestCounts;
 use share::Share;
 
 /// Device type of virtio-fs.
@@ -75,6 +77,7 @@ fn passthrough_config(dir: &Path, cache: CacheMode) -> Config {
         // on a write to the host (which does it as its own write clears
         // them), instead of asking for security.capability first.
         killpriv_v2: true,
+        no_open: cache == CacheMode::Always,
         do_import: true,
         ..Config::default()
     }
@@ -102,6 +105,7 @@ pub fn passthrough(
 pub struct Fs<F: FileSystem + Send + Sync + 'static> {
     config: [u8; TAG_LEN + 4],
     server: Arc<Server<F>>,
+    counts: Arc<RequestCounts>,
     worker: Option<DeviceWorker<()>>,
 }
 
@@ -130,8 +134,17 @@ impl<F: FileSystem + Send + Sync + 'static> Fs<F> {
         Ok(Fs {
             config,
             server: Arc::new(Server::new(fs)),
+            counts: Arc::default(),
             worker: None,
         })
+    }
+
+    fn tag(&self) -> String {
+        let end = self.config[..TAG_LEN]
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(TAG_LEN);
+        String::from_utf8_lossy(&self.config[..end]).into_owned()
     }
 
     fn stop(&mut self) {
@@ -154,6 +167,7 @@ pub fn process_queue<F: FileSystem + Sync>(
     server: &Server<F>,
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
+    counts: &RequestCounts,
 ) -> bool {
     let mut used = false;
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
@@ -161,7 +175,9 @@ pub fn process_queue<F: FileSystem + Sync>(
         let reader = Reader::from_descriptor_chain(mem, chain.clone());
         let writer = VirtioFsWriter::new(mem, chain);
         let len = match (reader, writer) {
-            (Ok(r), Ok(w)) => server.handle_message(r, w.into(), None, None).unwrap_or(0),
+            (Ok(r), Ok(w)) => server
+                .handle_message(r, w.into(), None, Some(counts))
+                .unwrap_or(0),
             _ => 0,
         };
         match queue.add_used(mem, head, len as u32) {
@@ -178,6 +194,7 @@ const KILL: u64 = u64::MAX;
 fn worker<F: FileSystem + Sync>(
     epoll: Epoll,
     server: Arc<Server<F>>,
+    counts: Arc<RequestCounts>,
     mem: GuestMemoryMmap,
     mut queues: Vec<Queue>,
     evts: Vec<EventFd>,
@@ -198,7 +215,7 @@ fn worker<F: FileSystem + Sync>(
                 continue;
             };
             let _ = evt.read();
-            notify |= process_queue(&server, q, &mem);
+            notify |= process_queue(&server, q, &mem, &counts);
         }
         if notify {
             let _ = interrupt.trigger(INT_VRING);
@@ -250,8 +267,9 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for Fs<F> {
                 .map_err(ActivateError::Io)?;
         }
         let server = self.server.clone();
+        let counts = self.counts.clone();
         let worker = DeviceWorker::spawn("virtio-fs", kill, move || {
-            worker(epoll, server, mem, queues, queue_evts, interrupt)
+            worker(epoll, server, counts, mem, queues, queue_evts, interrupt)
         })
         .map_err(ActivateError::Io)?;
         self.worker = Some(worker);
@@ -260,6 +278,14 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for Fs<F> {
 
     fn reset(&mut self) {
         self.stop();
+    }
+
+    fn report(&self) -> Option<String> {
+        Some(format!(
+            "virtio-fs {}: {}",
+            self.tag(),
+            self.counts.summary()
+        ))
     }
 }
 

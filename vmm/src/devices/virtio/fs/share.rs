@@ -25,6 +25,10 @@ const OFFERED: FsOptions = FsOptions::BIG_WRITES
     .union(FsOptions::ASYNC_READ)
     .union(FsOptions::PARALLEL_DIROPS);
 
+/// `FOPEN_NOFLUSH`, which fuse-backend-rs 0.14's `OpenOptions` lacks: the
+/// guest sends no FLUSH when it closes the file.
+const FOPEN_NOFLUSH: u32 = 1 << 5;
+
 fn erofs<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::EROFS))
 }
@@ -198,10 +202,21 @@ impl<F: FileSystem> FileSystem for Share<F> {
         fuse_flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
         let f = flags as i32;
-        if f & libc::O_ACCMODE != libc::O_RDONLY || f & libc::O_TRUNC != 0 {
+        let read_only = f & libc::O_ACCMODE == libc::O_RDONLY;
+        if !read_only || f & libc::O_TRUNC != 0 {
             self.may_change()?;
         }
-        self.fs.open(ctx, inode, flags, fuse_flags)
+        let (handle, mut opts, passthrough) = self.fs.open(ctx, inode, flags, fuse_flags)?;
+        if read_only {
+            // A FLUSH reports write errors and releases remote POSIX locks;
+            // a file opened for reading has no writes, and locks stay in the
+            // guest (the share does not offer POSIX_LOCKS or FLOCK_LOCKS).
+            // SAFETY: the bits become the reply's open_flags as they are;
+            // FOPEN_NOFLUSH is a flag of the FUSE protocol since 7.31, and
+            // nothing in fuse-backend-rs reads these options back.
+            opts = unsafe { OpenOptions::from_bits_unchecked(opts.bits() | FOPEN_NOFLUSH) };
+        }
+        Ok((handle, opts, passthrough))
     }
 
     fn create(

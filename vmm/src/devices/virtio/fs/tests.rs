@@ -10,6 +10,7 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::PassthroughFs;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::counts::RequestCounts;
 use super::share::Share;
 use super::{passthrough_config, process_queue, CacheMode};
 use crate::devices::virtio::test_ring::{Ring, WRITE};
@@ -25,7 +26,11 @@ fn memory() -> GuestMemoryMmap {
 }
 
 fn passthrough(dir: &std::path::Path) -> PassthroughFs {
-    let fs: PassthroughFs = PassthroughFs::new(passthrough_config(dir, CacheMode::Auto)).unwrap();
+    passthrough_cached(dir, CacheMode::Auto)
+}
+
+fn passthrough_cached(dir: &std::path::Path, cache: CacheMode) -> PassthroughFs {
+    let fs: PassthroughFs = PassthroughFs::new(passthrough_config(dir, cache)).unwrap();
     fs.import().unwrap();
     fs
 }
@@ -94,7 +99,12 @@ fn init_and_lookup_are_answered_from_the_shared_directory() {
     lookup("hello", 1, 2);
     lookup("missing", 2, 3);
     lookup("..", 3, 4);
-    assert!(process_queue(&server, &mut q, &mem));
+    assert!(process_queue(
+        &server,
+        &mut q,
+        &mem,
+        &RequestCounts::default()
+    ));
     assert_eq!(ring.used_idx(), 4);
 
     let init = reply(&mem, 0);
@@ -139,10 +149,15 @@ fn malformed_requests_complete_without_harm() {
     ring.post_chain(&[(REQ, 40, 0)]);
     // A reply buffer too small for any answer.
     ring.post_chain(&[(REQ + 0x1000, 40, 0), (REPLY + 0x6000, 4, WRITE)]);
-    assert!(process_queue(&server, &mut q, &mem));
+    let counts = RequestCounts::default();
+    assert!(process_queue(&server, &mut q, &mem, &counts));
     assert_eq!(ring.used_idx(), 7, "every chain is returned");
     assert_eq!(reply(&mem, 0).error, 0, "INIT still worked");
     assert_eq!(reply(&mem, 3).error, -libc::ENOSYS);
+    // Counted as the server parsed them: the chain without a reply buffer
+    // as the INIT its bytes still hold; opcode 9999 and the zeros after
+    // [1, 2, 3] under "other".
+    assert_eq!((counts.get(FUSE_INIT), counts.get(9999)), (2, 2));
 }
 
 #[test]
@@ -154,7 +169,7 @@ fn random_chains_never_panic() {
     let mut ring = Ring::new(&mem, 0);
     let mut q = ring.queue();
     post(&mut ring, &mem, 0, &init_request());
-    process_queue(&server, &mut q, &mem);
+    process_queue(&server, &mut q, &mem, &RequestCounts::default());
     let mut rng = crate::devices::virtio::rng::tests::XorShift(0xdead_beef_1234_5678);
     let mut answered = 0;
     for round in 0..2000u64 {
@@ -168,7 +183,7 @@ fn random_chains_never_panic() {
         req.extend_from_slice(&body);
         post(&mut ring, &mem, round % 64, &req);
         let before = ring.used_idx();
-        process_queue(&server, &mut q, &mem);
+        process_queue(&server, &mut q, &mem, &RequestCounts::default());
         assert_eq!(ring.used_idx(), before.wrapping_add(1));
         if reply(&mem, round % 64).unique == round {
             answered += 1;
@@ -266,13 +281,15 @@ fn negotiate<F: FileSystem + Sync>(fs: F) -> InitOut {
         | FsOptions::WRITEBACK_CACHE
         | FsOptions::HANDLE_KILLPRIV_V2
         | FsOptions::DO_READDIRPLUS
-        | FsOptions::READDIRPLUS_AUTO;
+        | FsOptions::READDIRPLUS_AUTO
+        | FsOptions::ZERO_MESSAGE_OPEN
+        | FsOptions::ZERO_MESSAGE_OPENDIR;
     let server = Server::new(fs);
     let mem = memory();
     let mut ring = Ring::new(&mem, 0);
     let mut q = ring.queue();
     post(&mut ring, &mem, 0, &init_request_offering(offered));
-    process_queue(&server, &mut q, &mem);
+    process_queue(&server, &mut q, &mem, &RequestCounts::default());
     assert_eq!(reply(&mem, 0).error, 0);
     mem.read_obj(GuestAddress(
         REPLY + std::mem::size_of::<OutHeader>() as u64,
@@ -297,10 +314,69 @@ fn shares_take_one_mebibyte_requests_and_leave_suid_clearing_to_the_host() {
         assert!(flags.contains(FsOptions::HANDLE_KILLPRIV_V2));
         // The guest may not hold writes back from the host.
         assert!(!flags.contains(FsOptions::WRITEBACK_CACHE));
+        // Locks stay in the guest, so a FLUSH never has one to release.
+        assert!(!flags.intersects(FsOptions::POSIX_LOCKS | FsOptions::FLOCK_LOCKS));
     }
     // The bare file system asks for none of it: the wrapper is what does.
     let bare = FsOptions::from_bits_truncate(negotiate(passthrough(dir.path())).flags as u64);
     assert!(!bare.contains(FsOptions::BIG_WRITES));
+}
+
+#[test]
+fn a_cache_always_share_opens_files_with_no_message() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), "data").unwrap();
+    let flags = |cache| {
+        let out = negotiate(Share::read_write(passthrough_cached(dir.path(), cache)));
+        FsOptions::from_bits_truncate(out.flags as u64)
+    };
+    let always = flags(CacheMode::Always);
+    assert!(always.contains(FsOptions::ZERO_MESSAGE_OPEN));
+    // With no OPEN to carry it, O_TRUNC becomes the guest's SETATTR.
+    assert!(!always.contains(FsOptions::ATOMIC_O_TRUNC));
+    // Directories still open with a message: READDIR needs the handle.
+    assert!(!always.contains(FsOptions::ZERO_MESSAGE_OPENDIR));
+    for cache in [CacheMode::Auto, CacheMode::Never] {
+        let other = flags(cache);
+        assert!(!other.contains(FsOptions::ZERO_MESSAGE_OPEN), "{cache:?}");
+        assert!(other.contains(FsOptions::ATOMIC_O_TRUNC), "{cache:?}");
+    }
+
+    // The refusal the guest turns zero-message opens on from.
+    let share = Share::read_write(passthrough_cached(dir.path(), CacheMode::Always));
+    let offered = FsOptions::ZERO_MESSAGE_OPEN | FsOptions::HANDLE_KILLPRIV_V2;
+    share.init(offered).unwrap();
+    let ctx = Context::new();
+    let f = share.lookup(&ctx, ROOT, c"f").unwrap();
+    let err = share
+        .open(&ctx, f.inode, libc::O_RDONLY as u32, 0)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSYS));
+    let (st, _) = share.getattr(&ctx, f.inode, None).unwrap();
+    assert_eq!(st.st_size, 4);
+}
+
+#[test]
+fn a_file_opened_for_reading_is_closed_without_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), "data").unwrap();
+    let share = Share::read_write(passthrough(dir.path()));
+    share.init(FsOptions::empty()).unwrap();
+    let ctx = Context::new();
+    let f = share.lookup(&ctx, ROOT, c"f").unwrap();
+    const NOFLUSH: u32 = 1 << 5;
+    for (flags, noflush) in [
+        (libc::O_RDONLY, true),
+        (libc::O_WRONLY, false),
+        (libc::O_RDWR, false),
+    ] {
+        let (handle, opts, _) = share.open(&ctx, f.inode, flags as u32, 0).unwrap();
+        assert_eq!(opts.bits() & NOFLUSH != 0, noflush, "open flags {flags:#o}");
+        let handle = handle.unwrap();
+        share
+            .release(&ctx, f.inode, 0, handle, false, false, None)
+            .unwrap();
+    }
 }
 
 #[test]
