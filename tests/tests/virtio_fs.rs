@@ -9,6 +9,41 @@ use runvm_tests::artifacts::{vmm_command, Initrd};
 use runvm_tests::guest::{marked, GuestProcess};
 use runvm_tests::kvm_test;
 
+const CAPS: &std::ffi::CStr = c"security.capability";
+
+fn c_path(path: &std::path::Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+/// Gives `path` a file capability (CAP_NET_RAW, effective), the value
+/// `setcap cap_net_raw+ep` writes.
+fn set_capability(path: &std::path::Path) {
+    let mut value = 0x0200_0001u32.to_le_bytes().to_vec(); // revision 2, effective
+    value.extend_from_slice(&(1u32 << 13).to_le_bytes()); // permitted: CAP_NET_RAW
+    value.extend_from_slice(&[0; 12]); // inheritable, and the upper 32 capabilities
+    let p = c_path(path);
+    // SAFETY: both names are NUL-terminated and the value is value.len() bytes.
+    let rc = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            CAPS.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+fn has_capability(path: &std::path::Path) -> bool {
+    let p = c_path(path);
+    // SAFETY: both names are NUL-terminated; a null buffer of size 0 asks
+    // only for the value's length.
+    let n = unsafe { libc::getxattr(p.as_ptr(), CAPS.as_ptr(), std::ptr::null_mut(), 0) };
+    n > 0
+}
+
 fn sha256(path: &std::path::Path) -> String {
     let out = std::process::Command::new("sha256sum")
         .arg(path)
@@ -72,6 +107,11 @@ fn reads_and_writes(cache: &str) {
         fs::write(share.join(name), "start\n").unwrap();
         fs::set_permissions(share.join(name), fs::Permissions::from_mode(mode)).unwrap();
     }
+    // A file capability goes on any write, root's included; the host's
+    // write clears it (the guest leaves that to the host).
+    fs::write(share.join("capfile"), "start\n").unwrap();
+    set_capability(&share.join("capfile"));
+    assert!(has_capability(&share.join("capfile")));
     fs::write(share.join("trunc"), "a much longer first version\n").unwrap();
     let ro = root.path().join("ro");
     fs::create_dir(&ro).unwrap();
@@ -98,6 +138,7 @@ fn reads_and_writes(cache: &str) {
              $bb mkdir -p /etc && echo 'u:x:1000:1000::/:/bin/sh' > /etc/passwd && echo 'u:x:1000:' > /etc/group\n\
              $bb su u -c 'echo more >> /mnt/suid && echo more >> /mnt/sgid' || echo SU-FAILED\n\
              echo more >> /mnt/rootsuid\n\
+             echo more >> /mnt/capfile\n\
              echo short > /mnt/trunc\n\
              echo \"ROWRITE[$( (echo no > /ro/new) 2>&1 && echo written || echo refused)]\"\n\
              $bb mount -o remount,rw /ro || echo REMOUNT-FAILED\n\
@@ -182,6 +223,11 @@ fn reads_and_writes(cache: &str) {
             "start\nmore\n"
         );
     }
+    assert_eq!(
+        fs::read_to_string(share.join("capfile")).unwrap(),
+        "start\nmore\n"
+    );
+    assert!(!has_capability(&share.join("capfile")), "{out}");
     assert_eq!(fs::read_to_string(share.join("trunc")).unwrap(), "short\n");
 
     // The read-only share refused every change, even after a remount.
