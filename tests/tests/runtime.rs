@@ -274,6 +274,21 @@ kvm_test!(
         assert_eq!(text(&out.stdout), "out:hello:/tmp:rtbox\n");
         assert_eq!(text(&out.stderr), "err\n");
         rt.assert_clean();
+        // With --debug the monitor logs what the rootfs share answered once
+        // the VM has ended (it may still be writing as `run` returns).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let counted = loop {
+            let log = std::fs::read_to_string(rt.path("log.json")).unwrap_or_default();
+            if let Some(line) = log.lines().find(|l| l.contains("virtio-fs rootfs: ")) {
+                break line.to_owned();
+            }
+            assert!(Instant::now() < deadline, "no request count: {log}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            counted.contains(" requests: ") && counted.contains("LOOKUP "),
+            "{counted}"
+        );
     }
 );
 
