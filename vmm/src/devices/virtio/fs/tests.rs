@@ -4,7 +4,9 @@
 use std::ffi::CString;
 use std::io;
 
-use fuse_backend_rs::abi::fuse_abi::{CreateIn, FsOptions, InHeader, InitIn, InitOut, OutHeader};
+use fuse_backend_rs::abi::fuse_abi::{
+    CreateIn, FsOptions, InHeader, InitIn, InitOut, OutHeader, ReadIn,
+};
 use fuse_backend_rs::api::filesystem::{Context, Entry, FileSystem};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::PassthroughFs;
@@ -17,6 +19,7 @@ use crate::devices::virtio::test_ring::{Ring, WRITE};
 
 const FUSE_INIT: u32 = 26;
 const FUSE_LOOKUP: u32 = 1;
+const FUSE_READ: u32 = 15;
 const REQ: u64 = 0x10_0000;
 const REPLY: u64 = 0x20_0000;
 const ROOT: u64 = 1;
@@ -420,4 +423,81 @@ fn a_read_write_share_passes_every_change_through() {
         std::fs::read_link(dir.path().join("s")).unwrap(),
         std::path::Path::new("f")
     );
+}
+
+#[test]
+fn reads_without_an_open_reach_regular_files_only() {
+    // On a zero-message share the host opens the inode a READ names. A
+    // hostile guest naming a FIFO must get an error, not a host thread
+    // blocked in open(2) waiting for a writer.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), "hello").unwrap();
+    let fifo = CString::new(
+        dir.path()
+            .join("fifo")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: a NUL-terminated path; mkfifo touches no memory of ours.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
+    let fs = passthrough_cached(dir.path(), CacheMode::Always);
+    let (tx, rx) = std::sync::mpsc::channel();
+    // A VMM-sized thread: a default 2 MiB stack, cached by glibc once the
+    // thread ends, would be handed to the next small thread another test
+    // spawns (threads.rs checks its stack mapping's size).
+    crate::threads::named("fs-probe")
+        .spawn(move || {
+            let server = Server::new(Share::read_write(fs));
+            let mem = memory();
+            let mut ring = Ring::new(&mem, 0);
+            let mut q = ring.queue();
+            let counts = RequestCounts::default();
+            post(
+                &mut ring,
+                &mem,
+                0,
+                &init_request_offering(FsOptions::ZERO_MESSAGE_OPEN),
+            );
+            for (slot, name) in [(1, "f"), (2, "fifo")] {
+                let name = CString::new(name).unwrap();
+                let mut req = header(FUSE_LOOKUP, slot + 1, ROOT, name.as_bytes_with_nul().len())
+                    .as_slice()
+                    .to_vec();
+                req.extend_from_slice(name.as_bytes_with_nul());
+                post(&mut ring, &mem, slot, &req);
+            }
+            process_queue(&server, &mut q, &mem, &counts);
+            for slot in [1, 2] {
+                let nodeid: u64 = mem
+                    .read_obj(GuestAddress(REPLY + 0x1000 * slot + 16))
+                    .unwrap();
+                // fh 0: no OPEN gave the guest a handle. The size fits the
+                // reply buffer past its header, as a guest's would.
+                let read = ReadIn {
+                    fh: 0,
+                    size: 64,
+                    ..Default::default()
+                };
+                let mut req = header(FUSE_READ, slot + 10, nodeid, std::mem::size_of::<ReadIn>())
+                    .as_slice()
+                    .to_vec();
+                req.extend_from_slice(read.as_slice());
+                post(&mut ring, &mem, slot + 2, &req);
+            }
+            process_queue(&server, &mut q, &mem, &counts);
+            let data: [u8; 5] = mem
+                .read_obj(GuestAddress(
+                    REPLY + 0x3000 + std::mem::size_of::<OutHeader>() as u64,
+                ))
+                .unwrap();
+            let _ = tx.send((reply(&mem, 3), data, reply(&mem, 4)));
+        })
+        .unwrap();
+    let (file, data, fifo) = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the device thread answered (a READ of a FIFO must not block)");
+    assert_eq!((file.error, file.len as usize), (0, 16 + 5));
+    assert_eq!(&data, b"hello");
+    assert_eq!(fifo.error, -libc::EBADF);
 }
