@@ -102,6 +102,15 @@ fn console(spec: &str) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
     })
 }
 
+/// Prints each device's line on stderr, after `prefix`.
+fn print_device_lines(prefix: &'static str) -> vm::DeviceLinesHook {
+    Box::new(move |devices: &[String]| {
+        for d in devices {
+            eprintln!("runvm-vmm: {prefix}{d}");
+        }
+    })
+}
+
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = VmConfig {
         vcpus: args.vcpus,
@@ -151,18 +160,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 );
             }) as vm::StartedHook
         }),
-        on_timeout: Some(Box::new(|devices: &[String]| {
-            for d in devices {
-                eprintln!("runvm-vmm: at timeout, {d}");
-            }
-        })),
-        on_exit: args.report_requests.then(|| {
-            Box::new(|devices: &[String]| {
-                for d in devices {
-                    eprintln!("runvm-vmm: {d}");
-                }
-            }) as vm::TimeoutHook
-        }),
+        on_timeout: Some(print_device_lines("at timeout, ")),
+        on_exit: args.report_requests.then(|| print_device_lines("")),
         control: None,
         guest_profile: args
             .guest_profile

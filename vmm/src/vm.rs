@@ -92,10 +92,10 @@ pub struct RunOptions {
     pub on_started: Option<StartedHook>,
     /// Called when the timeout ends the VM, with one line per virtio device
     /// on how far its queues got (the post-mortem of a stuck guest).
-    pub on_timeout: Option<TimeoutHook>,
+    pub on_timeout: Option<DeviceLinesHook>,
     /// Called when the VM has ended, however it ended, with one line per
     /// device that counts its requests (virtio-fs: by FUSE opcode).
-    pub on_exit: Option<TimeoutHook>,
+    pub on_exit: Option<DeviceLinesHook>,
     /// Pauses and resumes the vCPUs while the VM runs.
     pub control: Option<VmControl>,
     /// Samples where the vCPUs are while the VM runs and writes them here
@@ -104,7 +104,7 @@ pub struct RunOptions {
 }
 
 /// See [`RunOptions::on_timeout`] and [`RunOptions::on_exit`].
-pub type TimeoutHook = Box<dyn FnOnce(&[String]) + Send>;
+pub type DeviceLinesHook = Box<dyn FnOnce(&[String]) + Send>;
 
 /// See [`RunOptions::on_started`].
 pub type StartedHook = Box<dyn FnOnce(&BuildTimes) + Send>;

@@ -112,7 +112,7 @@ pub struct Fs<F: FileSystem + Send + Sync + 'static> {
 impl<F: FileSystem + Send + Sync + 'static> std::fmt::Debug for Fs<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fs")
-            .field("tag", &String::from_utf8_lossy(&self.config[..TAG_LEN]))
+            .field("tag", &self.tag())
             .field("active", &self.worker.is_some())
             .finish()
     }
