@@ -1,6 +1,7 @@
 //! What a new process does between fork and exec: join the container's
-//! cgroup and its cgroup and mount namespaces, set limits, umask, groups, user, capabilities and
-//! no_new_privs. Everything is worked out in the parent ([`ChildSetup::new`],
+//! cgroup and its cgroup and mount namespaces, (the container's init) mount
+//! its own /proc and the spec's masked and read-only paths, set limits,
+//! umask, groups, user, capabilities and no_new_privs. Everything is worked out in the parent ([`ChildSetup::new`],
 //! where bad input becomes an error reply); the child only makes system
 //! calls, since it is a fork of a multi-threaded process and must not
 //! allocate.
@@ -13,6 +14,7 @@ use std::str::FromStr;
 use runvm_protocol::{Capabilities, ProcessSpec};
 
 use crate::cgroup::ContainerCgroup;
+use crate::masks::PathRules;
 use crate::mount_ns::MountNs;
 
 /// Capability masks as the kernel takes them (bit n = capability n).
@@ -105,6 +107,10 @@ pub struct ChildSetup {
     cgroup_procs: Option<RawFd>,
     cgroup_ns: Option<RawFd>,
     mount_ns: Option<RawFd>,
+    /// The container's init in a PID namespace of its own: its /proc.
+    remount_proc: bool,
+    /// The container's init: the spec's masked and read-only paths.
+    paths: Option<PathRules>,
     cwd: CString,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     umask: Option<libc::mode_t>,
@@ -182,7 +188,17 @@ impl ChildSetup {
             .as_ref()
             .map(|c| CapMasks::from_spec(c, last_cap))
             .transpose()?;
+        // Only inside a container mount namespace: without one the
+        // process would remount the agent's own /proc.
+        let container = spec.container.as_ref().filter(|_| root.is_some());
+        let paths = container
+            .map(PathRules::new)
+            .transpose()?
+            .filter(|p| !p.is_empty());
         Ok(ChildSetup {
+            remount_proc: container
+                .is_some_and(|c| c.namespaces.contains(&runvm_protocol::Namespace::Pid)),
+            paths,
             cgroup_procs: cgroup.map(ContainerCgroup::procs_fd),
             cgroup_ns: root.and_then(|ns| ns.cgroup_ns().map(|fd| fd.as_raw_fd())),
             mount_ns: root.map(|ns| ns.fd().as_raw_fd()),
@@ -230,6 +246,12 @@ impl ChildSetup {
             // SAFETY: the descriptor stays open in the agent for as long as
             // it runs; the child got a copy at fork.
             os_err(unsafe { libc::setns(fd, libc::CLONE_NEWNS) })?;
+        }
+        if self.remount_proc {
+            crate::masks::remount_proc()?;
+        }
+        if let Some(paths) = &self.paths {
+            paths.apply()?;
         }
         // SAFETY: `cwd` is a valid NUL-terminated string.
         os_err(unsafe { libc::chdir(self.cwd.as_ptr()) })?;

@@ -29,6 +29,7 @@ use runvm_protocol::{
 use crate::cgroup::ContainerCgroup;
 use crate::child_setup::ChildSetup;
 use crate::mount_ns::MountNs;
+use crate::namespaces::{ContainerNs, ForkInto};
 use crate::network::NetSys;
 use crate::reaper::Reaper;
 use crate::stdin_feed::StdinFeed;
@@ -113,6 +114,11 @@ pub struct Agent {
     network: Option<Box<dyn NetSys + Send + Sync>>,
     figures: Option<crate::figures::BootFigures>,
     cgroup: Option<ContainerCgroup>,
+    /// The namespaces the container's init made, which execs join.
+    container_ns: Mutex<Option<ContainerNs>>,
+    /// An init that makes namespaces was created: until it starts, an
+    /// exec has nothing to join.
+    container_ns_due: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -136,6 +142,8 @@ impl Agent {
             network: None,
             figures: None,
             cgroup: None,
+            container_ns: Mutex::new(None),
+            container_ns_due: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -286,6 +294,10 @@ impl Agent {
                 if process.args.is_empty() {
                     return error("process.args is empty");
                 }
+                if self.new_namespaces(&process).is_some() {
+                    self.container_ns_due
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 procs.insert(handle, Proc::Created(process));
                 Outcome::Ok { pid: None }
             }
@@ -392,7 +404,7 @@ impl Agent {
             Some(m) => Some((File::from(m.try_clone()?), File::from(m.try_clone()?))),
             None => None,
         };
-        let mut child = self.reaper.spawn(&mut cmd)?;
+        let mut child = self.spawn_in_namespaces(&mut cmd, spec)?;
         // The Command holds the agent's copies of the terminal's slave
         // side: dropping it lets the master read EOF once the last process
         // on the terminal is gone.
@@ -465,6 +477,58 @@ impl Agent {
             stdin,
             tty: master,
         })
+    }
+}
+
+impl Agent {
+    /// The namespaces `spec` makes (the container's init) or joins (an
+    /// exec), only where there is a container mount namespace: the /proc
+    /// of a new PID namespace is mounted there.
+    fn new_namespaces<'a>(&self, spec: &'a ProcessSpec) -> Option<&'a [runvm_protocol::Namespace]> {
+        spec.container
+            .as_ref()
+            .filter(|c| self.rootfs.is_some() && !c.namespaces.is_empty())
+            .map(|c| c.namespaces.as_slice())
+    }
+
+    /// Spawns `cmd` in the namespaces `spec` makes or joins.
+    fn spawn_in_namespaces(
+        &self,
+        cmd: &mut Command,
+        spec: &ProcessSpec,
+    ) -> io::Result<std::process::Child> {
+        let lock = || self.container_ns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(kinds) = self.new_namespaces(spec) {
+            let guard = ForkInto::new_namespaces(kinds)?;
+            let child = self.reaper.spawn(cmd);
+            if child.is_ok() {
+                match guard.made() {
+                    Ok(made) => *lock() = Some(made),
+                    // The init ended at once: nothing is left to join.
+                    Err(e) => eprintln!("runvm-agent: the container's namespaces: {e}"),
+                }
+            }
+            drop(guard);
+            return child;
+        }
+        if spec.join_container {
+            let ns = lock();
+            if let Some(ns) = ns.as_ref() {
+                let guard = ForkInto::join(ns)?;
+                let child = self.reaper.spawn(cmd);
+                drop(guard);
+                return child;
+            }
+            if self
+                .container_ns_due
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(io::Error::other(
+                    "the container's process has not started: its namespaces do not exist yet",
+                ));
+            }
+        }
+        self.reaper.spawn(cmd)
     }
 }
 

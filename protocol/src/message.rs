@@ -52,6 +52,55 @@ pub struct ProcessSpec {
     /// `linux.seccomp`, which also binds every exec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seccomp: Option<Seccomp>,
+    /// Only for the container's init: what it makes of its own as it
+    /// starts (the spec's PID, IPC and UTS namespaces, masked and
+    /// read-only paths).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSetup>,
+    /// For an exec: join the namespaces the container's init made, as
+    /// `runc exec` does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join_container: bool,
+}
+
+/// A namespace kind a container gets of its own inside the guest. The
+/// mount and cgroup namespaces are the agent's at boot; the network is the
+/// VM's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Namespace {
+    /// Process IDs: the container's process is PID 1 and sees only its
+    /// own processes in /proc.
+    Pid,
+    /// System V IPC and POSIX message queues.
+    Ipc,
+    /// Host and domain name.
+    Uts,
+}
+
+/// What the container's init sets up for the whole container (the OCI
+/// spec's `linux.namespaces`, `linux.maskedPaths` and
+/// `linux.readonlyPaths`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSetup {
+    /// Namespaces to make.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<Namespace>,
+    /// Paths hidden from the container: an empty read-only directory or
+    /// `/dev/null` is mounted over each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masked_paths: Vec<String>,
+    /// Paths the container may only read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readonly_paths: Vec<String>,
+}
+
+impl ContainerSetup {
+    /// Whether there is nothing to set up.
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty() && self.masked_paths.is_empty() && self.readonly_paths.is_empty()
+    }
 }
 
 /// A seccomp profile, with the OCI spec's names (`SCMP_ACT_ERRNO`,
@@ -607,6 +656,31 @@ mod tests {
             serde_json::to_string(&req).unwrap(),
             r#"{"seq":7,"op":"create","handle":1,"process":{"args":["sh"],"env":[],"cwd":"/","uid":0,"gid":0,"terminal":false}}"#
         );
+        let init = ProcessSpec {
+            args: vec!["sh".into()],
+            container: Some(ContainerSetup {
+                namespaces: vec![Namespace::Pid, Namespace::Ipc, Namespace::Uts],
+                masked_paths: vec!["/proc/kcore".into()],
+                readonly_paths: vec![],
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&init).unwrap();
+        assert_eq!(
+            json,
+            r#"{"args":["sh"],"env":[],"cwd":"","uid":0,"gid":0,"terminal":false,"container":{"namespaces":["pid","ipc","uts"],"masked_paths":["/proc/kcore"]}}"#
+        );
+        assert_eq!(serde_json::from_str::<ProcessSpec>(&json).unwrap(), init);
+        let exec = ProcessSpec {
+            args: vec!["sh".into()],
+            join_container: true,
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&exec).unwrap();
+        assert!(json.ends_with(r#""join_container":true}"#), "{json}");
+        assert_eq!(serde_json::from_str::<ProcessSpec>(&json).unwrap(), exec);
+        let unknown = r#"{"args":["sh"],"container":{"namespaces":["net"]}}"#;
+        assert!(serde_json::from_str::<ProcessSpec>(unknown).is_err());
         let resp = Response {
             seq: 7,
             result: Outcome::Ok { pid: Some(42) },

@@ -156,6 +156,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         .and_then(|l| l.seccomp().as_ref())
         .map(seccomp)
         .transpose()?;
+    process.container = crate::isolation::from_spec(spec)?;
     let (limits, ignored_limits) = spec
         .linux()
         .as_ref()
@@ -329,6 +330,9 @@ pub fn process_spec(p: &oci_spec::runtime::Process) -> anyhow::Result<ProcessSpe
         capabilities: p.capabilities().as_ref().map(capabilities).transpose()?,
         // The container's, from linux.seccomp (execs get it too).
         seccomp: None,
+        // The container init's (see `plan`); an exec's join it.
+        container: None,
+        join_container: false,
     })
 }
 

@@ -11,6 +11,7 @@ mod exec;
 mod fdpass;
 mod image_cmd;
 mod info;
+mod isolation;
 mod kernel_params;
 mod lifecycle;
 mod limits;

@@ -469,6 +469,9 @@ impl Monitor {
             s => bail!("cannot exec in container {} in state {s}", self.record.id),
         }
         process.seccomp = self.seccomp.clone();
+        // An exec makes nothing of its own: it joins what the init made.
+        process.container = None;
+        process.join_container = true;
         let terminal = process.terminal;
         let (sink, input, tty) = if terminal {
             // Without a console socket the caller takes the terminal on

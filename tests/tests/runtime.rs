@@ -877,6 +877,102 @@ kvm_test!(
 );
 
 kvm_test!(
+    fn the_container_gets_its_own_pid_ipc_and_uts_namespaces_and_the_specs_masks() {
+        become_subreaper();
+        let rt = Runtime::new();
+        let b = rt.bundle();
+        std::fs::write(b.join("rootfs/secret"), "s3cret").unwrap();
+        std::fs::create_dir_all(b.join("rootfs/data")).unwrap();
+        // The init: its PID, how many processes its /proc shows, the masked
+        // and read-only paths; then it renames its UTS namespace and waits,
+        // with no handler for SIGTERM.
+        rt.configure(
+            "echo pid:$$; echo procs:$(ls /proc | grep -c '^[0-9]'); \
+             echo secret:$(cat /secret); echo cmdline:$(wc -c < /proc/cmdline); \
+             echo sys-kernel:$(ls /sys/kernel | wc -l); \
+             touch /data/x 2>/dev/null && echo data:writable || echo data:read-only; \
+             (echo x > /proc/sys/kernel/domainname) 2>/dev/null && echo proc-sys:writable \
+               || echo proc-sys:read-only; \
+             hostname inner; echo ready; exec sleep 1000",
+        );
+        rt.edit_config(|c| {
+            c["linux"] = serde_json::json!({
+                "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
+                               {"type": "mount"}],
+                "maskedPaths": ["/secret", "/proc/cmdline", "/sys/kernel", "/no/such/file"],
+                "readonlyPaths": ["/data", "/proc/sys", "/no/such/dir"]
+            })
+        });
+        let pid = rt.run_detached("ns1");
+        let out = wait_for(&rt.path("stdout"), "ready", Duration::from_secs(300));
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "pid:1", "{out}");
+        // sh, the command substitution's subshell, ls and grep: not the
+        // agent, its helpers or the guest kernel's threads.
+        let procs: usize = lines[1].strip_prefix("procs:").unwrap().parse().unwrap();
+        assert!(procs <= 5, "{out}");
+        assert_eq!(
+            lines[2..],
+            [
+                "secret:",
+                "cmdline:0",
+                "sys-kernel:0",
+                "data:read-only",
+                "proc-sys:read-only",
+                "ready"
+            ],
+            "{out}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(b.join("rootfs/secret")).unwrap(),
+            "s3cret"
+        );
+
+        // An exec joins the init's namespaces, which are not the guest's
+        // (the kernel numbers its initial ones 4026531836, -39 and -38).
+        let out = rt
+            .cmd(&[
+                "exec",
+                "ns1",
+                "sh",
+                "-c",
+                "echo $$; cat /proc/1/comm; hostname; \
+                 for n in pid ipc uts; do readlink /proc/1/ns/$n; readlink /proc/$$/ns/$n; done; \
+                 cat /proc/[0-9]*/comm",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let text = text(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_ne!(lines[0], "1", "{text}");
+        assert_eq!(lines[1..3], ["sleep", "inner"], "{text}");
+        for (i, initial) in [
+            (3, "pid:[4026531836]"),
+            (5, "ipc:[4026531839]"),
+            (7, "uts:[4026531838]"),
+        ] {
+            assert_eq!(lines[i], lines[i + 1], "{text}");
+            assert_ne!(lines[i], initial, "{text}");
+        }
+        let comms = &lines[9..];
+        assert!(comms.contains(&"sleep"), "{text}");
+        assert!(!comms.iter().any(|c| c.starts_with("runvm")), "{text}");
+
+        // As under runc, PID 1 gets only the signals it handles, and
+        // SIGKILL.
+        rt.ok(&["kill", "ns1", "TERM"]);
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(rt.state("ns1")["status"], "running");
+        rt.ok(&["kill", "ns1", "KILL"]);
+        assert_eq!(wait_pid(pid, Duration::from_secs(60)), 137);
+        rt.ok(&["delete", "ns1"]);
+        rt.assert_clean();
+    }
+);
+
+kvm_test!(
     fn an_overlay_rootfs_takes_the_containers_writes_and_leaves_the_host_directory_alone() {
         let rt = Runtime::new();
         let rootfs = rt.path("bundle/rootfs");

@@ -1,0 +1,149 @@
+//! The spec's PID, IPC and UTS namespaces and its masked and read-only
+//! paths, for the agent: the container's init makes them in the guest as
+//! it starts, so the container sees itself as it would under runc (its
+//! process is PID 1, /proc shows only its processes, /proc/kcore is
+//! hidden, /proc/sys is read-only).
+
+use anyhow::bail;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use runvm_protocol::{ContainerSetup, Namespace};
+
+use crate::logger;
+
+/// More paths than any engine writes (runc's default lists 15).
+const MAX_PATHS: usize = 256;
+
+/// What the container's init sets up; `None` when the spec asks for
+/// nothing of the kind.
+pub fn from_spec(spec: &Spec) -> anyhow::Result<Option<ContainerSetup>> {
+    let Some(linux) = spec.linux() else {
+        return Ok(None);
+    };
+    let mut namespaces = Vec::new();
+    for ns in linux.namespaces().iter().flatten() {
+        let kind = match ns.typ() {
+            LinuxNamespaceType::Pid => Namespace::Pid,
+            LinuxNamespaceType::Ipc => Namespace::Ipc,
+            LinuxNamespaceType::Uts => Namespace::Uts,
+            _ => continue,
+        };
+        if namespaces.contains(&kind) {
+            bail!("linux.namespaces lists the {} namespace twice", name(kind));
+        }
+        if let Some(path) = ns.path() {
+            // Another container's namespace (podman's --pid container:X)
+            // lives in another VM: the closest is the guest's own.
+            logger::debug(&format!(
+                "the {} namespace {} cannot be joined from a micro-VM: the container shares the guest's",
+                name(kind),
+                path.display()
+            ));
+            continue;
+        }
+        namespaces.push(kind);
+    }
+    let masked_paths = paths("linux.maskedPaths", linux.masked_paths().as_deref())?;
+    let readonly_paths = paths("linux.readonlyPaths", linux.readonly_paths().as_deref())?;
+    let setup = ContainerSetup {
+        namespaces,
+        masked_paths,
+        readonly_paths,
+    };
+    Ok((!setup.is_empty()).then_some(setup))
+}
+
+fn name(kind: Namespace) -> &'static str {
+    match kind {
+        Namespace::Pid => "pid",
+        Namespace::Ipc => "ipc",
+        Namespace::Uts => "uts",
+    }
+}
+
+/// Checks a path list: absolute, without `..` or NUL bytes.
+fn paths(field: &str, list: Option<&[String]>) -> anyhow::Result<Vec<String>> {
+    let list = list.unwrap_or_default();
+    if list.len() > MAX_PATHS {
+        bail!(
+            "{field} has {} entries; at most {MAX_PATHS} are supported",
+            list.len()
+        );
+    }
+    for p in list {
+        if !p.starts_with('/') || p.contains('\0') || p.split('/').any(|c| c == "..") {
+            bail!("{field}: {p:?} is not an absolute path without '..'");
+        }
+        if p.len() > 4096 {
+            bail!("{field}: a path of {} bytes is too long", p.len());
+        }
+    }
+    Ok(list.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(linux: &str) -> Spec {
+        serde_json::from_str(&format!(
+            r#"{{"ociVersion": "1.2.0", "root": {{"path": "rootfs"}}, "linux": {linux}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn pid_ipc_and_uts_namespaces_are_made_and_others_left_to_the_vm() {
+        let s = spec(
+            r#"{"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}]}"#,
+        );
+        let setup = from_spec(&s).unwrap().unwrap();
+        assert_eq!(
+            setup.namespaces,
+            [Namespace::Pid, Namespace::Ipc, Namespace::Uts]
+        );
+        // Only the mount and network namespaces: nothing for the init.
+        let s = spec(r#"{"namespaces": [{"type": "mount"}, {"type": "network"}]}"#);
+        assert_eq!(from_spec(&s).unwrap(), None);
+        // A namespace to join is another container's: not made.
+        let s = spec(r#"{"namespaces": [{"type": "pid", "path": "/proc/1/ns/pid"}]}"#);
+        assert_eq!(from_spec(&s).unwrap(), None);
+        let s = spec(r#"{"namespaces": [{"type": "pid"}, {"type": "pid"}]}"#);
+        let e = from_spec(&s).unwrap_err();
+        assert!(format!("{e:#}").contains("pid namespace twice"), "{e:#}");
+    }
+
+    #[test]
+    fn masked_and_read_only_paths_are_checked() {
+        let s = spec(
+            r#"{"maskedPaths": ["/proc/kcore", "/sys/firmware"],
+                "readonlyPaths": ["/proc/sys"]}"#,
+        );
+        let setup = from_spec(&s).unwrap().unwrap();
+        assert_eq!(setup.masked_paths, ["/proc/kcore", "/sys/firmware"]);
+        assert_eq!(setup.readonly_paths, ["/proc/sys"]);
+        assert!(setup.namespaces.is_empty());
+        for bad in [
+            r#"{"maskedPaths": ["proc/kcore"]}"#,
+            r#"{"readonlyPaths": ["/proc/../etc"]}"#,
+            r#"{"maskedPaths": ["/a\u0000b"]}"#,
+        ] {
+            let e = from_spec(&spec(bad)).unwrap_err();
+            assert!(
+                format!("{e:#}").contains("not an absolute path"),
+                "{bad}: {e:#}"
+            );
+        }
+        let many: Vec<String> = (0..=MAX_PATHS).map(|i| format!("\"/p{i}\"")).collect();
+        let s = spec(&format!(r#"{{"maskedPaths": [{}]}}"#, many.join(",")));
+        let e = from_spec(&s).unwrap_err();
+        assert!(format!("{e:#}").contains("at most"), "{e:#}");
+    }
+
+    #[test]
+    fn no_linux_section_sets_up_nothing() {
+        let s: Spec =
+            serde_json::from_str(r#"{"ociVersion": "1.2.0", "root": {"path": "rootfs"}}"#).unwrap();
+        assert_eq!(from_spec(&s).unwrap(), None);
+    }
+}
