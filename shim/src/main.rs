@@ -5,6 +5,7 @@
 mod assets;
 mod bundle;
 mod console;
+mod console_log;
 mod containers;
 mod control;
 mod exec;

@@ -24,6 +24,7 @@ use vmm::resources::VmResources;
 use vmm::vm::{self, RunOptions};
 
 use crate::bundle::{self, NetworkPlan, Plan};
+use crate::console_log::BoundedLog;
 use crate::control::{self, Reply, Request};
 use crate::relay::{self, Routes, Sink};
 use crate::state::{self, ContainerDir, Record, Status};
@@ -728,7 +729,13 @@ fn start_vm(
     let kvm = vm::open_kvm()?;
     let resources = VmResources::validate(&config, vm::host_limits(&kvm))?;
     let console_path = dir.file(state::CONSOLE_LOG);
-    let console = File::create(&console_path)
+    let console = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&console_path)
+        .map(|f| BoundedLog::new(f, crate::console_log::bound()))
         .with_context(|| format!("cannot create {}", console_path.display()))?;
     let guest_profile = profile.map(PendingProfile::take);
     vmm::threads::named("vmm")
@@ -771,7 +778,7 @@ fn start_vm(
 /// The guest console, marking in the log when the agent's ready line
 /// passes (the end of the kernel's boot, seen from the host).
 struct ReadyMark {
-    inner: File,
+    inner: BoundedLog,
     /// The last bytes written (the serial port writes one at a time).
     tail: Vec<u8>,
     seen: bool,
@@ -831,9 +838,7 @@ fn connect_agent(
 }
 
 fn console_tail(dir: &ContainerDir) -> String {
-    let text = std::fs::read_to_string(dir.file(state::CONSOLE_LOG)).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+    let tail = crate::console_log::tail(&dir.file(state::CONSOLE_LOG), 10);
     if tail.is_empty() {
         String::new()
     } else {

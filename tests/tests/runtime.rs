@@ -973,6 +973,63 @@ kvm_test!(
 );
 
 kvm_test!(
+    fn a_guest_that_prints_forever_cannot_grow_its_console_log_past_the_bound() {
+        become_subreaper();
+        let rt = Runtime::new();
+        let b = rt.bundle();
+        // 400 lines of 60 bytes straight to the serial port, against a
+        // bound of 8 KiB (the default, 1 MiB, takes minutes to reach under
+        // emulation, where each byte is a few VM exits).
+        rt.configure(
+            "i=0; while [ $i -lt 400 ]; do \
+               echo serial-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx > /dev/ttyS0; \
+               i=$((i+1)); done; echo done",
+        );
+        let pid_file = rt.path("con.pid");
+        let status = rt
+            .cmd(&[
+                "run",
+                "--detach",
+                "con",
+                "--bundle",
+                b.to_str().unwrap(),
+                "--pid-file",
+                pid_file.to_str().unwrap(),
+            ])
+            .env("RUNVM_CONSOLE_LOG_MAX", "8192")
+            .stdin(Stdio::null())
+            .stdout(File::create(rt.path("stdout")).unwrap())
+            .stderr(File::create(rt.path("stderr")).unwrap())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "{}",
+            std::fs::read_to_string(rt.path("stderr")).unwrap()
+        );
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+        assert_eq!(wait_pid(pid, Duration::from_secs(600)), 0);
+        assert_eq!(
+            std::fs::read_to_string(rt.path("stdout")).unwrap(),
+            "done\n"
+        );
+        let log = std::fs::read(rt.path("root/con/console.log")).unwrap();
+        let text = String::from_utf8_lossy(&log);
+        assert!(log.len() <= 8192, "{} bytes:\n{text}", log.len());
+        // The boot's start, the dropped-bytes line, the latest output.
+        assert!(text.contains("runvm-agent: random pool seeded"), "{text}");
+        assert!(
+            text.contains("bytes of console output dropped here]"),
+            "{text}"
+        );
+        assert!(text.contains("serial-399-x"), "{text}");
+        assert!(!text.contains("serial-100-x"), "{text}");
+        rt.ok(&["delete", "con"]);
+        rt.assert_clean();
+    }
+);
+
+kvm_test!(
     fn an_overlay_rootfs_takes_the_containers_writes_and_leaves_the_host_directory_alone() {
         let rt = Runtime::new();
         let rootfs = rt.path("bundle/rootfs");
