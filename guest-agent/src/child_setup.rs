@@ -107,6 +107,8 @@ pub struct ChildSetup {
     cgroup_procs: Option<RawFd>,
     cgroup_ns: Option<RawFd>,
     mount_ns: Option<RawFd>,
+    /// `oom_score_adj`, as the bytes written to /proc/self/oom_score_adj.
+    oom_score_adj: Option<Vec<u8>>,
     /// The container's init in a PID namespace of its own: its /proc.
     remount_proc: bool,
     /// The container's init: the spec's masked and read-only paths.
@@ -131,6 +133,26 @@ fn os_err(rc: libc::c_int) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Writes `data` to the file at `path` (system calls only).
+fn write_file(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
+    // SAFETY: open reads the NUL-terminated path only.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: writes `data.len()` bytes from `data` to the descriptor just
+    // opened.
+    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    let result = if n == data.len() as isize {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    };
+    // SAFETY: closes the descriptor opened above, used by nothing else.
+    unsafe { libc::close(fd) };
+    result
 }
 
 #[repr(C)]
@@ -195,7 +217,14 @@ impl ChildSetup {
             .map(PathRules::new)
             .transpose()?
             .filter(|p| !p.is_empty());
+        let oom_score_adj = match spec.oom_score_adj {
+            Some(v) if !(-1000..=1000).contains(&v) => {
+                return Err(invalid(format!("oom_score_adj {v} is outside -1000..1000")))
+            }
+            v => v.map(|v| v.to_string().into_bytes()),
+        };
         Ok(ChildSetup {
+            oom_score_adj,
             remount_proc: container
                 .is_some_and(|c| c.namespaces.contains(&runvm_protocol::Namespace::Pid)),
             paths,
@@ -230,6 +259,10 @@ impl ChildSetup {
             if n != 1 {
                 return Err(io::Error::last_os_error());
             }
+        }
+        if let Some(value) = &self.oom_score_adj {
+            // While still privileged: lowering it takes CAP_SYS_RESOURCE.
+            write_file(c"/proc/self/oom_score_adj", value)?;
         }
         if let Some(fd) = self.cgroup_ns {
             // SAFETY: the descriptor stays open in the agent (see mount_ns).
@@ -398,5 +431,8 @@ mod tests {
         assert!(err.to_string().contains("umask"), "{err}");
         let err = spec(&|s| s.cwd = "/a\0b".into()).unwrap_err();
         assert!(err.to_string().contains("NUL"), "{err}");
+        assert!(spec(&|s| s.oom_score_adj = Some(-1000)).is_ok());
+        let err = spec(&|s| s.oom_score_adj = Some(1001)).unwrap_err();
+        assert!(err.to_string().contains("oom_score_adj 1001"), "{err}");
     }
 }

@@ -17,4 +17,5 @@ pub mod reaper;
 pub mod seccomp;
 pub mod server;
 pub mod stdin_feed;
+pub mod sysctl;
 pub mod tty;

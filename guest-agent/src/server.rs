@@ -33,6 +33,7 @@ use crate::namespaces::{ContainerNs, ForkInto};
 use crate::network::NetSys;
 use crate::reaper::Reaper;
 use crate::stdin_feed::StdinFeed;
+use crate::sysctl::Sysctls;
 
 /// Where frames go: the current connection, if there is one. Senders wait
 /// for a connection rather than drop what they have.
@@ -294,6 +295,13 @@ impl Agent {
                 if process.args.is_empty() {
                     return error("process.args is empty");
                 }
+                if let Some(c) = process.container.as_ref().filter(|c| !c.sysctls.is_empty()) {
+                    // Checked now, so that a key the guest kernel lacks
+                    // fails `create`, not `start`.
+                    if let Err(e) = Sysctls::new(&c.sysctls) {
+                        return error(e.to_string());
+                    }
+                }
                 if self.new_namespaces(&process).is_some() {
                     self.container_ns_due
                         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -498,8 +506,19 @@ impl Agent {
         spec: &ProcessSpec,
     ) -> io::Result<std::process::Child> {
         let lock = || self.container_ns.lock().unwrap_or_else(|p| p.into_inner());
+        let sysctls = match &spec.container {
+            Some(c) if !c.sysctls.is_empty() => Some(Sysctls::new(&c.sysctls)?),
+            _ => None,
+        };
+        if let Some(s) = &sysctls {
+            s.write_guest_wide()?;
+        }
         if let Some(kinds) = self.new_namespaces(spec) {
             let guard = ForkInto::new_namespaces(kinds)?;
+            // In the new IPC and UTS namespaces, which the thread is in.
+            if let Some(s) = &sysctls {
+                s.write_per_namespace()?;
+            }
             let child = self.reaper.spawn(cmd);
             if child.is_ok() {
                 match guard.made() {
@@ -510,6 +529,9 @@ impl Agent {
             }
             drop(guard);
             return child;
+        }
+        if let Some(s) = &sysctls {
+            s.write_per_namespace()?;
         }
         if spec.join_container {
             let ns = lock();

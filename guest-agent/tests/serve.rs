@@ -437,7 +437,11 @@ fn user_groups_umask_rlimits_capabilities_and_no_new_privs_apply() {
     let a = agent();
     let mut c = Client::connect(&a);
     let mut p = sh("grep -E '^(Uid|Gid|Groups|Umask|NoNewPrivs|Cap(Inh|Prm|Eff|Bnd|Amb)):' /proc/self/status; \
-         grep 'Max open files' /proc/self/limits | tr -s ' ' | sed 's/Max open files/Nofile:/'");
+         grep 'Max open files' /proc/self/limits | tr -s ' ' | sed 's/Max open files/Nofile:/'; \
+         echo Oom: $(cat /proc/self/oom_score_adj)");
+    // Raised (lowering takes CAP_SYS_RESOURCE, which this machine's
+    // root may lack; in the guest the agent has it).
+    p.oom_score_adj = Some(17);
     p.uid = 1000;
     p.gid = 1001;
     p.additional_gids = vec![10, 20];
@@ -475,6 +479,7 @@ fn user_groups_umask_rlimits_capabilities_and_no_new_privs_apply() {
         assert_eq!(st[set], "0000000000000400", "{set}: {st:?}");
     }
     assert_eq!(st["Nofile"], "123 456 files", "{st:?}");
+    assert_eq!(st["Oom"], "17", "{st:?}");
 
     // Without a capabilities object root keeps its full set.
     assert_eq!(c.run(2, sh("grep CapEff /proc/self/status")), 0);

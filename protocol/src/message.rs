@@ -52,6 +52,10 @@ pub struct ProcessSpec {
     /// `linux.seccomp`, which also binds every exec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seccomp: Option<Seccomp>,
+    /// The process's `oom_score_adj` (-1000..=1000): how readily the
+    /// guest's OOM killer picks it (Kubernetes sets it per QoS class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
     /// Only for the container's init: what it makes of its own as it
     /// starts (the spec's PID, IPC and UTS namespaces, masked and
     /// read-only paths).
@@ -94,12 +98,45 @@ pub struct ContainerSetup {
     /// Paths the container may only read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub readonly_paths: Vec<String>,
+    /// Kernel parameters by name (`vm.max_map_count` -> `262144`), the
+    /// spec's `linux.sysctl`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sysctls: std::collections::BTreeMap<String, String>,
+}
+
+/// The file below `/proc/sys` that a sysctl key names: dots separate its
+/// parts (`net.ipv4.ip_forward` is `net/ipv4/ip_forward`), or, as runc
+/// also takes them, slashes where a part holds a dot
+/// (`net/ipv4/conf/eth0.1/rp_filter`). `None` for anything else: only
+/// letters, digits, `_`, `-` and the separators, no empty, `.` or `..` part.
+pub fn sysctl_file(key: &str) -> Option<String> {
+    if key.is_empty() || key.len() > 256 {
+        return None;
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_-./".contains(&b))
+    {
+        return None;
+    }
+    let sep = if key.contains('/') { '/' } else { '.' };
+    let parts: Vec<&str> = key.split(sep).collect();
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
+        return None;
+    }
+    Some(parts.join("/"))
 }
 
 impl ContainerSetup {
     /// Whether there is nothing to set up.
     pub fn is_empty(&self) -> bool {
-        self.namespaces.is_empty() && self.masked_paths.is_empty() && self.readonly_paths.is_empty()
+        self.namespaces.is_empty()
+            && self.masked_paths.is_empty()
+            && self.readonly_paths.is_empty()
+            && self.sysctls.is_empty()
     }
 }
 
@@ -662,13 +699,14 @@ mod tests {
                 namespaces: vec![Namespace::Pid, Namespace::Ipc, Namespace::Uts],
                 masked_paths: vec!["/proc/kcore".into()],
                 readonly_paths: vec![],
+                sysctls: [("vm.max_map_count".into(), "262144".into())].into(),
             }),
             ..Default::default()
         };
         let json = serde_json::to_string(&init).unwrap();
         assert_eq!(
             json,
-            r#"{"args":["sh"],"env":[],"cwd":"","uid":0,"gid":0,"terminal":false,"container":{"namespaces":["pid","ipc","uts"],"masked_paths":["/proc/kcore"]}}"#
+            r#"{"args":["sh"],"env":[],"cwd":"","uid":0,"gid":0,"terminal":false,"container":{"namespaces":["pid","ipc","uts"],"masked_paths":["/proc/kcore"],"sysctls":{"vm.max_map_count":"262144"}}}"#
         );
         assert_eq!(serde_json::from_str::<ProcessSpec>(&json).unwrap(), init);
         let exec = ProcessSpec {
@@ -679,6 +717,23 @@ mod tests {
         let json = serde_json::to_string(&exec).unwrap();
         assert!(json.ends_with(r#""join_container":true}"#), "{json}");
         assert_eq!(serde_json::from_str::<ProcessSpec>(&json).unwrap(), exec);
+        for (key, file) in [
+            ("vm.max_map_count", Some("vm/max_map_count")),
+            (
+                "net/ipv4/conf/eth0.1/rp_filter",
+                Some("net/ipv4/conf/eth0.1/rp_filter"),
+            ),
+            ("kernel.sem", Some("kernel/sem")),
+            ("", None),
+            ("vm..x", None),
+            (".vm", None),
+            ("net/../../etc", None),
+            ("net/./x", None),
+            ("kernel.shm max", None),
+            ("vm/", None),
+        ] {
+            assert_eq!(sysctl_file(key).as_deref(), file, "{key:?}");
+        }
         let unknown = r#"{"args":["sh"],"container":{"namespaces":["net"]}}"#;
         assert!(serde_json::from_str::<ProcessSpec>(unknown).is_err());
         let resp = Response {

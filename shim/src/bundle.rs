@@ -330,6 +330,12 @@ pub fn process_spec(p: &oci_spec::runtime::Process) -> anyhow::Result<ProcessSpe
         capabilities: p.capabilities().as_ref().map(capabilities).transpose()?,
         // The container's, from linux.seccomp (execs get it too).
         seccomp: None,
+        oom_score_adj: match p.oom_score_adj() {
+            Some(v) if !(-1000..=1000).contains(&v) => {
+                bail!("process.oomScoreAdj {v} is outside -1000..1000")
+            }
+            v => v,
+        },
         // The container init's (see `plan`); an exec's join it.
         container: None,
         join_container: false,

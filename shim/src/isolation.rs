@@ -1,8 +1,8 @@
-//! The spec's PID, IPC and UTS namespaces and its masked and read-only
-//! paths, for the agent: the container's init makes them in the guest as
-//! it starts, so the container sees itself as it would under runc (its
-//! process is PID 1, /proc shows only its processes, /proc/kcore is
-//! hidden, /proc/sys is read-only).
+//! The spec's PID, IPC and UTS namespaces, its masked and read-only
+//! paths and its sysctls, for the agent: the container's init makes them
+//! in the guest as it starts, so the container sees itself as it would
+//! under runc (its process is PID 1, /proc shows only its processes,
+//! /proc/kcore is hidden, /proc/sys is read-only).
 
 use anyhow::bail;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
@@ -44,10 +44,12 @@ pub fn from_spec(spec: &Spec) -> anyhow::Result<Option<ContainerSetup>> {
     }
     let masked_paths = paths("linux.maskedPaths", linux.masked_paths().as_deref())?;
     let readonly_paths = paths("linux.readonlyPaths", linux.readonly_paths().as_deref())?;
+    let sysctls = sysctls(linux.sysctl().as_ref())?;
     let setup = ContainerSetup {
         namespaces,
         masked_paths,
         readonly_paths,
+        sysctls,
     };
     Ok((!setup.is_empty()).then_some(setup))
 }
@@ -58,6 +60,31 @@ fn name(kind: Namespace) -> &'static str {
         Namespace::Ipc => "ipc",
         Namespace::Uts => "uts",
     }
+}
+
+/// `linux.sysctl`, checked: keys name files below /proc/sys, values are
+/// one line. Unlike runc, which takes only keys of a namespace the
+/// container has of its own, any key is allowed: the guest kernel is the
+/// container's alone (the agent refuses keys that kernel lacks).
+fn sysctls(
+    map: Option<&std::collections::HashMap<String, String>>,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let map = map.cloned().unwrap_or_default();
+    if map.len() > MAX_PATHS {
+        bail!(
+            "linux.sysctl has {} entries; at most {MAX_PATHS} are supported",
+            map.len()
+        );
+    }
+    for (key, value) in &map {
+        if runvm_protocol::sysctl_file(key).is_none() {
+            bail!("linux.sysctl: {key:?} is not a sysctl name");
+        }
+        if value.len() > 4096 || value.contains(['\0', '\n']) {
+            bail!("linux.sysctl: the value of {key} must be one line of at most 4096 bytes");
+        }
+    }
+    Ok(map.into_iter().collect())
 }
 
 /// Checks a path list: absolute, without `..` or NUL bytes.
@@ -138,6 +165,34 @@ mod tests {
         let s = spec(&format!(r#"{{"maskedPaths": [{}]}}"#, many.join(",")));
         let e = from_spec(&s).unwrap_err();
         assert!(format!("{e:#}").contains("at most"), "{e:#}");
+    }
+
+    #[test]
+    fn sysctls_are_checked_and_any_key_is_allowed() {
+        let s = spec(
+            r#"{"sysctl": {"vm.max_map_count": "262144", "net.ipv4.ip_forward": "1",
+                "kernel.shmmax": "68719476736"}}"#,
+        );
+        let setup = from_spec(&s).unwrap().unwrap();
+        assert_eq!(
+            setup.sysctls.into_iter().collect::<Vec<_>>(),
+            [
+                ("kernel.shmmax".to_owned(), "68719476736".to_owned()),
+                ("net.ipv4.ip_forward".into(), "1".into()),
+                ("vm.max_map_count".into(), "262144".into()),
+            ]
+        );
+        for (bad, why) in [
+            (
+                r#"{"sysctl": {"../../etc/passwd": "x"}}"#,
+                "not a sysctl name",
+            ),
+            (r#"{"sysctl": {"vm.max map": "1"}}"#, "not a sysctl name"),
+            (r#"{"sysctl": {"vm.x": "1\nvm.y=2"}}"#, "one line"),
+        ] {
+            let e = from_spec(&spec(bad)).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{bad}: {e:#}");
+        }
     }
 
     #[test]

@@ -877,7 +877,7 @@ kvm_test!(
 );
 
 kvm_test!(
-    fn the_container_gets_its_own_pid_ipc_and_uts_namespaces_and_the_specs_masks() {
+    fn the_container_gets_its_own_namespaces_and_the_specs_masks_and_sysctls() {
         become_subreaper();
         let rt = Runtime::new();
         let b = rt.bundle();
@@ -888,6 +888,8 @@ kvm_test!(
         // with no handler for SIGTERM.
         rt.configure(
             "echo pid:$$; echo procs:$(ls /proc | grep -c '^[0-9]'); \
+             echo sysctl:$(cat /proc/sys/kernel/shmmax):$(cat /proc/sys/vm/max_map_count):$(cat /proc/sys/kernel/domainname); \
+             echo oom:$(cat /proc/self/oom_score_adj); \
              echo secret:$(cat /secret); echo cmdline:$(wc -c < /proc/cmdline); \
              echo sys-kernel:$(ls /sys/kernel | wc -l); \
              touch /data/x 2>/dev/null && echo data:writable || echo data:read-only; \
@@ -900,8 +902,12 @@ kvm_test!(
                 "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
                                {"type": "mount"}],
                 "maskedPaths": ["/secret", "/proc/cmdline", "/sys/kernel", "/no/such/file"],
-                "readonlyPaths": ["/data", "/proc/sys", "/no/such/dir"]
-            })
+                "readonlyPaths": ["/data", "/proc/sys", "/no/such/dir"],
+                // Of the container's IPC and UTS namespaces, and guest-wide.
+                "sysctl": {"kernel.shmmax": "123456789", "kernel.domainname": "dom.example",
+                           "vm.max_map_count": "262144"}
+            });
+            c["process"]["oomScoreAdj"] = 500.into();
         });
         let pid = rt.run_detached("ns1");
         let out = wait_for(&rt.path("stdout"), "ready", Duration::from_secs(300));
@@ -914,6 +920,8 @@ kvm_test!(
         assert_eq!(
             lines[2..],
             [
+                "sysctl:123456789:262144:dom.example",
+                "oom:500",
                 "secret:",
                 "cmdline:0",
                 "sys-kernel:0",
@@ -936,7 +944,7 @@ kvm_test!(
                 "ns1",
                 "sh",
                 "-c",
-                "echo $$; cat /proc/1/comm; hostname; \
+                "echo $$; cat /proc/1/comm; hostname; cat /proc/sys/kernel/shmmax; \
                  for n in pid ipc uts; do readlink /proc/1/ns/$n; readlink /proc/$$/ns/$n; done; \
                  cat /proc/[0-9]*/comm",
             ])
@@ -947,16 +955,16 @@ kvm_test!(
         let text = text(&out.stdout);
         let lines: Vec<&str> = text.lines().collect();
         assert_ne!(lines[0], "1", "{text}");
-        assert_eq!(lines[1..3], ["sleep", "inner"], "{text}");
+        assert_eq!(lines[1..4], ["sleep", "inner", "123456789"], "{text}");
         for (i, initial) in [
-            (3, "pid:[4026531836]"),
-            (5, "ipc:[4026531839]"),
-            (7, "uts:[4026531838]"),
+            (4, "pid:[4026531836]"),
+            (6, "ipc:[4026531839]"),
+            (8, "uts:[4026531838]"),
         ] {
             assert_eq!(lines[i], lines[i + 1], "{text}");
             assert_ne!(lines[i], initial, "{text}");
         }
-        let comms = &lines[9..];
+        let comms = &lines[10..];
         assert!(comms.contains(&"sleep"), "{text}");
         assert!(!comms.iter().any(|c| c.starts_with("runvm")), "{text}");
 
@@ -968,6 +976,14 @@ kvm_test!(
         rt.ok(&["kill", "ns1", "KILL"]);
         assert_eq!(wait_pid(pid, Duration::from_secs(60)), 137);
         rt.ok(&["delete", "ns1"]);
+        rt.assert_clean();
+
+        // A sysctl the guest kernel lacks fails `create`, with nothing left.
+        rt.edit_config(|c| c["linux"] = serde_json::json!({"sysctl": {"vm.no_such_knob": "1"}}));
+        rt.fails(
+            &["create", "ns2", "--bundle", b.to_str().unwrap()],
+            "sysctl vm.no_such_knob: the guest kernel has no such parameter",
+        );
         rt.assert_clean();
     }
 );
