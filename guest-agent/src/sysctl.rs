@@ -72,7 +72,8 @@ impl Sysctls {
         Ok(Sysctls { entries })
     }
 
-    /// [`Sysctls::new_in`] the guest's /proc/sys.
+    /// Checks `map` against the guest's /proc/sys: names of files there,
+    /// one-line values.
     pub fn new(map: &BTreeMap<String, String>) -> io::Result<Self> {
         Self::new_in(Path::new(PROC_SYS), map)
     }
