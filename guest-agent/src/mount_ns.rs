@@ -143,8 +143,10 @@ pub fn setup(sys: &mut dyn MountSys, rootfs: &Path, mounts: &[GuestMount]) -> Re
         None,
     )
     .map_err(|e| format!("bind the rootfs: {e}"))?;
+    container_dev(sys, root)?;
     // Copied files are bound while the agent's copies are still in view;
-    // their destinations resolve inside the rootfs all the same.
+    // their destinations resolve inside the rootfs all the same (those
+    // under /dev, as Kubernetes' /dev/termination-log, on its new tmpfs).
     let (files, others): (Vec<_>, Vec<_>) = checked.iter().partition(|c| c.m.fstype == "file");
     for c in &files {
         sys.bind_copied_file(rootfs, c.m)?;
@@ -177,6 +179,70 @@ pub fn setup(sys: &mut dyn MountSys, rootfs: &Path, mounts: &[GuestMount]) -> Re
         let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
         sys.mount(None, c.dest, None, flags, None)
             .map_err(|e| format!("make {} read-only: {e}", c.dest))?;
+    }
+    Ok(())
+}
+
+/// The character devices every container gets, as under runc:
+/// (name, major, minor). `ptmx` is the device, not runc's link into a
+/// devpts of the container's own: opened, it allocates from the devpts
+/// beside it, the guest's (see [`container_dev`]), where the agent opens
+/// container terminals.
+const DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+    ("ptmx", 5, 2),
+];
+
+/// The links every container's /dev has: (name, target).
+const DEV_LINKS: &[(&str, &str)] = &[
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+];
+
+/// The container's `/dev` (below `root`, before the pivot, while the
+/// guest's /dev is still in view): a tmpfs with [`DEVICES`] and
+/// [`DEV_LINKS`], and the guest's `/dev/pts` and `/dev/shm` bound into it.
+/// Not the guest's own devices: its serial console, vsock, entropy source
+/// and kernel log stay the agent's, as a host's stay the host's under runc.
+fn container_dev(sys: &mut dyn MountSys, root: &str) -> Result<(), String> {
+    let dev = format!("{root}/dev");
+    sys.mkdir_all(&dev)
+        .map_err(|e| format!("mkdir /dev: {e}"))?;
+    sys.mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )
+    .map_err(|e| format!("mount tmpfs on /dev: {e}"))?;
+    for &(name, major, minor) in DEVICES {
+        sys.mknod_char(&format!("{dev}/{name}"), 0o666, major, minor)
+            .map_err(|e| format!("mknod /dev/{name}: {e}"))?;
+    }
+    for &(name, target) in DEV_LINKS {
+        sys.symlink(target, &format!("{dev}/{name}"))
+            .map_err(|e| format!("symlink /dev/{name}: {e}"))?;
+    }
+    for name in ["pts", "shm"] {
+        let target = format!("{dev}/{name}");
+        sys.mkdir_all(&target)
+            .map_err(|e| format!("mkdir /dev/{name}: {e}"))?;
+        sys.mount(
+            Some(&format!("/dev/{name}")),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )
+        .map_err(|e| format!("bind /dev/{name}: {e}"))?;
     }
     Ok(())
 }
@@ -429,6 +495,32 @@ mod tests {
                     "mount /run/rootfs /run/rootfs - {}",
                     f(MsFlags::MS_BIND | MsFlags::MS_REC)
                 ),
+                "mkdir /run/rootfs/dev".into(),
+                format!(
+                    "mount tmpfs /run/rootfs/dev tmpfs {} mode=755,size=65536k",
+                    f(MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME)
+                ),
+                "mknod /run/rootfs/dev/null c 1:3 666".into(),
+                "mknod /run/rootfs/dev/zero c 1:5 666".into(),
+                "mknod /run/rootfs/dev/full c 1:7 666".into(),
+                "mknod /run/rootfs/dev/random c 1:8 666".into(),
+                "mknod /run/rootfs/dev/urandom c 1:9 666".into(),
+                "mknod /run/rootfs/dev/tty c 5:0 666".into(),
+                "mknod /run/rootfs/dev/ptmx c 5:2 666".into(),
+                "symlink /run/rootfs/dev/fd -> /proc/self/fd".into(),
+                "symlink /run/rootfs/dev/stdin -> /proc/self/fd/0".into(),
+                "symlink /run/rootfs/dev/stdout -> /proc/self/fd/1".into(),
+                "symlink /run/rootfs/dev/stderr -> /proc/self/fd/2".into(),
+                "mkdir /run/rootfs/dev/pts".into(),
+                format!(
+                    "mount /dev/pts /run/rootfs/dev/pts - {}",
+                    f(MsFlags::MS_BIND)
+                ),
+                "mkdir /run/rootfs/dev/shm".into(),
+                format!(
+                    "mount /dev/shm /run/rootfs/dev/shm - {}",
+                    f(MsFlags::MS_BIND)
+                ),
                 "bind-file /run/rootfs 0 /etc/hosts".into(),
                 "bind-file /run/rootfs 1 /etc/motd".into(),
                 "chdir /run/rootfs".into(),
@@ -483,5 +575,16 @@ mod tests {
             e,
             "mount tmpfs tmpfs on /data: EPERM: Operation not permitted"
         );
+    }
+
+    #[test]
+    fn a_device_that_cannot_be_made_stops_the_setup_before_the_pivot() {
+        let mut sys = Recorder {
+            fail_at: Some("mknod /r/dev/tty ".into()),
+            ..Default::default()
+        };
+        let e = setup(&mut sys, Path::new("/r"), &[]).unwrap_err();
+        assert_eq!(e, "mknod /dev/tty: EPERM: Operation not permitted");
+        assert!(!sys.calls.iter().any(|c| c.starts_with("pivot_root")));
     }
 }

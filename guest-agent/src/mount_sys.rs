@@ -37,6 +37,11 @@ pub trait MountSys {
     /// Binds the agent's copy of a host file onto `m`'s destination,
     /// resolved inside `rootfs` (see `mount_ns`).
     fn bind_copied_file(&mut self, rootfs: &Path, m: &GuestMount) -> Result<(), String>;
+    /// mknod(2) of character device `major:minor` at `path`, with exactly
+    /// the permissions `mode` (mknod's own mode passes through the umask).
+    fn mknod_char(&mut self, path: &str, mode: u32, major: u64, minor: u64) -> nix::Result<()>;
+    /// symlink(2): `path` points to `target`.
+    fn symlink(&mut self, target: &str, path: &str) -> nix::Result<()>;
 }
 
 /// The real system calls. A virtio-fs mount also gets the read-ahead
@@ -106,6 +111,23 @@ impl MountSys for Linux {
 
     fn bind_copied_file(&mut self, rootfs: &Path, m: &GuestMount) -> Result<(), String> {
         crate::mount_ns::bind_copied_file(rootfs, m)
+    }
+
+    fn mknod_char(&mut self, path: &str, mode: u32, major: u64, minor: u64) -> nix::Result<()> {
+        use nix::sys::stat::{makedev, Mode, SFlag};
+        let perm = Mode::from_bits_truncate(mode);
+        nix::sys::stat::mknod(path, SFlag::S_IFCHR, perm, makedev(major, minor))?;
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            perm,
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+    }
+
+    fn symlink(&mut self, target: &str, path: &str) -> nix::Result<()> {
+        std::os::unix::fs::symlink(target, path)
+            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
     }
 }
 
@@ -177,5 +199,13 @@ impl MountSys for Recorder {
             m.destination
         ))
         .map_err(|e| e.to_string())
+    }
+
+    fn mknod_char(&mut self, path: &str, mode: u32, major: u64, minor: u64) -> nix::Result<()> {
+        self.record(format!("mknod {path} c {major}:{minor} {mode:o}"))
+    }
+
+    fn symlink(&mut self, target: &str, path: &str) -> nix::Result<()> {
+        self.record(format!("symlink {path} -> {target}"))
     }
 }

@@ -889,7 +889,7 @@ kvm_test!(
         rt.configure(
             "echo pid:$$; echo procs:$(ls /proc | grep -c '^[0-9]'); \
              echo sysctl:$(cat /proc/sys/kernel/shmmax):$(cat /proc/sys/vm/max_map_count):$(cat /proc/sys/kernel/domainname); \
-             echo oom:$(cat /proc/self/oom_score_adj); \
+             echo oom:$(cat /proc/self/oom_score_adj); echo dev:$(ls /dev); \
              echo secret:$(cat /secret); echo cmdline:$(wc -c < /proc/cmdline); \
              echo sys-kernel:$(ls /sys/kernel | wc -l); \
              touch /data/x 2>/dev/null && echo data:writable || echo data:read-only; \
@@ -922,6 +922,7 @@ kvm_test!(
             [
                 "sysctl:123456789:262144:dom.example",
                 "oom:500",
+                "dev:fd full null ptmx pts random shm stderr stdin stdout tty urandom zero",
                 "secret:",
                 "cmdline:0",
                 "sys-kernel:0",
@@ -993,11 +994,12 @@ kvm_test!(
         become_subreaper();
         let rt = Runtime::new();
         let b = rt.bundle();
-        // 400 lines of 60 bytes straight to the serial port, against a
+        // 400 lines of 60 bytes straight to the serial port (the container's
+        // /dev lacks it, but root may make the node), against a
         // bound of 8 KiB (the default, 1 MiB, takes minutes to reach under
         // emulation, where each byte is a few VM exits).
         rt.configure(
-            "i=0; while [ $i -lt 400 ]; do \
+            "busybox mknod /dev/ttyS0 c 4 64; i=0; while [ $i -lt 400 ]; do \
                echo serial-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx > /dev/ttyS0; \
                i=$((i+1)); done; echo done",
         );
