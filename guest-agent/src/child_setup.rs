@@ -1,6 +1,6 @@
 //! What a new process does between fork and exec: join the container's
 //! cgroup and its cgroup and mount namespaces, (the container's init) mount
-//! its own /proc and the spec's masked and read-only paths, set limits,
+//! its own /proc, the spec's device nodes and masked and read-only paths, set limits,
 //! umask, groups, user, capabilities and no_new_privs. Everything is worked out in the parent ([`ChildSetup::new`],
 //! where bad input becomes an error reply); the child only makes system
 //! calls, since it is a fork of a multi-threaded process and must not
@@ -14,6 +14,7 @@ use std::str::FromStr;
 use runvm_protocol::{Capabilities, ProcessSpec};
 
 use crate::cgroup::ContainerCgroup;
+use crate::device_nodes::DeviceNodes;
 use crate::masks::PathRules;
 use crate::mount_ns::MountNs;
 
@@ -113,6 +114,8 @@ pub struct ChildSetup {
     remount_proc: bool,
     /// The container's init: the spec's masked and read-only paths.
     paths: Option<PathRules>,
+    /// The container's init: the spec's device nodes.
+    devices: Option<DeviceNodes>,
     cwd: CString,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     umask: Option<libc::mode_t>,
@@ -217,6 +220,10 @@ impl ChildSetup {
             .map(PathRules::new)
             .transpose()?
             .filter(|p| !p.is_empty());
+        let devices = container
+            .map(|c| DeviceNodes::new(&c.devices))
+            .transpose()?
+            .filter(|d| !d.is_empty());
         let oom_score_adj = match spec.oom_score_adj {
             Some(v) if !(-1000..=1000).contains(&v) => {
                 return Err(invalid(format!("oom_score_adj {v} is outside -1000..1000")))
@@ -228,6 +235,7 @@ impl ChildSetup {
             remount_proc: container
                 .is_some_and(|c| c.namespaces.contains(&runvm_protocol::Namespace::Pid)),
             paths,
+            devices,
             cgroup_procs: cgroup.map(ContainerCgroup::procs_fd),
             cgroup_ns: root.and_then(|ns| ns.cgroup_ns().map(|fd| fd.as_raw_fd())),
             mount_ns: root.map(|ns| ns.fd().as_raw_fd()),
@@ -282,6 +290,10 @@ impl ChildSetup {
         }
         if self.remount_proc {
             crate::masks::remount_proc()?;
+        }
+        // Before the masks, which may hide one of them.
+        if let Some(devices) = &self.devices {
+            devices.apply()?;
         }
         if let Some(paths) = &self.paths {
             paths.apply()?;

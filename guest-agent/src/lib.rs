@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod child_setup;
+pub mod device_nodes;
 pub mod entropy;
 pub mod figures;
 pub mod masks;

@@ -98,10 +98,40 @@ pub struct ContainerSetup {
     /// Paths the container may only read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub readonly_paths: Vec<String>,
+    /// Device nodes to make (the spec's `linux.devices`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<GuestDevice>,
     /// Kernel parameters by name (`vm.max_map_count` -> `262144`), the
     /// spec's `linux.sysctl`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub sysctls: std::collections::BTreeMap<String, String>,
+}
+
+/// A device node in the container: the guest kernel's device of that
+/// number (a host device is not passed through; `/dev/fuse`, 10:229, is
+/// the guest's FUSE).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestDevice {
+    /// Absolute path in the container.
+    pub path: String,
+    /// `c` (character), `b` (block) or `p` (FIFO).
+    pub kind: char,
+    /// Major number.
+    #[serde(default)]
+    pub major: u32,
+    /// Minor number.
+    #[serde(default)]
+    pub minor: u32,
+    /// Permission bits (0o666 when absent, as runc).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    /// Owner.
+    #[serde(default)]
+    pub uid: u32,
+    /// Group.
+    #[serde(default)]
+    pub gid: u32,
 }
 
 /// The file below `/proc/sys` that a sysctl key names: dots separate its
@@ -134,6 +164,7 @@ impl ContainerSetup {
     /// Whether there is nothing to set up.
     pub fn is_empty(&self) -> bool {
         self.namespaces.is_empty()
+            && self.devices.is_empty()
             && self.masked_paths.is_empty()
             && self.readonly_paths.is_empty()
             && self.sysctls.is_empty()
@@ -697,6 +728,7 @@ mod tests {
             args: vec!["sh".into()],
             container: Some(ContainerSetup {
                 namespaces: vec![Namespace::Pid, Namespace::Ipc, Namespace::Uts],
+                devices: vec![],
                 masked_paths: vec!["/proc/kcore".into()],
                 readonly_paths: vec![],
                 sysctls: [("vm.max_map_count".into(), "262144".into())].into(),

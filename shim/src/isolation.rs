@@ -4,9 +4,9 @@
 //! under runc (its process is PID 1, /proc shows only its processes,
 //! /proc/kcore is hidden, /proc/sys is read-only).
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
-use runvm_protocol::{ContainerSetup, Namespace};
+use runvm_protocol::{ContainerSetup, GuestDevice, Namespace};
 
 use crate::logger;
 
@@ -45,8 +45,10 @@ pub fn from_spec(spec: &Spec) -> anyhow::Result<Option<ContainerSetup>> {
     let masked_paths = paths("linux.maskedPaths", linux.masked_paths().as_deref())?;
     let readonly_paths = paths("linux.readonlyPaths", linux.readonly_paths().as_deref())?;
     let sysctls = sysctls(linux.sysctl().as_ref())?;
+    let devices = devices(linux.devices().as_deref())?;
     let setup = ContainerSetup {
         namespaces,
+        devices,
         masked_paths,
         readonly_paths,
         sysctls,
@@ -60,6 +62,60 @@ fn name(kind: Namespace) -> &'static str {
         Namespace::Ipc => "ipc",
         Namespace::Uts => "uts",
     }
+}
+
+/// `linux.devices`, checked: absolute paths without `..`, a known type,
+/// numbers that fit. The guest kernel's device of that number is what the
+/// container gets.
+fn devices(list: Option<&[oci_spec::runtime::LinuxDevice]>) -> anyhow::Result<Vec<GuestDevice>> {
+    use oci_spec::runtime::LinuxDeviceType;
+    let list = list.unwrap_or_default();
+    if list.len() > MAX_PATHS {
+        bail!(
+            "linux.devices has {} entries; at most {MAX_PATHS} are supported",
+            list.len()
+        );
+    }
+    list.iter()
+        .map(|d| {
+            let path = d
+                .path()
+                .to_str()
+                .filter(|p| p.starts_with('/') && !p.contains('\0'))
+                .filter(|p| !p.split('/').any(|c| c == ".."))
+                .with_context(|| {
+                    format!(
+                        "linux.devices: {} is not an absolute path without '..'",
+                        d.path().display()
+                    )
+                })?
+                .to_owned();
+            let kind = match d.typ() {
+                LinuxDeviceType::C | LinuxDeviceType::U => 'c',
+                LinuxDeviceType::B => 'b',
+                LinuxDeviceType::P => 'p',
+                LinuxDeviceType::A => {
+                    bail!("linux.devices: {path} has type \"a\", which names no node")
+                }
+            };
+            let number = |n: i64, what: &str| {
+                u32::try_from(n)
+                    .with_context(|| format!("linux.devices: {path} has {what} number {n}"))
+            };
+            if d.file_mode().is_some_and(|m| m > 0o7777) {
+                bail!("linux.devices: {path} has a file mode beyond 07777");
+            }
+            Ok(GuestDevice {
+                kind,
+                major: number(d.major(), "major")?,
+                minor: number(d.minor(), "minor")?,
+                mode: d.file_mode(),
+                uid: d.uid().unwrap_or(0),
+                gid: d.gid().unwrap_or(0),
+                path,
+            })
+        })
+        .collect()
 }
 
 /// `linux.sysctl`, checked: keys name files below /proc/sys, values are
@@ -189,6 +245,60 @@ mod tests {
             ),
             (r#"{"sysctl": {"vm.max map": "1"}}"#, "not a sysctl name"),
             (r#"{"sysctl": {"vm.x": "1\nvm.y=2"}}"#, "one line"),
+        ] {
+            let e = from_spec(&spec(bad)).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{bad}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn devices_are_checked() {
+        let s = spec(
+            r#"{"devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229,
+                             "fileMode": 438, "uid": 0, "gid": 0},
+                            {"path": "/dev/pipe", "type": "p"}]}"#,
+        );
+        let setup = from_spec(&s).unwrap().unwrap();
+        assert_eq!(
+            setup.devices,
+            [
+                GuestDevice {
+                    path: "/dev/fuse".into(),
+                    kind: 'c',
+                    major: 10,
+                    minor: 229,
+                    mode: Some(0o666),
+                    uid: 0,
+                    gid: 0,
+                },
+                GuestDevice {
+                    path: "/dev/pipe".into(),
+                    kind: 'p',
+                    ..Default::default()
+                },
+            ]
+        );
+        for (bad, why) in [
+            (
+                r#"{"devices": [{"path": "dev/x", "type": "c"}]}"#,
+                "absolute",
+            ),
+            (
+                r#"{"devices": [{"path": "/dev/../x", "type": "c"}]}"#,
+                "absolute",
+            ),
+            (
+                r#"{"devices": [{"path": "/dev/x", "type": "a"}]}"#,
+                "names no node",
+            ),
+            (
+                r#"{"devices": [{"path": "/dev/x", "type": "c", "major": -1}]}"#,
+                "major number -1",
+            ),
+            (
+                r#"{"devices": [{"path": "/dev/x", "type": "c", "fileMode": 65535}]}"#,
+                "07777",
+            ),
         ] {
             let e = from_spec(&spec(bad)).unwrap_err();
             assert!(format!("{e:#}").contains(why), "{bad}: {e:#}");

@@ -890,6 +890,7 @@ kvm_test!(
             "echo pid:$$; echo procs:$(ls /proc | grep -c '^[0-9]'); \
              echo sysctl:$(cat /proc/sys/kernel/shmmax):$(cat /proc/sys/vm/max_map_count):$(cat /proc/sys/kernel/domainname); \
              echo oom:$(cat /proc/self/oom_score_adj); echo dev:$(ls /dev); \
+             echo devices:$(stat -c '%F %t:%T %a' /dev/fuse /dev/sub/fifo | tr '\n' ,); \
              echo secret:$(cat /secret); echo cmdline:$(wc -c < /proc/cmdline); \
              echo sys-kernel:$(ls /sys/kernel | wc -l); \
              touch /data/x 2>/dev/null && echo data:writable || echo data:read-only; \
@@ -908,6 +909,11 @@ kvm_test!(
                            "vm.max_map_count": "262144"}
             });
             c["process"]["oomScoreAdj"] = 500.into();
+            // The guest's FUSE device, as podman's --device /dev/fuse asks.
+            c["linux"]["devices"] = serde_json::json!([
+                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 438},
+                {"path": "/dev/sub/fifo", "type": "p", "fileMode": 384}
+            ]);
         });
         let pid = rt.run_detached("ns1");
         let out = wait_for(&rt.path("stdout"), "ready", Duration::from_secs(300));
@@ -922,7 +928,8 @@ kvm_test!(
             [
                 "sysctl:123456789:262144:dom.example",
                 "oom:500",
-                "dev:fd full null ptmx pts random shm stderr stdin stdout tty urandom zero",
+                "dev:fd full fuse null ptmx pts random shm stderr stdin stdout sub tty urandom zero",
+                "devices:character special file a:e5 666,fifo 0:0 600,",
                 "secret:",
                 "cmdline:0",
                 "sys-kernel:0",
