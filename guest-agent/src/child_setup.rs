@@ -17,6 +17,7 @@ use crate::cgroup::ContainerCgroup;
 use crate::device_nodes::DeviceNodes;
 use crate::masks::PathRules;
 use crate::mount_ns::MountNs;
+use crate::os_err::os_err;
 
 /// Capability masks as the kernel takes them (bit n = capability n).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -128,14 +129,6 @@ pub struct ChildSetup {
     controlling_tty: bool,
     /// The seccomp filters to load.
     seccomp: Option<crate::seccomp::Compiled>,
-}
-
-fn os_err(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 /// Writes `data` to the file at `path` (system calls only).

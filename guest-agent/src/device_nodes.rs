@@ -11,6 +11,8 @@ use std::io;
 
 use runvm_protocol::GuestDevice;
 
+use crate::os_err::os_err;
+
 struct Node {
     path: CString,
     /// Directories above it, outermost first, made when missing.
@@ -33,14 +35,6 @@ impl std::fmt::Debug for DeviceNodes {
         f.debug_list()
             .entries(self.nodes.iter().map(|n| &n.path))
             .finish()
-    }
-}
-
-fn os_err(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@ pub mod mount_ns;
 pub mod mount_sys;
 pub mod namespaces;
 pub mod network;
+pub mod os_err;
 pub mod procfs;
 pub mod read_ahead;
 pub mod reaper;

@@ -13,13 +13,7 @@ use std::io;
 
 use runvm_protocol::ContainerSetup;
 
-fn os_err(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
+use crate::os_err::os_err;
 
 /// Replaces the container's /proc with one of the calling process's PID
 /// namespace (the old one, with whatever lay over it, is detached).

@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use super::{netmask, NetSys, Route};
+use crate::os_err::os_err;
 
 /// The guest's real network stack; resolv.conf goes to `resolv_conf`.
 #[derive(Debug)]
@@ -48,20 +49,12 @@ fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 impl LinuxNet {
     /// Opens the control socket.
     pub fn new(resolv_conf: PathBuf) -> io::Result<Self> {
         // SAFETY: plain system call; the result is checked.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        check(fd)?;
+        os_err(fd)?;
         Ok(LinuxNet {
             // SAFETY: `fd` was just created and is owned by nobody else.
             sock: unsafe { OwnedFd::from_raw_fd(fd) },
@@ -86,7 +79,7 @@ impl LinuxNet {
 
     fn ioctl(&self, request: libc::Ioctl, req: &mut libc::ifreq) -> io::Result<()> {
         // SAFETY: every request used here reads or writes one ifreq.
-        check(unsafe { libc::ioctl(self.sock.as_raw_fd(), request, std::ptr::from_mut(req)) })
+        os_err(unsafe { libc::ioctl(self.sock.as_raw_fd(), request, std::ptr::from_mut(req)) })
     }
 }
 
@@ -170,7 +163,7 @@ impl NetSys for LinuxNet {
                 std::ptr::from_mut(&mut rt),
             )
         };
-        match check(rc) {
+        match os_err(rc) {
             // The kernel already made the route (a connected network).
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
             r => r,
