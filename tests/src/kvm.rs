@@ -108,7 +108,8 @@ const SILENT_GUEST_CAUSE: &str = "Resource temporarily unavailable";
 /// VMM's boot timeout (seen once with the guest's vCPU stuck mid-line on
 /// the serial port, right after a test host lockup), or a test host that
 /// ran out of time (see [`TESTHOST_TIMEOUT_MARKER`]), or a guest that
-/// never answered on vsock.
+/// never answered on vsock, or one that stopped answering mid-run while
+/// the VMM's watchdog found an interrupt it never took.
 pub fn nested_fault(output: &str) -> Option<&'static str> {
     if output.contains(&triple_fault_marker()) {
         Some("a nested guest triple-faulted")
@@ -118,6 +119,12 @@ pub fn nested_fault(output: &str) -> Option<&'static str> {
         Some("a nested guest hit its boot timeout")
     } else if output.contains(TESTHOST_TIMEOUT_MARKER) {
         Some("the test host timed out with processes stuck in its kernel")
+    } else if output.contains(vmm::vm::UNACKED_INTERRUPT_MARKER)
+        && output.contains(SILENT_GUEST_CAUSE)
+    {
+        // Up and answering, then silent until the test's read timed out,
+        // with an interrupt the guest never took: the guest stopped.
+        Some("a nested guest stopped taking interrupts mid-run")
     } else if output.contains(SILENT_GUEST_MARKER) && output.contains(SILENT_GUEST_CAUSE) {
         // The guest kernel never answered a CONNECT (no reply, not a
         // refusal): the guest had stopped, as in a boot timeout.
@@ -234,7 +241,17 @@ mod tests {
             nested_fault(silent),
             Some("a nested guest stopped answering before its agent listened")
         );
+        let stopped = "called `Result::unwrap()` on an `Err` value: Frame(Io(Os { code: 11, \
+                       kind: WouldBlock, message: \"Resource temporarily unavailable\" }))\n\
+                       guest output:\nrunvm-vmm: irq 5: the guest left an interrupt \
+                       unacknowledged for 500 ms; raised it again";
+        assert_eq!(
+            nested_fault(stopped),
+            Some("a nested guest stopped taking interrupts mid-run")
+        );
         for other in [
+            "runvm-vmm: irq 5: the guest left an interrupt unacknowledged for 500 ms; raised it again\n\
+             assertion `left == right` failed",
             "no agent answered on vsock port 1024 within 10s: nothing listens on that guest port yet",
             "assertion `left == right` failed\n  left: 3\n right: 4",
             "no answer from the container's monitor: Resource temporarily unavailable",

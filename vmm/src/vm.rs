@@ -501,11 +501,16 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
     }
 }
 
-/// Runs the event loop until the VM ends (true) or `timeout` passes (false).
 /// How long an interrupt may stay unacknowledged before it is raised again
 /// (see [`Interrupt`]).
 const INTERRUPT_WATCHDOG: Duration = Duration::from_millis(500);
 
+/// What the VMM prints (on stderr, once per interrupt line) when the
+/// watchdog had to raise an interrupt again: a guest that stops taking
+/// interrupts, as nested emulation sometimes makes it.
+pub const UNACKED_INTERRUPT_MARKER: &str = "the guest left an interrupt unacknowledged";
+
+/// Runs the event loop until the VM ends (true) or `timeout` passes (false).
 fn event_loop(
     exit: &Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -536,7 +541,7 @@ fn event_loop(
             for (irq, interrupt) in interrupts {
                 if interrupt.reraise_if_stale() && interrupt.reraised() == 1 {
                     eprintln!(
-                        "runvm-vmm: irq {irq}: the guest left an interrupt unacknowledged for {} ms; raised it again",
+                        "runvm-vmm: irq {irq}: {UNACKED_INTERRUPT_MARKER} for {} ms; raised it again",
                         INTERRUPT_WATCHDOG.as_millis()
                     );
                 }
