@@ -47,9 +47,9 @@ impl DeviceNodes {
         let mut nodes = Vec::with_capacity(devices.len());
         for d in devices {
             let p = d.path.as_str();
-            if !p.starts_with('/') || p.ends_with('/') || p.split('/').any(|c| c == "..") {
+            if !runvm_protocol::is_container_path(p) || p.ends_with('/') {
                 return Err(invalid(format!(
-                    "device {p:?} is not an absolute path without '..'"
+                    "device {p:?} is not an absolute path without '..' or NUL bytes"
                 )));
             }
             let kind = match d.kind {

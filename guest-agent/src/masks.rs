@@ -50,7 +50,7 @@ impl PathRules {
         let convert = |list: &[String]| -> io::Result<Vec<CString>> {
             list.iter()
                 .map(|p| {
-                    if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
+                    if !runvm_protocol::is_container_path(p) {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidInput,
                             format!("{p:?} is not an absolute path without '..'"),

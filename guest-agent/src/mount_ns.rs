@@ -394,7 +394,7 @@ fn flag(name: &str) -> Result<MsFlags, String> {
 /// agent trusts nothing it did not check).
 fn destination(m: &GuestMount) -> Result<&str, String> {
     let d = m.destination.as_str();
-    if !d.starts_with('/') || d.split('/').any(|c| c == "..") || d.contains('\0') {
+    if !runvm_protocol::is_container_path(d) {
         return Err(format!("bad mount destination {d:?}"));
     }
     Ok(d)

@@ -134,6 +134,13 @@ pub struct GuestDevice {
     pub gid: u32,
 }
 
+/// Whether `path` is absolute, without `..` parts or NUL bytes: what the
+/// host and the agent both require of a path in the container (masked,
+/// read-only and device paths, mount destinations).
+pub fn is_container_path(path: &str) -> bool {
+    path.starts_with('/') && !path.contains('\0') && !path.split('/').any(|c| c == "..")
+}
+
 /// The file below `/proc/sys` that a sysctl key names: dots separate its
 /// parts (`net.ipv4.ip_forward` is `net/ipv4/ip_forward`), or, as runc
 /// also takes them, slashes where a part holds a dot

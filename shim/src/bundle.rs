@@ -56,6 +56,9 @@ pub struct Plan {
     pub huge_pages: bool,
     /// The container process.
     pub process: ProcessSpec,
+    /// What the container's init sets up for the whole container (its
+    /// namespaces, masks, devices, sysctls); execs join it instead.
+    pub container: Option<runvm_protocol::ContainerSetup>,
     /// The guest's hostname.
     pub hostname: Option<String>,
     /// vCPUs.
@@ -156,7 +159,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         .and_then(|l| l.seccomp().as_ref())
         .map(seccomp)
         .transpose()?;
-    process.container = crate::isolation::from_spec(spec)?;
+    let container = crate::isolation::from_spec(spec)?;
     let (limits, ignored_limits) = spec
         .linux()
         .as_ref()
@@ -169,6 +172,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         rootfs_overlay,
         huge_pages,
         process,
+        container,
         hostname,
         vcpus,
         mem_mib,
@@ -336,7 +340,7 @@ pub fn process_spec(p: &oci_spec::runtime::Process) -> anyhow::Result<ProcessSpe
             }
             v => v,
         },
-        // The container init's (see `plan`); an exec's join it.
+        // The container init's: the monitor adds `Plan::container`.
         container: None,
         join_container: false,
     })

@@ -81,8 +81,7 @@ fn devices(list: Option<&[oci_spec::runtime::LinuxDevice]>) -> anyhow::Result<Ve
             let path = d
                 .path()
                 .to_str()
-                .filter(|p| p.starts_with('/') && !p.contains('\0'))
-                .filter(|p| !p.split('/').any(|c| c == ".."))
+                .filter(|p| runvm_protocol::is_container_path(p))
                 .with_context(|| {
                     format!(
                         "linux.devices: {} is not an absolute path without '..'",
@@ -153,7 +152,7 @@ fn paths(field: &str, list: Option<&[String]>) -> anyhow::Result<Vec<String>> {
         );
     }
     for p in list {
-        if !p.starts_with('/') || p.contains('\0') || p.split('/').any(|c| c == "..") {
+        if !runvm_protocol::is_container_path(p) {
             bail!("{field}: {p:?} is not an absolute path without '..'");
         }
         if p.len() > 4096 {

@@ -196,7 +196,10 @@ impl Monitor {
         match agent.call_within(
             Op::Create {
                 handle: INIT,
-                process: Box::new(plan.process.clone()),
+                process: Box::new(ProcessSpec {
+                    container: plan.container.clone(),
+                    ..plan.process.clone()
+                }),
             },
             plan.boot_timeout,
         )? {
@@ -470,8 +473,6 @@ impl Monitor {
             s => bail!("cannot exec in container {} in state {s}", self.record.id),
         }
         process.seccomp = self.seccomp.clone();
-        // An exec makes nothing of its own: it joins what the init made.
-        process.container = None;
         process.join_container = true;
         let terminal = process.terminal;
         let (sink, input, tty) = if terminal {
