@@ -255,18 +255,26 @@ pub struct InterfaceConfig {
     /// interface up without an address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// IPv6 addresses with prefix length (`fd00:1::2/64`), used at once
+    /// (no duplicate address detection: the engine already ran it for the
+    /// namespace's interface, whose address this is). The kernel makes
+    /// the link-local address itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipv6: Vec<String>,
     /// MTU; the driver's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
 }
 
-/// An IPv4 route.
+/// An IPv4 or IPv6 route; the destination's family is the route's.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
-    /// `default` or a network with prefix length (`10.1.0.0/16`).
+    /// `default` (IPv4), `::/0` (the IPv6 default) or a network with
+    /// prefix length (`10.1.0.0/16`, `fd00:2::/64`).
     pub destination: String,
-    /// Next hop; none for a directly connected network.
+    /// Next hop, of the destination's family (an IPv6 link-local one
+    /// needs `mac`); none for a directly connected network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
     /// MAC of the interface to use; the kernel picks one when absent.
@@ -790,13 +798,21 @@ mod tests {
                     interfaces: vec![InterfaceConfig {
                         mac: "02:00:00:00:00:01".into(),
                         address: Some("10.0.0.2/24".into()),
+                        ipv6: vec!["fd00:1::2/64".into()],
                         mtu: None,
                     }],
-                    routes: vec![RouteConfig {
-                        destination: "default".into(),
-                        gateway: Some("10.0.0.1".into()),
-                        mac: None,
-                    }],
+                    routes: vec![
+                        RouteConfig {
+                            destination: "default".into(),
+                            gateway: Some("10.0.0.1".into()),
+                            mac: None,
+                        },
+                        RouteConfig {
+                            destination: "::/0".into(),
+                            gateway: Some("fe80::1".into()),
+                            mac: Some("02:00:00:00:00:01".into()),
+                        },
+                    ],
                     dns: Some(DnsConfig {
                         servers: vec!["10.0.0.1".into()],
                         ..Default::default()
@@ -806,7 +822,7 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_string(&net).unwrap(),
-            r#"{"seq":8,"op":"configure_network","network":{"interfaces":[{"mac":"02:00:00:00:00:01","address":"10.0.0.2/24"}],"routes":[{"destination":"default","gateway":"10.0.0.1"}],"dns":{"servers":["10.0.0.1"],"search":[],"options":[]}}}"#
+            r#"{"seq":8,"op":"configure_network","network":{"interfaces":[{"mac":"02:00:00:00:00:01","address":"10.0.0.2/24","ipv6":["fd00:1::2/64"]}],"routes":[{"destination":"default","gateway":"10.0.0.1"},{"destination":"::/0","gateway":"fe80::1","mac":"02:00:00:00:00:01"}],"dns":{"servers":["10.0.0.1"],"search":[],"options":[]}}}"#
         );
         let ev = Event::Exited {
             handle: 1,

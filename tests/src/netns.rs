@@ -1,7 +1,7 @@
 //! Network namespaces as an engine's CNI plugin leaves them, for the tests
 //! that hand one to runvm: a veth whose far end stays in the test's own
-//! namespace, an address on each end and a default route, plus a one-shot
-//! TCP peer on the far end.
+//! namespace, an address on each end and a default route (of IPv6 too,
+//! where asked), plus a one-shot TCP peer on the far end.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -29,6 +29,8 @@ pub struct Netns {
     host_end: String,
     /// The far end's address.
     pub host_ip: String,
+    /// The far end's IPv6 address, once [`Netns::with_ipv6`] gave it one.
+    pub host_ip6: Option<String>,
 }
 
 impl Netns {
@@ -41,6 +43,7 @@ impl Netns {
             name: format!("runvm-{tag}-{id}"),
             host_end: format!("rv{tag}{id}"),
             host_ip: format!("{net}.1"),
+            host_ip6: None,
         };
         ip(&["netns", "add", &ns.name]);
         ip(&[
@@ -62,6 +65,33 @@ impl Netns {
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns.exec(&["ip", "route", "add", "default", "via", &ns.host_ip]);
         ns
+    }
+
+    /// Adds IPv6: `net6` is the first four groups of a /64 (`fd00:213:7:0`;
+    /// the far end gets ::1, eth0 ::2 and a default route through ::1),
+    /// without duplicate address detection, so both are usable at once.
+    pub fn with_ipv6(mut self, net6: &str) -> Self {
+        let host = format!("{net6}::1");
+        ip(&[
+            "addr",
+            "add",
+            &format!("{host}/64"),
+            "dev",
+            &self.host_end,
+            "nodad",
+        ]);
+        self.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{net6}::2/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        self.exec(&["ip", "-6", "route", "add", "default", "via", &host]);
+        self.host_ip6 = Some(host);
+        self
     }
 
     /// `/run/netns/NAME`
@@ -98,7 +128,17 @@ impl Netns {
     /// A peer on the far end that reads one line, answers `from-host` and
     /// hangs up; its port, and the line it got.
     pub fn serve_once(&self) -> (u16, JoinHandle<String>) {
-        let listener = TcpListener::bind(format!("{}:0", self.host_ip)).unwrap();
+        Self::serve_once_on(&format!("{}:0", self.host_ip))
+    }
+
+    /// [`Netns::serve_once`] on the far end's IPv6 address.
+    pub fn serve_once6(&self) -> (u16, JoinHandle<String>) {
+        let ip6 = self.host_ip6.as_deref().expect("Netns::with_ipv6 first");
+        Self::serve_once_on(&format!("[{ip6}]:0"))
+    }
+
+    fn serve_once_on(addr: &str) -> (u16, JoinHandle<String>) {
+        let listener = TcpListener::bind(addr).unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = std::thread::spawn(move || {
             let (conn, _) = listener.accept().unwrap();

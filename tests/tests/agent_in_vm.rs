@@ -216,13 +216,21 @@ fn exercise_network(c: &mut Client<UnixStream>, rootfs: &Path) {
         interfaces: vec![InterfaceConfig {
             mac: AGENT_MAC.into(),
             address: Some("172.31.10.2/24".into()),
+            ipv6: vec!["fd00:31:10::2/64".into()],
             mtu: Some(1400),
         }],
-        routes: vec![RouteConfig {
-            destination: "default".into(),
-            gateway: Some("172.31.10.1".into()),
-            mac: None,
-        }],
+        routes: vec![
+            RouteConfig {
+                destination: "default".into(),
+                gateway: Some("172.31.10.1".into()),
+                mac: None,
+            },
+            RouteConfig {
+                destination: "::/0".into(),
+                gateway: Some("fd00:31:10::1".into()),
+                mac: None,
+            },
+        ],
         dns: Some(DnsConfig {
             servers: vec!["172.31.10.1".into()],
             search: vec!["example.test".into()],
@@ -237,13 +245,19 @@ fn exercise_network(c: &mut Client<UnixStream>, rootfs: &Path) {
         Outcome::Ok { pid: None }
     );
     let probe = "ip -4 addr show; ip route; cat /sys/class/net/eth0/mtu; \
-                 ping -c 1 -W 30 172.31.10.1 >/dev/null && echo ping-ok";
+                 ip -6 addr show dev eth0; ip -6 route; \
+                 ping -c 1 -W 30 172.31.10.1 >/dev/null && echo ping-ok; \
+                 ping -6 -c 1 -W 30 fd00:31:10::1 >/dev/null && echo ping6-ok";
     assert_eq!(h.run(c, 9, sh(probe)), 0, "{}", h.stderr(9));
     let out = h.stdout(9);
     assert!(out.contains("inet 172.31.10.2/24"), "{out}");
     assert!(out.contains("default via 172.31.10.1"), "{out}");
     assert!(out.contains("\n1400\n"), "{out}");
     assert!(out.contains("ping-ok"), "{out}");
+    assert!(out.contains("inet6 fd00:31:10::2/64"), "{out}");
+    assert!(!out.contains("tentative"), "{out}");
+    assert!(out.contains("default via fd00:31:10::1"), "{out}");
+    assert!(out.contains("ping6-ok"), "{out}");
     assert_eq!(
         std::fs::read_to_string(rootfs.join("etc/resolv.conf")).unwrap(),
         "nameserver 172.31.10.1\nsearch example.test\n"
@@ -322,6 +336,14 @@ kvm_test!(
     fn the_agent_configures_the_guest_network() {
         // Its own VM: the container workload above stays off the NIC.
         let _tap = HostTap::create("rvmagent0", "172.31.10.1/24");
+        runvm_tests::netns::ip(&[
+            "addr",
+            "add",
+            "fd00:31:10::1/64",
+            "dev",
+            "rvmagent0",
+            "nodad",
+        ]);
         with_agent(
             &["--net".into(), format!("tap=rvmagent0,mac={AGENT_MAC}")],
             exercise_network,

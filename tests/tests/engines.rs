@@ -648,13 +648,15 @@ kvm_test!(
         // A network namespace as CNI would leave it, joined with
         // --network ns:PATH.
         {
-            let ns = Netns::new("p", "10.213.11");
+            let ns = Netns::new("p", "10.213.11").with_ipv6("fd00:213:11:0");
             let before_ns = ns.fingerprint();
             let (port, server) = ns.serve_once();
+            let (port6, server6) = ns.serve_once6();
             let network = format!("ns:{}", ns.path());
             // podman's default seccomp profile comes along in config.json.
             let script = format!(
-                "grep Seccomp: /proc/self/status; {}",
+                "grep Seccomp: /proc/self/status; {}; ip -o -6 addr show eth0; \
+                 echo from-guest6 | nc fd00:213:11::1 {port6}",
                 net_script("10.213.11.1", port)
             );
             let mut args = vec!["run", "--rm", "--network", &network];
@@ -668,6 +670,13 @@ kvm_test!(
                 text(&out.stdout)
             );
             assert_eq!(server.join().unwrap(), "from-guest\n");
+            // Dual stack: the IPv6 address and a TCP exchange over it.
+            assert!(
+                text(&out.stdout).contains("inet6 fd00:213:11::2/64"),
+                "{}",
+                text(&out.stdout)
+            );
+            assert_eq!(server6.join().unwrap(), "from-guest6\n");
             assert_eq!(ns.fingerprint(), before_ns, "the namespace changed");
         }
 

@@ -765,14 +765,17 @@ fn set_namespaces(rt: &Runtime, namespaces: serde_json::Value) {
 
 kvm_test!(
     fn the_spec_network_namespace_becomes_the_guest_network() {
-        let ns = Netns::new("n", "10.213.9");
+        let ns = Netns::new("n", "10.213.9").with_ipv6("fd00:213:9:0");
         let before = ns.fingerprint();
         let (port, server) = ns.serve_once();
+        let (port6, server6) = ns.serve_once6();
 
         let rt = Runtime::new();
         rt.configure(&format!(
             "ip -o link show eth0; ip -o -4 addr show eth0; ip route; \
-             echo from-guest | nc 10.213.9.1 {port}"
+             ip -o -6 addr show eth0; ip -6 route; \
+             echo from-guest | nc 10.213.9.1 {port}; \
+             echo from-guest6 | nc fd00:213:9::1 {port6}"
         ));
         set_namespaces(
             &rt,
@@ -800,6 +803,16 @@ kvm_test!(
         );
         assert!(stdout.contains("from-host"), "{stdout}");
         assert_eq!(server.join().unwrap(), "from-guest\n");
+        // IPv6: the address, usable at once (not tentative), the default
+        // route, and a TCP exchange with the far end.
+        assert!(stdout.contains("inet6 fd00:213:9::2/64"), "{stdout}");
+        assert!(!stdout.contains("tentative"), "{stdout}");
+        assert!(
+            stdout.contains("default via fd00:213:9::1 dev eth0"),
+            "{stdout}"
+        );
+        assert_eq!(stdout.matches("from-host").count(), 2, "{stdout}");
+        assert_eq!(server6.join().unwrap(), "from-guest6\n");
 
         // Nothing of the VM is left in the namespace: no TAP, no qdisc.
         assert_eq!(ns.fingerprint(), before);

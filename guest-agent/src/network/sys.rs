@@ -1,11 +1,13 @@
 //! [`NetSys`] on Linux: the classic interface and routing ioctls on an
-//! AF_INET socket (no netlink library in a static PID 1 for four calls).
+//! AF_INET socket, and their IPv6 forms on an AF_INET6 one (no netlink
+//! library in a static PID 1 for a handful of calls).
 
 use std::fs;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use super::{netmask, NetSys, Route};
 use crate::os_err::os_err;
@@ -14,6 +16,8 @@ use crate::os_err::os_err;
 #[derive(Debug)]
 pub struct LinuxNet {
     sock: OwnedFd,
+    /// Opened on first use: most containers have no IPv6 address.
+    sock6: OnceLock<OwnedFd>,
     resolv_conf: PathBuf,
 }
 
@@ -35,6 +39,47 @@ struct RtEntry {
     rt_irtt: libc::c_ushort,
 }
 
+/// The kernel's `struct in6_rtmsg` (the libc crate's has private fields).
+#[repr(C)]
+struct In6RtMsg {
+    rtmsg_dst: libc::in6_addr,
+    rtmsg_src: libc::in6_addr,
+    rtmsg_gateway: libc::in6_addr,
+    rtmsg_type: u32,
+    rtmsg_dst_len: u16,
+    rtmsg_src_len: u16,
+    rtmsg_metric: u32,
+    rtmsg_info: libc::c_ulong,
+    rtmsg_flags: u32,
+    rtmsg_ifindex: libc::c_int,
+}
+
+fn in6_addr(ip: Ipv6Addr) -> libc::in6_addr {
+    libc::in6_addr {
+        s6_addr: ip.octets(),
+    }
+}
+
+/// A datagram socket of `family`, close-on-exec.
+fn control_socket(family: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    os_err(fd)?;
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifindex(ifname: &str) -> io::Result<libc::c_int> {
+    let name = std::ffi::CString::new(ifname)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))?;
+    // SAFETY: reads a NUL-terminated name that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    libc::c_int::try_from(index).map_err(|_| io::Error::other("interface index out of range"))
+}
+
 fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -52,14 +97,67 @@ fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
 impl LinuxNet {
     /// Opens the control socket.
     pub fn new(resolv_conf: PathBuf) -> io::Result<Self> {
-        // SAFETY: plain system call; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        os_err(fd)?;
         Ok(LinuxNet {
-            // SAFETY: `fd` was just created and is owned by nobody else.
-            sock: unsafe { OwnedFd::from_raw_fd(fd) },
+            sock: control_socket(libc::AF_INET)?,
+            sock6: OnceLock::new(),
             resolv_conf,
         })
+    }
+
+    fn sock6(&self) -> io::Result<&OwnedFd> {
+        if let Some(s) = self.sock6.get() {
+            return Ok(s);
+        }
+        let s = control_socket(libc::AF_INET6)?;
+        Ok(self.sock6.get_or_init(|| s))
+    }
+
+    fn add_route6(&self, dest: Ipv6Addr, route: &Route) -> io::Result<()> {
+        let gateway = match route.gateway {
+            Some(IpAddr::V6(g)) => Some(g),
+            None => None,
+            Some(IpAddr::V4(g)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("IPv4 gateway {g} for an IPv6 route"),
+                ))
+            }
+        };
+        let mut rt = In6RtMsg {
+            rtmsg_dst: in6_addr(dest),
+            rtmsg_src: in6_addr(Ipv6Addr::UNSPECIFIED),
+            rtmsg_gateway: in6_addr(gateway.unwrap_or(Ipv6Addr::UNSPECIFIED)),
+            // 0: the kernel's default (a unicast route, metric 1024).
+            rtmsg_type: 0,
+            rtmsg_dst_len: u16::from(route.prefix),
+            rtmsg_src_len: 0,
+            rtmsg_metric: 0,
+            rtmsg_info: 0,
+            rtmsg_flags: u32::from(libc::RTF_UP)
+                | if gateway.is_some() {
+                    u32::from(libc::RTF_GATEWAY)
+                } else {
+                    0
+                },
+            rtmsg_ifindex: route
+                .ifname
+                .as_deref()
+                .map(ifindex)
+                .transpose()?
+                .unwrap_or(0),
+        };
+        // SAFETY: SIOCADDRT on an AF_INET6 socket reads one in6_rtmsg.
+        let rc = unsafe {
+            libc::ioctl(
+                self.sock6()?.as_raw_fd(),
+                libc::SIOCADDRT,
+                std::ptr::from_mut(&mut rt),
+            )
+        };
+        match os_err(rc) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            r => r,
+        }
     }
 
     fn ifreq(ifname: &str) -> io::Result<libc::ifreq> {
@@ -113,6 +211,33 @@ impl NetSys for LinuxNet {
         self.ioctl(libc::SIOCSIFNETMASK, &mut req)
     }
 
+    fn skip_ipv6_dad(&self, ifname: &str) -> io::Result<()> {
+        if ifname.contains('/') || ifname.starts_with('.') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad interface name {ifname:?}"),
+            ));
+        }
+        fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad"), "0")
+    }
+
+    fn add_ipv6(&self, ifname: &str, addr: Ipv6Addr, prefix: u8) -> io::Result<()> {
+        let mut req = libc::in6_ifreq {
+            ifr6_addr: in6_addr(addr),
+            ifr6_prefixlen: u32::from(prefix),
+            ifr6_ifindex: ifindex(ifname)?,
+        };
+        // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads one in6_ifreq.
+        let rc = unsafe {
+            libc::ioctl(
+                self.sock6()?.as_raw_fd(),
+                libc::SIOCSIFADDR,
+                std::ptr::from_mut(&mut req),
+            )
+        };
+        os_err(rc)
+    }
+
     fn set_up(&self, ifname: &str) -> io::Result<()> {
         let mut req = Self::ifreq(ifname)?;
         self.ioctl(libc::SIOCGIFFLAGS, &mut req)?;
@@ -123,6 +248,20 @@ impl NetSys for LinuxNet {
     }
 
     fn add_route(&self, route: &Route) -> io::Result<()> {
+        let dest = match route.dest {
+            IpAddr::V6(dest) => return self.add_route6(dest, route),
+            IpAddr::V4(dest) => dest,
+        };
+        let gateway = match route.gateway {
+            Some(IpAddr::V4(g)) => Some(g),
+            None => None,
+            Some(IpAddr::V6(g)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("IPv6 gateway {g} for an IPv4 route"),
+                ))
+            }
+        };
         let mut dev = route
             .ifname
             .as_deref()
@@ -134,11 +273,11 @@ impl NetSys for LinuxNet {
             .map(std::ffi::CString::into_bytes_with_nul);
         let mut rt = RtEntry {
             rt_pad1: 0,
-            rt_dst: sockaddr(route.dest),
-            rt_gateway: sockaddr(route.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED)),
+            rt_dst: sockaddr(dest),
+            rt_gateway: sockaddr(gateway.unwrap_or(Ipv4Addr::UNSPECIFIED)),
             rt_genmask: sockaddr(netmask(route.prefix)),
             rt_flags: libc::RTF_UP
-                | if route.gateway.is_some() {
+                | if gateway.is_some() {
                     libc::RTF_GATEWAY
                 } else {
                     0

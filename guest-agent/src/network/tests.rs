@@ -52,6 +52,12 @@ impl NetSys for Record {
     fn set_ipv4(&self, ifname: &str, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
         self.call(format!("addr {ifname} {addr}/{prefix}"))
     }
+    fn skip_ipv6_dad(&self, ifname: &str) -> io::Result<()> {
+        self.call(format!("nodad {ifname}"))
+    }
+    fn add_ipv6(&self, ifname: &str, addr: Ipv6Addr, prefix: u8) -> io::Result<()> {
+        self.call(format!("addr6 {ifname} {addr}/{prefix}"))
+    }
     fn set_up(&self, ifname: &str) -> io::Result<()> {
         self.call(format!("up {ifname}"))
     }
@@ -70,6 +76,7 @@ fn nic(mac: &str, address: Option<&str>, mtu: Option<u32>) -> InterfaceConfig {
     InterfaceConfig {
         mac: mac.into(),
         address: address.map(Into::into),
+        ipv6: Vec::new(),
         mtu,
     }
 }
@@ -114,6 +121,54 @@ fn a_typical_container_network_is_applied_in_order() {
             "resolv \"nameserver 10.88.0.1\\nnameserver 2001:db8::53\\nsearch example.com corp\\noptions ndots:2\\n\"",
         ]
     );
+}
+
+#[test]
+fn a_dual_stack_network_gets_its_ipv6_addresses_and_routes() {
+    let sys = Record::with_nics(&[("02:00:00:00:00:05", "eth0")]);
+    let mut eth0 = nic("02:00:00:00:00:05", Some("10.88.0.5/16"), None);
+    eth0.ipv6 = vec!["fd00:88::5/64".into(), "2001:db8:1::5/48".into()];
+    let cfg = NetworkConfig {
+        interfaces: vec![eth0],
+        routes: vec![
+            route("default", Some("10.88.0.1"), None),
+            route("::/0", Some("fd00:88::1"), None),
+            route(
+                "2001:db8:2::/48",
+                Some("fe80::1"),
+                Some("02:00:00:00:00:05"),
+            ),
+            route("fd00:99::/64", None, Some("02:00:00:00:00:05")),
+        ],
+        dns: None,
+    };
+    configure(&cfg, &sys).unwrap();
+    assert_eq!(
+        sys.calls(),
+        [
+            "up lo",
+            "addr eth0 10.88.0.5/16",
+            "nodad eth0",
+            "addr6 eth0 fd00:88::5/64",
+            "addr6 eth0 2001:db8:1::5/48",
+            "up eth0",
+            "route 0.0.0.0/0 via Some(10.88.0.1) dev None",
+            "route ::/0 via Some(fd00:88::1) dev None",
+            "route 2001:db8:2::/48 via Some(fe80::1) dev Some(\"eth0\")",
+            "route fd00:99::/64 via None dev Some(\"eth0\")",
+        ]
+    );
+}
+
+#[test]
+fn an_interface_without_ipv6_keeps_detection_on() {
+    let sys = Record::with_nics(&[("02:00:00:00:00:05", "eth0")]);
+    let cfg = NetworkConfig {
+        interfaces: vec![nic("02:00:00:00:00:05", Some("10.0.0.2/24"), None)],
+        ..Default::default()
+    };
+    configure(&cfg, &sys).unwrap();
+    assert!(!sys.calls().iter().any(|c| c.starts_with("nodad")));
 }
 
 #[test]
@@ -190,6 +245,66 @@ fn bad_requests_change_nothing_and_say_what_is_wrong() {
                 ..Default::default()
             },
             "gateway",
+        ),
+        (
+            NetworkConfig {
+                interfaces: vec![InterfaceConfig {
+                    ipv6: vec!["10.0.0.3/24".into()],
+                    ..ok_nic()
+                }],
+                ..Default::default()
+            },
+            "not an IPv6 address",
+        ),
+        (
+            NetworkConfig {
+                interfaces: vec![InterfaceConfig {
+                    ipv6: vec!["fd00::3/129".into()],
+                    ..ok_nic()
+                }],
+                ..Default::default()
+            },
+            "not an IPv6 address",
+        ),
+        (
+            NetworkConfig {
+                interfaces: vec![ok_nic()],
+                routes: vec![route("fd00:1::1/64", Some("fd00::1"), None)],
+                ..Default::default()
+            },
+            "host bits",
+        ),
+        (
+            NetworkConfig {
+                interfaces: vec![ok_nic()],
+                routes: vec![route("::/0", Some("10.0.0.1"), None)],
+                ..Default::default()
+            },
+            "other address family",
+        ),
+        (
+            NetworkConfig {
+                interfaces: vec![ok_nic()],
+                routes: vec![route("default", Some("fd00::1"), None)],
+                ..Default::default()
+            },
+            "other address family",
+        ),
+        (
+            NetworkConfig {
+                interfaces: vec![ok_nic()],
+                routes: vec![route("::/0", Some("fe80::1"), None)],
+                ..Default::default()
+            },
+            "link-local gateway fe80::1 needs an interface",
+        ),
+        (
+            NetworkConfig {
+                interfaces: vec![ok_nic()],
+                routes: vec![route("10.1.0.0", Some("10.0.0.1"), None)],
+                ..Default::default()
+            },
+            "prefix length",
         ),
         (
             NetworkConfig {

@@ -231,7 +231,15 @@ fn link_index(nl: &mut Rtnl, name: &str) -> anyhow::Result<u32> {
     bail!("interface {name} vanished")
 }
 
-/// The namespace's interfaces, addresses and IPv4 main-table routes.
+fn route_ip(a: &RouteAddress) -> Option<std::net::IpAddr> {
+    match a {
+        RouteAddress::Inet(ip) => Some((*ip).into()),
+        RouteAddress::Inet6(ip) => Some((*ip).into()),
+        _ => None,
+    }
+}
+
+/// The namespace's interfaces, addresses and main-table routes.
 fn snapshot(nl: &mut Rtnl) -> anyhow::Result<Snapshot> {
     let mut snap = Snapshot::default();
     for m in nl
@@ -290,39 +298,42 @@ fn snapshot(nl: &mut Rtnl) -> anyhow::Result<Snapshot> {
             });
         }
     }
-    let mut get = RouteMessage::default();
-    get.header.address_family = AddressFamily::Inet;
-    for m in nl
-        .dump(RouteNetlinkMessage::GetRoute(get))
-        .context("listing routes")?
-    {
-        let RouteNetlinkMessage::NewRoute(r) = m else {
-            continue;
-        };
-        let mut table = u32::from(r.header.table);
-        let mut route = Route {
-            dest: None,
-            gateway: None,
-            oif: None,
-            from_kernel: r.header.protocol == RouteProtocol::Kernel,
-            unicast: r.header.kind == RouteType::Unicast,
-        };
-        if r.header.address_family != AddressFamily::Inet {
-            continue;
-        }
-        for a in &r.attributes {
-            match a {
-                RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
-                    route.dest = Some((*ip, r.header.destination_prefix_length));
-                }
-                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(*ip),
-                RouteAttribute::Oif(i) => route.oif = Some(*i),
-                RouteAttribute::Table(t) => table = *t,
-                _ => {}
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut get = RouteMessage::default();
+        get.header.address_family = family;
+        for m in nl
+            .dump(RouteNetlinkMessage::GetRoute(get))
+            .context("listing routes")?
+        {
+            let RouteNetlinkMessage::NewRoute(r) = m else {
+                continue;
+            };
+            if r.header.address_family != family {
+                continue;
             }
-        }
-        if table == u32::from(RouteHeader::RT_TABLE_MAIN) {
-            snap.routes.push(route);
+            let mut table = u32::from(r.header.table);
+            let mut route = Route {
+                ipv6: family == AddressFamily::Inet6,
+                dest: None,
+                gateway: None,
+                oif: None,
+                from_kernel: r.header.protocol == RouteProtocol::Kernel,
+                unicast: r.header.kind == RouteType::Unicast,
+            };
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => {
+                        route.dest = route_ip(d).map(|ip| (ip, r.header.destination_prefix_length));
+                    }
+                    RouteAttribute::Gateway(g) => route.gateway = route_ip(g),
+                    RouteAttribute::Oif(i) => route.oif = Some(*i),
+                    RouteAttribute::Table(t) => table = *t,
+                    _ => {}
+                }
+            }
+            if table == u32::from(RouteHeader::RT_TABLE_MAIN) {
+                snap.routes.push(route);
+            }
         }
     }
     Ok(snap)

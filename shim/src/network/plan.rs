@@ -2,7 +2,7 @@
 //! interfaces become NICs, and the addresses and routes the agent sets up
 //! behind them. Plain data, so the rules are tested without a namespace.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use runvm_protocol::{InterfaceConfig, NetworkConfig, RouteConfig};
 
@@ -36,13 +36,15 @@ pub struct Address {
     pub prefix: u8,
 }
 
-/// An IPv4 route of the main table.
+/// A route of the main table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
+    /// An IPv6 route (else IPv4).
+    pub ipv6: bool,
     /// Destination and prefix length; none for the default route.
-    pub dest: Option<(Ipv4Addr, u8)>,
+    pub dest: Option<(IpAddr, u8)>,
     /// Next hop.
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     /// Outgoing interface.
     pub oif: Option<u32>,
     /// Added by the kernel for an address (the guest's kernel adds its own).
@@ -58,7 +60,7 @@ pub struct Snapshot {
     pub links: Vec<Link>,
     /// Addresses.
     pub addresses: Vec<Address>,
-    /// IPv4 routes of the main table.
+    /// Routes of the main table, both families.
     pub routes: Vec<Route>,
 }
 
@@ -95,9 +97,11 @@ pub fn mac_string(mac: &[u8; 6]) -> String {
 }
 
 /// Maps `snap` onto the guest: every Ethernet interface that is up (a
-/// namespace's veth) becomes a NIC with its MAC, first IPv4 address and
-/// MTU; routes other than the kernel's own follow, direct routes first so
-/// the gateways behind them are reachable when theirs are added.
+/// namespace's veth) becomes a NIC with its MAC, first IPv4 address, IPv6
+/// addresses (the kernel makes the link-local one from the MAC, as the
+/// namespace's did) and MTU; routes other than the kernel's own follow,
+/// direct routes first so the gateways behind them are reachable when
+/// theirs are added.
 pub fn guest_network(snap: &Snapshot) -> GuestNetwork {
     let mut out = GuestNetwork::default();
     for link in &snap.links {
@@ -110,11 +114,13 @@ pub fn guest_network(snap: &Snapshot) -> GuestNetwork {
             continue;
         };
         let mut address = None;
+        let mut ipv6 = Vec::new();
         for a in snap.addresses.iter().filter(|a| a.index == link.index) {
             match a.ip {
                 IpAddr::V4(ip) if address.is_none() => address = Some(format!("{ip}/{}", a.prefix)),
                 // The guest's kernel makes its own link-local address.
                 IpAddr::V6(ip) if ip.segments()[0] & 0xffc0 == 0xfe80 => {}
+                IpAddr::V6(ip) => ipv6.push(format!("{ip}/{}", a.prefix)),
                 ip => out
                     .ignored
                     .push(format!("address {ip}/{} of {}", a.prefix, link.name)),
@@ -123,6 +129,7 @@ pub fn guest_network(snap: &Snapshot) -> GuestNetwork {
         out.config.interfaces.push(InterfaceConfig {
             mac: mac_string(&mac),
             address,
+            ipv6,
             mtu: link.mtu,
         });
         out.nics.push(Nic {
@@ -139,6 +146,7 @@ pub fn guest_network(snap: &Snapshot) -> GuestNetwork {
             continue;
         }
         let destination = match r.dest {
+            None | Some((_, 0)) if r.ipv6 => "::/0".to_owned(),
             None | Some((_, 0)) => "default".to_owned(),
             Some((ip, prefix)) => format!("{ip}/{prefix}"),
         };

@@ -42,8 +42,9 @@ fn v4(index: u32, a: [u8; 4], prefix: u8) -> Address {
 
 fn route(dest: Option<([u8; 4], u8)>, gw: Option<[u8; 4]>, oif: u32) -> Route {
     Route {
-        dest: dest.map(|(d, p)| (Ipv4Addr::from(d), p)),
-        gateway: gw.map(Ipv4Addr::from),
+        ipv6: false,
+        dest: dest.map(|(d, p)| (Ipv4Addr::from(d).into(), p)),
+        gateway: gw.map(|g| Ipv4Addr::from(g).into()),
         oif: Some(oif),
         from_kernel: false,
         unicast: true,
@@ -84,6 +85,7 @@ fn a_veth_becomes_a_nic_with_its_mac_address_and_default_route() {
         vec![InterfaceConfig {
             mac: "0a:58:0a:58:00:02".into(),
             address: Some("10.88.0.5/16".into()),
+            ipv6: vec![],
             mtu: Some(1500),
         }]
     );
@@ -155,15 +157,83 @@ fn direct_routes_come_before_the_gateways_behind_them() {
     );
 }
 
+fn v6(index: u32, a: &str, prefix: u8) -> Address {
+    Address {
+        index,
+        ip: a.parse().unwrap(),
+        prefix,
+    }
+}
+
+fn route6(dest: Option<(&str, u8)>, gw: Option<&str>, oif: u32) -> Route {
+    Route {
+        ipv6: true,
+        dest: dest.map(|(d, p)| (d.parse().unwrap(), p)),
+        gateway: gw.map(|g| g.parse().unwrap()),
+        oif: Some(oif),
+        from_kernel: false,
+        unicast: true,
+    }
+}
+
+#[test]
+fn a_dual_stack_veth_brings_its_ipv6_addresses_and_routes() {
+    // netavark's dual-stack bridge, plus a route a router advertised
+    // through a link-local gateway.
+    let mut snap = cni_bridge();
+    snap.addresses.push(v6(2, "fd00:88::5", 64));
+    snap.addresses.push(v6(2, "2001:db8::5", 64));
+    // The kernel's own, which the guest's kernel makes again from the MAC.
+    snap.addresses.push(v6(2, "fe80::858:aff:fe58:2", 64));
+    snap.routes.push(Route {
+        from_kernel: true,
+        ..route6(Some(("fd00:88::", 64)), None, 2)
+    });
+    snap.routes.push(Route {
+        from_kernel: true,
+        ..route6(Some(("fe80::", 64)), None, 2)
+    });
+    snap.routes.push(Route {
+        from_kernel: true,
+        unicast: false,
+        ..route6(Some(("ff00::", 8)), None, 2)
+    });
+    snap.routes.push(route6(None, Some("fd00:88::1"), 2));
+    snap.routes
+        .push(route6(Some(("2001:db8:9::", 48)), Some("fe80::1"), 2));
+    let g = guest_network(&snap);
+    assert!(g.ignored.is_empty(), "{:?}", g.ignored);
+    assert_eq!(
+        g.config.interfaces[0].ipv6,
+        ["fd00:88::5/64", "2001:db8::5/64"]
+    );
+    let mac = Some("0a:58:0a:58:00:02".to_owned());
+    assert_eq!(
+        g.config.routes,
+        [
+            RouteConfig {
+                destination: "default".into(),
+                gateway: Some("10.88.0.1".into()),
+                mac: mac.clone(),
+            },
+            RouteConfig {
+                destination: "::/0".into(),
+                gateway: Some("fd00:88::1".into()),
+                mac: mac.clone(),
+            },
+            RouteConfig {
+                destination: "2001:db8:9::/48".into(),
+                gateway: Some("fe80::1".into()),
+                mac,
+            },
+        ]
+    );
+}
+
 #[test]
 fn what_the_guest_cannot_have_is_reported_not_dropped_silently() {
     let mut snap = cni_bridge();
     snap.addresses.push(v4(2, [10, 88, 0, 6], 16));
-    snap.addresses.push(Address {
-        index: 2,
-        ip: "fd00::5".parse().unwrap(),
-        prefix: 64,
-    });
     snap.routes
         .push(route(Some(([10, 9, 0, 0], 16)), Some([10, 88, 0, 1]), 7));
     snap.routes.push(Route {
@@ -179,7 +249,6 @@ fn what_the_guest_cannot_have_is_reported_not_dropped_silently() {
         g.ignored,
         [
             "address 10.88.0.6/16 of eth0",
-            "address fd00::5/64 of eth0",
             "route to 10.9.0.0/16 (through an interface the guest does not have)",
         ]
     );
@@ -265,7 +334,7 @@ fn attach_splices_the_veth_to_a_tap_and_detach_leaves_the_namespace_as_it_was() 
         nix::unistd::geteuid().is_root(),
         "this test needs root (network namespaces, tc), as the rest of the suite"
     );
-    let ns = Netns::new("u", "10.213.7");
+    let ns = Netns::new("u", "10.213.7").with_ipv6("fd00:213:7:0");
     let before = ns.fingerprint();
 
     let (mut attached, nics) = super::attach(std::path::Path::new(&ns.path())).unwrap();
@@ -275,9 +344,19 @@ fn attach_splices_the_veth_to_a_tap_and_detach_leaves_the_namespace_as_it_was() 
         attached.config.interfaces[0].address.as_deref(),
         Some("10.213.7.2/24")
     );
+    assert_eq!(attached.config.interfaces[0].ipv6, ["fd00:213:7::2/64"]);
+    let routes: Vec<_> = attached
+        .config
+        .routes
+        .iter()
+        .map(|r| (r.destination.as_str(), r.gateway.as_deref()))
+        .collect();
     assert_eq!(
-        attached.config.routes[0].gateway.as_deref(),
-        Some("10.213.7.1")
+        routes,
+        [
+            ("default", Some("10.213.7.1")),
+            ("::/0", Some("fd00:213:7::1"))
+        ]
     );
     let links = ns.exec(&["ip", "-o", "link"]);
     assert!(
