@@ -331,6 +331,13 @@ impl ChildSetup {
         if let Some(caps) = &self.caps {
             self.set_caps(caps)?;
         }
+        Ok(())
+    }
+
+    /// Runs in the child right before exec, after [`ChildSetup::apply`]
+    /// (and, for a held process, after `start`): no_new_privs and the
+    /// filter that needs it, as late as runc loads them.
+    pub fn finish(&self) -> io::Result<()> {
         if self.no_new_privs {
             // SAFETY: prctl with integer arguments.
             os_err(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })?;

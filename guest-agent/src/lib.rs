@@ -7,6 +7,7 @@ pub mod child_setup;
 pub mod device_nodes;
 pub mod entropy;
 pub mod figures;
+pub mod held;
 pub mod masks;
 pub mod mount_ns;
 pub mod mount_sys;

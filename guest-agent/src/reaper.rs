@@ -1,15 +1,12 @@
 //! Collects every child's exit status with waitpid(-1): as PID 1 the agent
 //! must reap orphans too, so no other code may wait on a single child.
 //! Processes the agent started get their status through [`Reaper::watch`].
-//!
-//! One exception: `Command::spawn` itself waits for a child whose exec
-//! failed (and panics if it was reaped first). Spawns therefore go through
-//! [`Reaper::spawn`], and the reaper only reaps while no spawn is under way.
+//! The agent forks them itself (held.rs), never with `Command::spawn`,
+//! which would wait on its own child.
 
 use std::collections::{HashMap, VecDeque};
-use std::process::{Child, Command};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -21,7 +18,7 @@ use nix::unistd::Pid;
 /// exit before its starter registers it. Old ones (orphans) fall off.
 const MAX_UNCLAIMED: usize = 1024;
 /// How long the reaper naps when there is no child (orphans of processes
-/// it did not spawn can appear any time; its own spawns wake it).
+/// the agent did not fork can appear any time; its own forks wake it).
 const NO_CHILDREN_NAP: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
@@ -34,9 +31,7 @@ struct State {
 #[derive(Default)]
 pub struct Reaper {
     state: Mutex<State>,
-    /// Spawns hold it shared; the reaper takes it alone to reap.
-    spawning: RwLock<()>,
-    /// The reaping thread, unparked by each spawn: with no children it
+    /// The reaping thread, unparked after each fork: with no children it
     /// naps, and a child that ends within the nap is then seen at once.
     thread: std::sync::OnceLock<thread::Thread>,
 }
@@ -64,13 +59,12 @@ impl Reaper {
             // Wait until some child can be reaped, without reaping it.
             match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
                 Ok(_) | Err(Errno::EINTR) => {}
-                // No children right now: until the next spawn, at most.
+                // No children right now: until the next fork, at most.
                 Err(_) => {
                     thread::park_timeout(NO_CHILDREN_NAP);
                     continue;
                 }
             }
-            let _alone = self.spawning.write().unwrap_or_else(|p| p.into_inner());
             loop {
                 match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::Exited(pid, code)) => self.deliver(pid.as_raw(), code),
@@ -78,7 +72,7 @@ impl Reaper {
                         self.deliver(pid.as_raw(), 128 + sig as i32)
                     }
                     Err(Errno::EINTR) => {}
-                    // Nothing more to reap (a failed spawn took its own).
+                    // Nothing more to reap.
                     Ok(WaitStatus::StillAlive) | Err(_) => break,
                     Ok(_) => {}
                 }
@@ -86,14 +80,12 @@ impl Reaper {
         }
     }
 
-    /// Spawns `cmd`; the reaper stays off its child until spawn returned.
-    pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<Child> {
-        let _shared = self.spawning.read().unwrap_or_else(|p| p.into_inner());
-        let child = cmd.spawn();
+    /// Tells the reaper a child was just forked, so that a nap without
+    /// children ends now.
+    pub fn wake(&self) {
         if let Some(t) = self.thread.get() {
             t.unpark();
         }
-        child
     }
 
     fn deliver(&self, pid: i32, status: i32) {

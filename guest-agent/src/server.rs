@@ -13,9 +13,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
@@ -28,6 +26,7 @@ use runvm_protocol::{
 
 use crate::cgroup::ContainerCgroup;
 use crate::child_setup::ChildSetup;
+use crate::held::{ChildStdio, Held, Program};
 use crate::mount_ns::MountNs;
 use crate::namespaces::{ContainerNs, ForkInto};
 use crate::network::NetSys;
@@ -77,23 +76,23 @@ impl Outbox {
     }
 }
 
-enum Proc {
-    Created(Box<ProcessSpec>),
-    Running {
-        pid: i32,
-        stdin: Option<StdinFeed>,
-        /// The terminal's master side, for resizes; `None` with pipes.
-        tty: Option<OwnedFd>,
-    },
-    Exited,
+/// A process the host created.
+struct Proc {
+    pid: i32,
+    /// Until start: the process, set up and waiting to exec.
+    held: Option<Held>,
+    stdin: Option<StdinFeed>,
+    /// The terminal's master side, for resizes; `None` with pipes.
+    tty: Option<OwnedFd>,
+    /// It ended (or never will run): its PID may be another's by now.
+    exited: bool,
 }
 
-/// What a started process hands back: its pid, where its input goes and
-/// its terminal, if it has one.
-struct Started {
-    pid: i32,
-    stdin: Option<StdinFeed>,
-    tty: Option<OwnedFd>,
+impl Proc {
+    /// Its PID while it is there to take a signal (created or running).
+    fn live_pid(&self) -> Option<i32> {
+        (!self.exited).then_some(self.pid)
+    }
 }
 
 fn error(message: impl Into<String>) -> Outcome {
@@ -115,11 +114,9 @@ pub struct Agent {
     network: Option<Box<dyn NetSys + Send + Sync>>,
     figures: Option<crate::figures::BootFigures>,
     cgroup: Option<ContainerCgroup>,
-    /// The namespaces the container's init made, which execs join.
+    /// The namespaces the container's init made (at its create), which
+    /// execs join.
     container_ns: Mutex<Option<ContainerNs>>,
-    /// An init that makes namespaces was created: until it starts, an
-    /// exec has nothing to join.
-    container_ns_due: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -144,7 +141,6 @@ impl Agent {
             figures: None,
             cgroup: None,
             container_ns: Mutex::new(None),
-            container_ns_due: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -235,8 +231,10 @@ impl Agent {
     /// for it.
     fn stdin(&self, chunk: StreamChunk) -> io::Result<()> {
         let handle = chunk.handle;
-        if let Some(Proc::Running {
-            stdin: Some(feed), ..
+        if let Some(Proc {
+            stdin: Some(feed),
+            exited: false,
+            ..
         }) = self.procs().get_mut(&handle)
         {
             if chunk.data.is_empty() {
@@ -295,25 +293,29 @@ impl Agent {
                 if process.args.is_empty() {
                     return error("process.args is empty");
                 }
-                if let Some(c) = process.container.as_ref().filter(|c| !c.sysctls.is_empty()) {
-                    // Checked now, so that a key the guest kernel lacks
-                    // fails `create`, not `start`.
-                    if let Err(e) = Sysctls::new(&c.sysctls) {
-                        return error(e.to_string());
+                match self.create(handle, &process) {
+                    Ok(p) => {
+                        procs.insert(handle, p);
+                        Outcome::Ok { pid: None }
                     }
+                    Err(e) => error(format!("cannot start {:?}: {e}", process.args[0])),
                 }
-                if self.new_namespaces(&process).is_some() {
-                    self.container_ns_due
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                procs.insert(handle, Proc::Created(process));
-                Outcome::Ok { pid: None }
             }
-            Op::Start { handle } => match procs.remove(&handle) {
-                Some(Proc::Created(spec)) => match self.start(handle, &spec) {
-                    Ok(Started { pid, stdin, tty }) => {
+            Op::Start { handle } => {
+                let Some(p) = procs.get_mut(&handle) else {
+                    return error(format!("no process with handle {handle}"));
+                };
+                let Some(held) = p.held.take() else {
+                    return match p.exited {
+                        true => error(format!("process {handle} ended before it started")),
+                        false => error(format!("process {handle} was already started")),
+                    };
+                };
+                let pid = p.pid;
+                match held.release() {
+                    Ok(()) => {
                         if let Some(f) = &self.figures {
-                            // spawn returns once the exec succeeded.
+                            // release returns once the exec succeeded.
                             let line = f.report(
                                 requested,
                                 crate::figures::boottime_ms(),
@@ -323,30 +325,28 @@ impl Agent {
                                 eprintln!("{line}");
                             }
                         }
-                        procs.insert(handle, Proc::Running { pid, stdin, tty });
                         Outcome::Ok { pid: Some(pid) }
                     }
-                    Err(e) => error(format!("cannot start {:?}: {e}", spec.args[0])),
-                },
-                Some(other) => {
-                    procs.insert(handle, other);
-                    error(format!("process {handle} was already started"))
+                    // It exits 127, which is reported as its end.
+                    Err(e) => {
+                        p.exited = true;
+                        error(format!("cannot start process {handle}: {e}"))
+                    }
                 }
-                None => error(format!("no process with handle {handle}")),
-            },
-            Op::Signal { handle, signal } => match procs.get(&handle) {
-                Some(Proc::Running { pid, .. }) => match Signal::try_from(signal)
+            }
+            Op::Signal { handle, signal } => match procs.get(&handle).and_then(Proc::live_pid) {
+                Some(pid) => match Signal::try_from(signal)
                     .map_err(|e| e.to_string())
-                    .and_then(|sig| kill(Pid::from_raw(*pid), sig).map_err(|e| e.to_string()))
+                    .and_then(|sig| kill(Pid::from_raw(pid), sig).map_err(|e| e.to_string()))
                 {
                     Ok(()) => Outcome::Ok { pid: None },
                     Err(e) => error(format!("signal {signal} to process {handle}: {e}")),
                 },
-                _ => error(format!("no running process with handle {handle}")),
+                None => error(format!("no running process with handle {handle}")),
             },
             Op::CloseStdin { handle } => match procs.get_mut(&handle) {
-                Some(Proc::Running { stdin, .. }) => {
-                    if let Some(feed) = stdin {
+                Some(p) if !p.exited => {
+                    if let Some(feed) = &mut p.stdin {
                         feed.close();
                     }
                     Outcome::Ok { pid: None }
@@ -354,11 +354,15 @@ impl Agent {
                 _ => error(format!("no running process with handle {handle}")),
             },
             Op::ResizeTerminal { handle, size } => match procs.get(&handle) {
-                Some(Proc::Running { tty: Some(tty), .. }) => match crate::tty::resize(tty, size) {
+                Some(Proc {
+                    tty: Some(tty),
+                    exited: false,
+                    ..
+                }) => match crate::tty::resize(tty, size) {
                     Ok(()) => Outcome::Ok { pid: None },
                     Err(e) => error(format!("resizing the terminal of process {handle}: {e}")),
                 },
-                Some(Proc::Running { tty: None, .. }) => {
+                Some(Proc { exited: false, .. }) => {
                     error(format!("process {handle} has no terminal"))
                 }
                 _ => error(format!("no running process with handle {handle}")),
@@ -369,69 +373,52 @@ impl Agent {
     /// The processes the host started, their descendants, and whatever
     /// else lives in the container's mount namespace.
     fn container_processes(&self, procs: &HashMap<u32, Proc>) -> Vec<GuestProcess> {
-        let roots: Vec<i32> = procs
-            .values()
-            .filter_map(|p| match p {
-                Proc::Running { pid, .. } => Some(*pid),
-                _ => None,
-            })
-            .collect();
+        let roots: Vec<i32> = procs.values().filter_map(Proc::live_pid).collect();
         let all = crate::procfs::scan(Path::new("/proc"));
         crate::procfs::container_processes(&all, &roots, |pid| {
             self.rootfs.as_ref().is_some_and(|ns| ns.contains(pid))
         })
     }
 
-    fn start(&self, handle: u32, spec: &ProcessSpec) -> io::Result<Started> {
-        let mut cmd = Command::new(&spec.args[0]);
-        cmd.args(&spec.args[1..]).env_clear();
-        let master = if spec.terminal {
-            let pty = crate::tty::open(spec.console_size.unwrap_or(crate::tty::DEFAULT_SIZE))?;
-            cmd.stdin(Stdio::from(pty.slave.try_clone()?))
-                .stdout(Stdio::from(pty.slave.try_clone()?))
-                .stderr(Stdio::from(pty.slave));
-            Some(pty.master)
-        } else {
-            cmd.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            None
-        };
-        for kv in &spec.env {
-            if let Some((k, v)) = kv.split_once('=') {
-                cmd.env(k, v);
-            }
+    /// Forks the process, sets it up and holds it before its exec (see
+    /// held.rs); its output and exit are watched from now on.
+    fn create(&self, handle: u32, spec: &ProcessSpec) -> io::Result<Proc> {
+        if let Some(c) = spec.container.as_ref().filter(|c| !c.sysctls.is_empty()) {
+            // Checked before anything is made, so that a key the guest
+            // kernel lacks fails `create` cleanly.
+            Sysctls::new(&c.sysctls)?;
         }
+        let program = Program::new(&spec.args, &spec.env)?;
+        let (stdio, master) = if spec.terminal {
+            let pty = crate::tty::open(spec.console_size.unwrap_or(crate::tty::DEFAULT_SIZE))?;
+            (ChildStdio::Terminal(pty.slave), Some(pty.master))
+        } else {
+            (ChildStdio::Pipes, None)
+        };
         let setup = ChildSetup::new(self.rootfs.as_ref(), self.cgroup.as_ref(), spec)?;
-        // SAFETY: the hook only makes async-signal-safe system calls on
-        // data prepared before the fork (see child_setup).
-        unsafe { cmd.pre_exec(move || setup.apply()) };
         // A terminal is one stream both ways: output on stdout, input to
         // the same master side.
         let tty_io = match &master {
             Some(m) => Some((File::from(m.try_clone()?), File::from(m.try_clone()?))),
             None => None,
         };
-        let mut child = self.spawn_in_namespaces(&mut cmd, spec)?;
-        // The Command holds the agent's copies of the terminal's slave
-        // side: dropping it lets the master read EOF once the last process
-        // on the terminal is gone.
-        drop(cmd);
-        let pid = child.id() as i32;
+        let mut held = self.fork_in_namespaces(&program, stdio, &setup, spec)?;
+        // The agent's copies of the terminal's slave side went with
+        // `stdio`: the master reads EOF once the last process on the
+        // terminal is gone.
+        let pid = held.pid;
         let exited = self.reaper.watch(pid);
         type Source = Option<Box<dyn Read + Send>>;
         let (stdin, stdout, stderr): (Option<File>, Source, Source) = match tty_io {
             Some((input, output)) => (Some(input), Some(Box::new(output)), None),
             None => (
-                child.stdin.take().map(|i| File::from(OwnedFd::from(i))),
-                child
-                    .stdout
+                held.stdin.take().map(File::from),
+                held.stdout
                     .take()
-                    .map(|o| Box::new(o) as Box<dyn Read + Send>),
-                child
-                    .stderr
+                    .map(|o| Box::new(File::from(o)) as Box<dyn Read + Send>),
+                held.stderr
                     .take()
-                    .map(|e| Box::new(e) as Box<dyn Read + Send>),
+                    .map(|e| Box::new(File::from(e)) as Box<dyn Read + Send>),
             ),
         };
         let stdin = match stdin {
@@ -447,8 +434,8 @@ impl Agent {
                     Ok(feed) => Some(feed),
                     Err(e) => {
                         // No thread to feed its input: the process is
-                        // killed rather than left running unrelayed (the
-                        // reaper collects it).
+                        // killed rather than left unrelayed (the reaper
+                        // collects it).
                         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                         return Err(e);
                     }
@@ -474,16 +461,19 @@ impl Agent {
                 .unwrap_or_else(|p| p.into_inner())
                 .get_mut(&handle)
             {
-                *p = Proc::Exited;
+                p.exited = true;
+                p.held = None;
             }
             if let Ok(frame) = encode_json(FrameKind::Event, &Event::Exited { handle, status }) {
                 out.deliver(&frame);
             }
         });
-        Ok(Started {
+        Ok(Proc {
             pid,
+            held: Some(held),
             stdin,
             tty: master,
+            exited: false,
         })
     }
 }
@@ -499,12 +489,14 @@ impl Agent {
             .map(|c| c.namespaces.as_slice())
     }
 
-    /// Spawns `cmd` in the namespaces `spec` makes or joins.
-    fn spawn_in_namespaces(
+    /// Forks `program` in the namespaces `spec` makes or joins.
+    fn fork_in_namespaces(
         &self,
-        cmd: &mut Command,
+        program: &Program,
+        stdio: ChildStdio,
+        setup: &ChildSetup,
         spec: &ProcessSpec,
-    ) -> io::Result<std::process::Child> {
+    ) -> io::Result<Held> {
         let lock = || self.container_ns.lock().unwrap_or_else(|p| p.into_inner());
         let sysctls = match &spec.container {
             Some(c) if !c.sysctls.is_empty() => Some(Sysctls::new(&c.sysctls)?),
@@ -513,17 +505,21 @@ impl Agent {
         if let Some(s) = &sysctls {
             s.write_guest_wide()?;
         }
+        let fork = |stdio| {
+            let held = Held::fork(program, stdio, setup);
+            self.reaper.wake();
+            held
+        };
         if let Some(kinds) = self.new_namespaces(spec) {
             let guard = ForkInto::new_namespaces(kinds)?;
             // In the new IPC and UTS namespaces, which the thread is in.
             if let Some(s) = &sysctls {
                 s.write_per_namespace()?;
             }
-            let child = self.reaper.spawn(cmd);
+            let child = fork(stdio);
             if child.is_ok() {
                 match guard.made() {
                     Ok(made) => *lock() = Some(made),
-                    // The init ended at once: nothing is left to join.
                     Err(e) => eprintln!("runvm-agent: the container's namespaces: {e}"),
                 }
             }
@@ -537,20 +533,12 @@ impl Agent {
             let ns = lock();
             if let Some(ns) = ns.as_ref() {
                 let guard = ForkInto::join(ns)?;
-                let child = self.reaper.spawn(cmd);
+                let child = fork(stdio);
                 drop(guard);
                 return child;
             }
-            if self
-                .container_ns_due
-                .load(std::sync::atomic::Ordering::SeqCst)
-            {
-                return Err(io::Error::other(
-                    "the container's process has not started: its namespaces do not exist yet",
-                ));
-            }
         }
-        self.reaper.spawn(cmd)
+        fork(stdio)
     }
 }
 

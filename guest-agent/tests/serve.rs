@@ -345,12 +345,18 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
         handle: 2,
         process: sh("true").into()
     })));
+    // A program that is not there fails `create` (as under runc), and
+    // there is then nothing to start.
     let mut missing = sh("true");
     missing.args = vec!["/nonexistent/binary".into()];
-    c.call(Op::Create {
+    let Outcome::Error { message } = c.call(Op::Create {
         handle: 3,
         process: missing.into(),
-    });
+    }) else {
+        panic!("a missing program was created");
+    };
+    assert!(message.contains("/nonexistent/binary"), "{message}");
+    assert!(message.contains("No such file"), "{message}");
     assert!(is_err(&c.call(Op::Start { handle: 3 })));
 
     // Malformed JSON and unknown operations in well-formed frames.
@@ -511,7 +517,7 @@ fn user_groups_umask_rlimits_capabilities_and_no_new_privs_apply() {
 }
 
 #[test]
-fn unknown_capabilities_and_rlimits_are_refused_at_start() {
+fn unknown_capabilities_and_rlimits_are_refused_at_create() {
     let a = agent();
     let mut c = Client::connect(&a);
     let mut p = sh("true");
@@ -519,12 +525,11 @@ fn unknown_capabilities_and_rlimits_are_refused_at_start() {
         bounding: vec!["CAP_TELEPORT".into()],
         ..Default::default()
     });
-    c.call(Op::Create {
+    let Outcome::Error { message } = c.call(Op::Create {
         handle: 1,
         process: p.into(),
-    });
-    let Outcome::Error { message } = c.call(Op::Start { handle: 1 }) else {
-        panic!("an unknown capability started")
+    }) else {
+        panic!("an unknown capability was created")
     };
     assert!(message.contains("CAP_TELEPORT"), "{message}");
     let mut p = sh("true");
@@ -533,12 +538,11 @@ fn unknown_capabilities_and_rlimits_are_refused_at_start() {
         soft: 10,
         hard: 5,
     }];
-    c.call(Op::Create {
+    let Outcome::Error { message } = c.call(Op::Create {
         handle: 2,
         process: p.into(),
-    });
-    let Outcome::Error { message } = c.call(Op::Start { handle: 2 }) else {
-        panic!("a soft limit above the hard one started")
+    }) else {
+        panic!("a soft limit above the hard one was created")
     };
     assert!(message.contains("above hard"), "{message}");
     // The agent still serves.
@@ -681,6 +685,59 @@ fn processes_and_stats_describe_what_the_host_started() {
 }
 
 #[test]
+fn a_created_process_is_set_up_and_waits_for_start() {
+    let a = agent();
+    let mut c = Client::connect(&a);
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("ran");
+    let script = format!("touch {}; read l; echo got $l", mark.display());
+    assert_eq!(
+        c.call(Op::Create {
+            handle: 1,
+            process: sh(&script).into(),
+        }),
+        Outcome::Ok { pid: None }
+    );
+    // Input given before the start is read after it.
+    c.stdin(1, b"early\n");
+    // The process is there (runc's created init), its program is not.
+    let Outcome::Processes { processes } = c.call(Op::ListProcesses) else {
+        panic!("no process list");
+    };
+    assert_eq!(processes.len(), 1, "{processes:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!mark.exists(), "the program ran before start");
+    assert!(c.output(1, StreamId::Stdout).is_empty());
+    let Outcome::Ok { pid: Some(pid) } = c.call(Op::Start { handle: 1 }) else {
+        panic!("start failed");
+    };
+    assert_eq!(pid, processes[0].pid);
+    assert_eq!(c.wait(1), 0);
+    assert_eq!(c.output(1, StreamId::Stdout), "got early\n");
+    assert!(mark.exists());
+    assert!(c.call(Op::Start { handle: 1 }) != Outcome::Ok { pid: Some(pid) });
+
+    // Killed while created: it ends and cannot be started.
+    c.call(Op::Create {
+        handle: 2,
+        process: sh("echo never").into(),
+    });
+    assert_eq!(
+        c.call(Op::Signal {
+            handle: 2,
+            signal: libc::SIGKILL
+        }),
+        Outcome::Ok { pid: None }
+    );
+    assert_eq!(c.wait(2), 137);
+    let Outcome::Error { message } = c.call(Op::Start { handle: 2 }) else {
+        panic!("a killed process started");
+    };
+    assert!(message.contains("ended before it started"), "{message}");
+    assert!(c.output(2, StreamId::Stdout).is_empty());
+}
+
+#[test]
 fn programs_that_cannot_start_never_bring_the_agent_down() {
     // Each failed exec is waited by the spawner while the reaper runs
     // beside it; other children end meanwhile to keep the reaper busy.
@@ -690,15 +747,34 @@ fn programs_that_cannot_start_never_bring_the_agent_down() {
     for handle in 2..60 {
         let mut p = sh("true");
         p.args = vec!["/no/such/program".into()];
-        c.call(Op::Create {
+        let Outcome::Error { message } = c.call(Op::Create {
             handle,
             process: p.into(),
-        });
-        let Outcome::Error { message } = c.call(Op::Start { handle }) else {
-            panic!("a missing program started");
+        }) else {
+            panic!("a missing program was created");
         };
         assert!(message.contains("/no/such/program"), "{message}");
     }
+    // A program found at create whose exec fails at start (not a format
+    // the kernel runs): the start fails and the process ends with 127.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, "\x00\x01not a program").unwrap();
+    std::fs::set_permissions(&junk, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut p = sh("true");
+    p.args = vec![junk.to_string_lossy().into_owned()];
+    assert_eq!(
+        c.call(Op::Create {
+            handle: 60,
+            process: p.into(),
+        }),
+        Outcome::Ok { pid: None }
+    );
+    let Outcome::Error { message } = c.call(Op::Start { handle: 60 }) else {
+        panic!("junk started");
+    };
+    assert!(message.contains("Exec format error"), "{message}");
+    assert_eq!(c.wait(60), 127);
     assert_eq!(c.wait(1), 0);
     assert_eq!(c.run(100, sh("exit 6")), 6);
 }
@@ -762,18 +838,17 @@ fn the_seccomp_profile_binds_the_process_with_and_without_no_new_privs() {
         assert!(err.contains("Operation not permitted"), "{err}");
     }
 
-    // A profile runvm cannot honour is refused when the process starts.
+    // A profile runvm cannot honour is refused when the process is created.
     let mut p = sh("true");
     p.seccomp = Some(Seccomp {
         default_action: "SCMP_ACT_NOTIFY".into(),
         ..Seccomp::default()
     });
-    c.call(Op::Create {
+    let Outcome::Error { message } = c.call(Op::Create {
         handle: 3,
         process: p.into(),
-    });
-    let Outcome::Error { message } = c.call(Op::Start { handle: 3 }) else {
-        panic!("a notify profile started")
+    }) else {
+        panic!("a notify profile was created")
     };
     assert!(message.contains("SCMP_ACT_NOTIFY"), "{message}");
     assert_eq!(c.run(4, sh("exit 4")), 4);

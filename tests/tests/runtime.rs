@@ -605,7 +605,10 @@ kvm_test!(
         );
 
         // Bad input: a command that does not exist, no command at all.
-        rt.fails(&["exec", "x1", "/no/such/program"], "could not start");
+        rt.fails(
+            &["exec", "x1", "/no/such/program"],
+            "\"/no/such/program\": No such file or directory",
+        );
         rt.fails(&["exec", "x1"], "needs a command");
         rt.fails(&["exec", "nope", "true"], "does not exist");
         assert_eq!(rt.state("x1")["status"], "running");
@@ -928,7 +931,39 @@ kvm_test!(
                 {"path": "/dev/sub/fifo", "type": "p", "fileMode": 384}
             ]);
         });
-        let pid = rt.run_detached("ns1");
+        // Created, as under runc: the init exists, set up in its
+        // namespaces, and an exec joins them before the program runs.
+        let pid_file = rt.path("init.pid");
+        rt.detached(
+            &[
+                "create",
+                "ns1",
+                "--bundle",
+                b.to_str().unwrap(),
+                "--pid-file",
+                pid_file.to_str().unwrap(),
+            ],
+            Stdio::null(),
+            &rt.path("stdout"),
+        );
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+        let early = rt.ok(&[
+            "exec",
+            "ns1",
+            "sh",
+            "-c",
+            "echo $$; readlink /proc/1/ns/pid; readlink /proc/$$/ns/pid; \
+             ls /proc | grep -c '^[0-9]'",
+        ]);
+        let early: Vec<&str> = early.lines().collect();
+        assert_ne!(early[0], "1", "{early:?}");
+        assert_eq!(early[1], early[2], "{early:?}");
+        assert_ne!(early[1], "pid:[4026531836]", "{early:?}");
+        // The held init, the exec's shell, ls and grep.
+        assert!(early[3].parse::<u32>().unwrap() <= 4, "{early:?}");
+        assert_eq!(std::fs::read_to_string(rt.path("stdout")).unwrap(), "");
+        assert_eq!(rt.state("ns1")["status"], "created");
+        rt.ok(&["start", "ns1"]);
         let out = wait_for(&rt.path("stdout"), "ready", Duration::from_secs(300));
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "pid:1", "{out}");
