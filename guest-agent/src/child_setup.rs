@@ -102,6 +102,88 @@ fn rlimit_resource(name: &str) -> io::Result<libc::__rlimit_resource_t> {
     })
 }
 
+/// A step of the child's setup, named in the error when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Step {
+    /// Taking its stdin, stdout and stderr.
+    Stdio = 1,
+    /// Joining the container's cgroup.
+    Cgroup,
+    /// Writing `oom_score_adj`.
+    OomScoreAdj,
+    /// Joining the container's cgroup namespace.
+    CgroupNs,
+    /// Taking the terminal as its controlling terminal.
+    Terminal,
+    /// Joining the container's mount namespace.
+    MountNs,
+    /// Mounting its PID namespace's `/proc`.
+    Proc,
+    /// Making the spec's device nodes.
+    Devices,
+    /// The spec's masked and read-only paths.
+    Masks,
+    /// Changing to its working directory.
+    Cwd,
+    /// Setting its rlimits.
+    Rlimits,
+    /// Loading its seccomp filter.
+    Seccomp,
+    /// Setting its capabilities.
+    Capabilities,
+    /// Switching to its user and groups.
+    User,
+    /// Setting no_new_privs.
+    NoNewPrivs,
+    /// Finding its program.
+    Lookup,
+    /// The exec itself.
+    Exec,
+}
+
+impl Step {
+    /// Every step, in order.
+    pub const ALL: [Step; 17] = [
+        Step::Stdio,
+        Step::Cgroup,
+        Step::OomScoreAdj,
+        Step::CgroupNs,
+        Step::Terminal,
+        Step::MountNs,
+        Step::Proc,
+        Step::Devices,
+        Step::Masks,
+        Step::Cwd,
+        Step::Rlimits,
+        Step::Seccomp,
+        Step::Capabilities,
+        Step::User,
+        Step::NoNewPrivs,
+        Step::Lookup,
+        Step::Exec,
+    ];
+
+    /// The step numbered `n` (its `as u8`).
+    pub fn from_u8(n: u8) -> Option<Step> {
+        Step::ALL.into_iter().find(|s| *s as u8 == n)
+    }
+}
+
+/// A step that failed in the child, and the system's reason.
+#[derive(Debug)]
+pub struct SetupError {
+    /// What the child was doing.
+    pub step: Step,
+    /// Why it failed.
+    pub error: io::Error,
+}
+
+/// Tags an error with the step it happened in.
+pub fn at(step: Step) -> impl Fn(io::Error) -> SetupError {
+    move |error| SetupError { step, error }
+}
+
 /// Everything the child applies, prepared in the parent.
 #[derive(Debug)]
 pub struct ChildSetup {
@@ -250,7 +332,7 @@ impl ChildSetup {
     }
 
     /// Runs in the child between fork and exec: system calls only.
-    pub fn apply(&self) -> io::Result<()> {
+    pub fn apply(&self) -> Result<(), SetupError> {
         // Joined first, while the process is still root and before its
         // cgroup namespace hides the root cgroup it moves out of.
         if let Some(fd) = self.cgroup_procs {
@@ -258,44 +340,45 @@ impl ChildSetup {
             // the agent keeps open; "0" moves the writing process.
             let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
             if n != 1 {
-                return Err(io::Error::last_os_error());
+                return Err(at(Step::Cgroup)(io::Error::last_os_error()));
             }
         }
         if let Some(value) = &self.oom_score_adj {
             // While still privileged: lowering it takes CAP_SYS_RESOURCE.
-            write_file(c"/proc/self/oom_score_adj", value)?;
+            write_file(c"/proc/self/oom_score_adj", value).map_err(at(Step::OomScoreAdj))?;
         }
         if let Some(fd) = self.cgroup_ns {
             // SAFETY: the descriptor stays open in the agent (see mount_ns).
-            os_err(unsafe { libc::setns(fd, libc::CLONE_NEWCGROUP) })?;
+            os_err(unsafe { libc::setns(fd, libc::CLONE_NEWCGROUP) })
+                .map_err(at(Step::CgroupNs))?;
         }
         // SAFETY: setsid has no memory effects; failure (already a leader)
         // is harmless.
         unsafe { libc::setsid() };
         if self.controlling_tty {
             // SAFETY: TIOCSCTTY takes an integer; stdin is the terminal.
-            os_err(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })?;
+            os_err(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) }).map_err(at(Step::Terminal))?;
         }
         if let Some(fd) = self.mount_ns {
             // SAFETY: the descriptor stays open in the agent for as long as
             // it runs; the child got a copy at fork.
-            os_err(unsafe { libc::setns(fd, libc::CLONE_NEWNS) })?;
+            os_err(unsafe { libc::setns(fd, libc::CLONE_NEWNS) }).map_err(at(Step::MountNs))?;
         }
         if self.remount_proc {
-            crate::masks::remount_proc()?;
+            crate::masks::remount_proc().map_err(at(Step::Proc))?;
         }
         // Before the masks, which may hide one of them.
         if let Some(devices) = &self.devices {
-            devices.apply()?;
+            devices.apply().map_err(at(Step::Devices))?;
         }
         if let Some(paths) = &self.paths {
-            paths.apply()?;
+            paths.apply().map_err(at(Step::Masks))?;
         }
         // SAFETY: `cwd` is a valid NUL-terminated string.
-        os_err(unsafe { libc::chdir(self.cwd.as_ptr()) })?;
+        os_err(unsafe { libc::chdir(self.cwd.as_ptr()) }).map_err(at(Step::Cwd))?;
         for (resource, lim) in &self.rlimits {
             // SAFETY: `lim` is a valid rlimit.
-            os_err(unsafe { libc::setrlimit(*resource, lim) })?;
+            os_err(unsafe { libc::setrlimit(*resource, lim) }).map_err(at(Step::Rlimits))?;
         }
         if let Some(mask) = self.umask {
             // SAFETY: umask cannot fail.
@@ -305,31 +388,32 @@ impl ChildSetup {
         // it while the child still has it (the profile then also governs
         // the calls below, as under runc).
         if let (Some(filters), false) = (&self.seccomp, self.no_new_privs) {
-            crate::seccomp::load(filters)?;
+            crate::seccomp::load(filters).map_err(at(Step::Seccomp))?;
         }
         if let Some(caps) = &self.caps {
             for cap in 0..=self.last_cap {
                 if caps.bounding & (1 << cap) == 0 {
                     // SAFETY: prctl with integer arguments.
-                    os_err(unsafe {
-                        libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap))
-                    })?;
+                    os_err(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap)) })
+                        .map_err(at(Step::Capabilities))?;
                 }
             }
             // Keep the permitted set across the switch to a non-root user.
             // SAFETY: prctl with integer arguments.
-            os_err(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong) })?;
+            os_err(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong) })
+                .map_err(at(Step::Capabilities))?;
         }
         if let Some((uid, gid, groups)) = &self.ids {
             // SAFETY: `groups` holds groups.len() gids.
-            os_err(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+            os_err(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })
+                .map_err(at(Step::User))?;
             // SAFETY: plain system calls.
-            os_err(unsafe { libc::setgid(*gid) })?;
+            os_err(unsafe { libc::setgid(*gid) }).map_err(at(Step::User))?;
             // SAFETY: plain system call.
-            os_err(unsafe { libc::setuid(*uid) })?;
+            os_err(unsafe { libc::setuid(*uid) }).map_err(at(Step::User))?;
         }
         if let Some(caps) = &self.caps {
-            self.set_caps(caps)?;
+            self.set_caps(caps).map_err(at(Step::Capabilities))?;
         }
         Ok(())
     }
@@ -337,15 +421,21 @@ impl ChildSetup {
     /// Runs in the child right before exec, after [`ChildSetup::apply`]
     /// (and, for a held process, after `start`): no_new_privs and the
     /// filter that needs it, as late as runc loads them.
-    pub fn finish(&self) -> io::Result<()> {
+    pub fn finish(&self) -> Result<(), SetupError> {
         if self.no_new_privs {
             // SAFETY: prctl with integer arguments.
-            os_err(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })?;
+            os_err(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) })
+                .map_err(at(Step::NoNewPrivs))?;
             if let Some(filters) = &self.seccomp {
-                crate::seccomp::load(filters)?;
+                crate::seccomp::load(filters).map_err(at(Step::Seccomp))?;
             }
         }
         Ok(())
+    }
+
+    /// The working directory it changes to.
+    pub fn cwd(&self) -> &std::ffi::CStr {
+        &self.cwd
     }
 
     fn set_caps(&self, caps: &CapMasks) -> io::Result<()> {

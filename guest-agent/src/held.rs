@@ -10,16 +10,18 @@
 //! cannot hold a child; this is its fork and exec, made for holding. The
 //! child only makes system calls on data prepared before the fork (it is a
 //! fork of a multi-threaded process), and tells the parent how it went on
-//! a close-on-exec status pipe: `R` when it is set up and waiting, or `E`
-//! and an errno when a step failed (it then exits 127); at exec the pipe
-//! closes, which is how the parent learns the program runs.
+//! a close-on-exec status pipe: `R` when it is set up and waiting, or `E`,
+//! the step and an errno when a step failed (it then exits 127); at exec
+//! the pipe closes, which is how the parent learns the program runs. The
+//! parent words a failure as runc does where engines read it (a program
+//! not found makes docker and podman report 127).
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::child_setup::ChildSetup;
+use crate::child_setup::{ChildSetup, Step};
 use crate::os_err::os_err;
 
 /// The search path when the environment has no `PATH` (runc's default).
@@ -29,6 +31,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// them.
 #[derive(Debug)]
 pub struct Program {
+    /// The program as the spec names it, for messages.
+    name: String,
     argv: Vec<CString>,
     envp: Vec<CString>,
     /// Where the program may be, in order: its path when it has a slash,
@@ -83,6 +87,7 @@ impl Program {
                 .collect::<io::Result<_>>()?
         };
         Ok(Program {
+            name: name.clone(),
             argv,
             envp,
             candidates,
@@ -151,26 +156,77 @@ pub struct Held {
     /// A byte here lets it exec; closing it ends it unstarted.
     gate: OwnedFd,
     status: File,
+    program: String,
+    cwd: CString,
 }
 
-/// Reads the child's report: `Ok(true)` for `R`, `Ok(false)` at the end of
-/// the pipe, the child's errno for `E`.
-fn read_status(status: &mut File) -> io::Result<bool> {
+/// What a failed `step` means, worded as runc words it where engines
+/// look for the words.
+fn describe(step: Step, errno: i32, program: &str, cwd: &CStr) -> io::Error {
+    let err = io::Error::from_raw_os_error(errno);
+    let what = match step {
+        Step::Lookup if errno == libc::ENOENT && !program.contains('/') => {
+            format!("exec: {program:?}: executable file not found in $PATH")
+        }
+        Step::Lookup if errno == libc::ENOENT => {
+            format!("exec: {program:?}: stat {program}: no such file or directory")
+        }
+        Step::Lookup if errno == libc::EACCES => format!("exec: {program:?}: permission denied"),
+        Step::Lookup | Step::Exec => format!("exec {program:?}: {err}"),
+        Step::Cwd => format!(
+            "chdir to cwd ({:?}) set in config.json failed: {err}",
+            cwd.to_string_lossy()
+        ),
+        Step::Stdio => format!("taking its stdin, stdout and stderr: {err}"),
+        Step::Cgroup => format!("joining the container's cgroup: {err}"),
+        Step::OomScoreAdj => format!("writing oom_score_adj: {err}"),
+        Step::CgroupNs => format!("joining the container's cgroup namespace: {err}"),
+        Step::Terminal => format!("taking the terminal as its controlling terminal: {err}"),
+        Step::MountNs => format!("joining the container's mount namespace: {err}"),
+        Step::Proc => format!("mounting its /proc: {err}"),
+        Step::Devices => format!("making the spec's device nodes: {err}"),
+        Step::Masks => format!("masking paths and making paths read-only: {err}"),
+        Step::Rlimits => format!("setting rlimits: {err}"),
+        Step::Seccomp => format!("loading the seccomp profile: {err}"),
+        Step::Capabilities => format!("setting capabilities: {err}"),
+        Step::User => format!("switching to the process's user and groups: {err}"),
+        Step::NoNewPrivs => format!("setting no_new_privs: {err}"),
+    };
+    io::Error::new(err.kind(), what)
+}
+
+/// What the child reported, read from its status pipe.
+enum Report {
+    /// `R`: set up and waiting.
+    Ready,
+    /// The pipe's end: it exec'd (or died without a word).
+    Closed,
+}
+
+/// Reads the child's next report; a failure it reported is the error.
+fn read_status(status: &mut File, program: &str, cwd: &CStr) -> io::Result<Report> {
     let mut tag = [0u8; 1];
     loop {
         match status.read(&mut tag) {
-            Ok(0) => return Ok(false),
+            Ok(0) => return Ok(Report::Closed),
             Ok(_) => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
     }
     match tag[0] {
-        b'R' => Ok(true),
+        b'R' => Ok(Report::Ready),
         b'E' => {
-            let mut errno = [0u8; 4];
-            status.read_exact(&mut errno)?;
-            Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+            let mut rest = [0u8; 5];
+            status.read_exact(&mut rest)?;
+            let errno = i32::from_ne_bytes([rest[1], rest[2], rest[3], rest[4]]);
+            match Step::from_u8(rest[0]) {
+                Some(step) => Err(describe(step, errno, program, cwd)),
+                None => Err(io::Error::other(format!(
+                    "the new process failed at an unknown step {}",
+                    rest[0]
+                ))),
+            }
         }
         other => Err(io::Error::other(format!(
             "the new process sent {other:#x} on its status pipe"
@@ -229,19 +285,20 @@ impl Held {
         drop((child_fds, gate_r, status_w));
         let [stdin, stdout, stderr] = parent_fds;
         let mut status = File::from(status_r);
-        match read_status(&mut status) {
-            Ok(true) => Ok(Held {
+        match read_status(&mut status, &program.name, setup.cwd())? {
+            Report::Ready => Ok(Held {
                 pid,
                 stdin,
                 stdout,
                 stderr,
                 gate: gate_w,
                 status,
+                program: program.name.clone(),
+                cwd: setup.cwd().to_owned(),
             }),
-            Ok(false) => Err(io::Error::other(
+            Report::Closed => Err(io::Error::other(
                 "the new process ended while it was being set up",
             )),
-            Err(e) => Err(e),
         }
     }
 
@@ -253,10 +310,9 @@ impl Held {
         if n != 1 {
             return Err(io::Error::last_os_error());
         }
-        match read_status(&mut self.status) {
-            Ok(false) => Ok(()),
-            Ok(true) => Err(io::Error::other("the new process reported twice")),
-            Err(e) => Err(e),
+        match read_status(&mut self.status, &self.program, &self.cwd)? {
+            Report::Closed => Ok(()),
+            Report::Ready => Err(io::Error::other("the new process reported twice")),
         }
     }
 }
@@ -271,11 +327,11 @@ struct ChildFds {
     status: RawFd,
 }
 
-/// Reports `errno` on the status pipe and exits 127.
-fn fail(status: RawFd, errno: i32) -> ! {
-    let mut msg = [b'E', 0, 0, 0, 0];
-    msg[1..].copy_from_slice(&errno.to_ne_bytes());
-    // SAFETY: writes 5 bytes from the stack.
+/// Reports the failed `step` and `errno` on the status pipe and exits 127.
+fn fail(status: RawFd, step: Step, errno: i32) -> ! {
+    let mut msg = [b'E', step as u8, 0, 0, 0, 0];
+    msg[2..].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: writes 6 bytes from the stack.
     unsafe { libc::write(status, msg.as_ptr().cast(), msg.len()) };
     // SAFETY: ends the process without running the parent's exit handlers.
     unsafe { libc::_exit(127) }
@@ -361,15 +417,19 @@ unsafe fn run_child(
         // SAFETY: descriptor operations on numbers this process holds; the
         // sources are all above 2, so no dup2 overwrites a later source.
         if unsafe { libc::dup2(fd, target as RawFd) } < 0 {
-            fail(fds.status, errno_of(&io::Error::last_os_error()));
+            fail(
+                fds.status,
+                Step::Stdio,
+                errno_of(&io::Error::last_os_error()),
+            );
         }
     }
     if let Err(e) = setup.apply() {
-        fail(fds.status, errno_of(&e));
+        fail(fds.status, e.step, errno_of(&e.error));
     }
     let path = match find_program(candidates) {
         Ok(p) => p,
-        Err(errno) => fail(fds.status, errno),
+        Err(errno) => fail(fds.status, Step::Lookup, errno),
     };
     close_all_but(fds.gate, fds.status);
     // SAFETY: writes one byte from a static buffer.
@@ -388,12 +448,16 @@ unsafe fn run_child(
         unsafe { libc::_exit(0) }
     }
     if let Err(e) = setup.finish() {
-        fail(fds.status, errno_of(&e));
+        fail(fds.status, e.step, errno_of(&e.error));
     }
     // SAFETY: NULL-terminated arrays of NUL-terminated strings, prepared
     // before the fork (this process has its own copy of them).
     unsafe { libc::execve(path, argv.as_ptr(), envp.as_ptr()) };
-    fail(fds.status, errno_of(&io::Error::last_os_error()))
+    fail(
+        fds.status,
+        Step::Exec,
+        errno_of(&io::Error::last_os_error()),
+    )
 }
 
 #[cfg(test)]
@@ -444,6 +508,34 @@ mod tests {
             let e = Program::new(&args, &env).unwrap_err().to_string();
             assert!(e.contains(why), "{args:?} {env:?}: {e}");
         }
+    }
+
+    #[test]
+    fn failures_are_worded_as_runc_words_them() {
+        let cwd = c"/work";
+        let msg = |step, errno, program| describe(step, errno, program, cwd).to_string();
+        assert_eq!(
+            msg(Step::Lookup, libc::ENOENT, "nosuch"),
+            "exec: \"nosuch\": executable file not found in $PATH"
+        );
+        assert_eq!(
+            msg(Step::Lookup, libc::ENOENT, "/bin/nosuch"),
+            "exec: \"/bin/nosuch\": stat /bin/nosuch: no such file or directory"
+        );
+        assert_eq!(
+            msg(Step::Lookup, libc::EACCES, "./x"),
+            "exec: \"./x\": permission denied"
+        );
+        assert!(msg(Step::Exec, libc::ENOEXEC, "/x").contains("Exec format error"));
+        assert_eq!(
+            msg(Step::Cwd, libc::ENOENT, "sh"),
+            "chdir to cwd (\"/work\") set in config.json failed: \
+             No such file or directory (os error 2)"
+        );
+        for step in Step::ALL {
+            assert_eq!(Step::from_u8(step as u8), Some(step));
+        }
+        assert_eq!(Step::from_u8(0), None);
     }
 
     #[test]

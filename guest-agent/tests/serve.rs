@@ -355,9 +355,24 @@ fn bad_requests_get_errors_and_the_agent_keeps_serving() {
     }) else {
         panic!("a missing program was created");
     };
-    assert!(message.contains("/nonexistent/binary"), "{message}");
-    assert!(message.contains("No such file"), "{message}");
+    assert!(
+        message.contains("stat /nonexistent/binary: no such file or directory"),
+        "{message}"
+    );
     assert!(is_err(&c.call(Op::Start { handle: 3 })));
+    // A setup step that fails is named, as runc names it.
+    let mut lost = sh("true");
+    lost.cwd = "/no/such/dir".into();
+    let Outcome::Error { message } = c.call(Op::Create {
+        handle: 4,
+        process: lost.into(),
+    }) else {
+        panic!("a missing working directory was created");
+    };
+    assert!(
+        message.contains("chdir to cwd (\"/no/such/dir\") set in config.json failed"),
+        "{message}"
+    );
 
     // Malformed JSON and unknown operations in well-formed frames.
     // An unknown operation (or field: a host newer than this agent) is

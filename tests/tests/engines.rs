@@ -583,6 +583,16 @@ kvm_test!(
         ));
         assert_terminal(&out, 5, String::new);
 
+        // A command the image lacks: 127, which podman gives only when the
+        // runtime's error reads as runc's (or crun's) does.
+        let out = run(&podman_run(dir, &["--rm"], &["no-such-command"]));
+        assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("executable file not found in $PATH"),
+            "{}",
+            text(&out.stderr)
+        );
+
         ok(&podman_run(
             dir,
             &[
@@ -827,6 +837,15 @@ kvm_test!(
         );
         let out = on_terminal(&d.run(&["--rm", "-t"], &["sh", "-c", "tty; stty size; exit 5"]));
         assert_terminal(&out, 5, || Dockerd::explain(dir));
+        // A command the image lacks: 127, as under runc.
+        let out = run(&d.run(&["--rm"], &["no-such-command"]));
+        assert_eq!(
+            out.status.code(),
+            Some(127),
+            "{}\n{}",
+            text(&out.stderr),
+            Dockerd::explain(dir)
+        );
 
         ok(&d.run(
             &[

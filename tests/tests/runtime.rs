@@ -607,7 +607,7 @@ kvm_test!(
         // Bad input: a command that does not exist, no command at all.
         rt.fails(
             &["exec", "x1", "/no/such/program"],
-            "\"/no/such/program\": No such file or directory",
+            "stat /no/such/program: no such file or directory",
         );
         rt.fails(&["exec", "x1"], "needs a command");
         rt.fails(&["exec", "nope", "true"], "does not exist");
