@@ -91,8 +91,54 @@ fn remove_container(g: &Globals, store: &Store, id: &str, dir: &Path) {
     }
 }
 
-/// `runvm run IMAGE ...`.
+/// `runvm run IMAGE` failed before its command ran; the exit status says
+/// why, as docker's does.
+#[derive(Debug)]
+pub struct RunFailed {
+    /// 127: the command is not there; 126: it cannot be run; 125: anything
+    /// else (the image, the flags, the VM).
+    pub code: u8,
+    error: anyhow::Error,
+}
+
+impl std::fmt::Display for RunFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for RunFailed {}
+
+/// Docker's exit status for a `run` that failed with `message`: it reads
+/// the runtime's words the same way (runvm words a failed exec as runc).
+pub fn failure_code(message: &str) -> u8 {
+    let m = message.to_lowercase();
+    // Only the process's own failures; an image or a bind mount that is
+    // not there is docker's 125.
+    let process = m.contains("the guest agent refused the process")
+        || m.contains("the guest agent could not start the process");
+    if process
+        && (m.contains("executable file not found")
+            || (m.contains("exec: ") && m.contains("no such file or directory")))
+    {
+        127
+    } else if process && m.contains("exec: ") && m.contains("permission denied") {
+        126
+    } else {
+        125
+    }
+}
+
+/// `runvm run IMAGE ...`; a failure before the command ran is a
+/// [`RunFailed`].
 pub fn run(g: &Globals, store_path: &Path, args: &RunArgs) -> anyhow::Result<i32> {
+    run_image(g, store_path, args).map_err(|error| {
+        let code = failure_code(&format!("{error:#}"));
+        anyhow::Error::new(RunFailed { code, error })
+    })
+}
+
+fn run_image(g: &Globals, store_path: &Path, args: &RunArgs) -> anyhow::Result<i32> {
     if args.tty && args.detach {
         bail!("-d with -t is not supported yet: run a detached container without a terminal");
     }
@@ -486,5 +532,50 @@ pub fn logs(g: &Globals, store: &Path, id: &str, follow: bool) -> anyhow::Result
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failure_code;
+
+    #[test]
+    fn failed_runs_exit_as_dockers_do() {
+        let refused = "the guest agent refused the process: cannot start";
+        assert_eq!(
+            failure_code(&format!(
+                "{refused} \"nosuch\": exec: \"nosuch\": executable file not found in $PATH"
+            )),
+            127
+        );
+        assert_eq!(
+            failure_code(&format!(
+                "{refused} \"/x\": exec: \"/x\": stat /x: no such file or directory"
+            )),
+            127
+        );
+        assert_eq!(
+            failure_code(&format!(
+                "{refused} \"/etc/passwd\": exec: \"/etc/passwd\": permission denied"
+            )),
+            126
+        );
+        // A working directory that is not there is the runtime's failure,
+        // not a missing command; so are images and mounts.
+        assert_eq!(
+            failure_code(&format!(
+                "{refused} \"sh\": chdir to cwd (\"/x\") set in config.json failed: \
+                 No such file or directory (os error 2)"
+            )),
+            125
+        );
+        assert_eq!(
+            failure_code("image \"nosuch\" not found in /var/lib/runvm (and --pull never)"),
+            125
+        );
+        assert_eq!(
+            failure_code("bind mount source /no/such: No such file or directory"),
+            125
+        );
     }
 }

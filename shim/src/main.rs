@@ -463,7 +463,10 @@ fn main() -> ExitCode {
                 logger::error(&msg);
                 eprintln!("runvm: error: {msg}");
             }
-            ExitCode::FAILURE
+            match e.downcast_ref::<containers::RunFailed>() {
+                Some(f) => ExitCode::from(f.code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -104,6 +104,22 @@ impl Images {
         self.ok(&args)
     }
 
+    /// Fails with exit status `code`, saying `want`.
+    fn fails_with(&self, args: &[&str], code: i32, want: &str) {
+        let out = self.output(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "runvm {args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(want),
+            "runvm {args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+
     fn fails(&self, args: &[&str], want: &str) {
         let out = self.output(args);
         assert!(!out.status.success(), "runvm {args:?} succeeded");
@@ -163,6 +179,22 @@ kvm_test!(
             "exit 7",
         ]);
         assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+        // A command the image lacks and one it cannot run: docker's 127
+        // and 126, with nothing left behind.
+        for (command, code, want) in [
+            ("no-such-command", 127, "executable file not found in $PATH"),
+            (
+                "/etc/passwd",
+                126,
+                "exec: \"/etc/passwd\": permission denied",
+            ),
+        ] {
+            im.fails_with(
+                &["run", "--rm", "--annotation", SLOW_BOOT, "testbox", command],
+                code,
+                want,
+            );
+        }
         im.assert_clean();
     }
 );
@@ -295,8 +327,10 @@ kvm_test!(
 #[test]
 fn bad_runs_fail_clearly_and_leave_nothing() {
     let im = Images::new();
-    im.fails(
+    // docker's status for a run that failed before its command: 125.
+    im.fails_with(
         &["run", "--pull", "never", "nosuch", "true"],
+        125,
         "image \"nosuch\" not found",
     );
     // A missing image is pulled, as docker does; nothing listens here.
