@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::image_cmd;
 use crate::lifecycle::{self, Globals};
+use crate::network::bridge;
 use crate::run_args::{self, ImageRunConfig, RunArgs, SpecInputs};
 use crate::state::{self, Root, Status};
 
@@ -81,6 +82,8 @@ fn remove_container(g: &Globals, store: &Store, id: &str, dir: &Path) {
             crate::logger::warn(&format!("deleting container {id}: {e:#}"));
         }
     }
+    // After the VM is gone, which held the namespace's interfaces.
+    bridge::detach(id);
     if let Err(e) = fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             crate::logger::warn(&format!("removing {}: {e}", dir.display()));
@@ -194,7 +197,24 @@ fn run_image(g: &Globals, store_path: &Path, args: &RunArgs) -> anyhow::Result<i
         passwd: &rootfs_text(&rootfs, "etc/passwd"),
         group: &rootfs_text(&rootfs, "etc/group"),
     };
-    let spec = run_args::spec(args, &inputs, |k| std::env::var(k).ok())?;
+    let mut spec = run_args::spec(args, &inputs, |k| std::env::var(k).ok())?;
+    if args.network == "bridge" {
+        // Undone by `partial` (remove_container) on any failure from here.
+        let (netns, ip) = bridge::attach(&id)?;
+        crate::logger::debug(&format!("container {id}: {ip} on {}", bridge::BRIDGE));
+        run_args::join_network(&mut spec, &netns)?;
+        let resolv = dir.join("resolv.conf");
+        fs::write(&resolv, bridge::resolv_conf(&bridge::host_resolv_conf()))?;
+        spec["mounts"]
+            .as_array_mut()
+            .context("the default spec has no mounts")?
+            .push(serde_json::json!({
+                "destination": "/etc/resolv.conf",
+                "type": "bind",
+                "source": resolv,
+                "options": ["rbind", "ro"],
+            }));
+    }
     fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
     let meta = Meta {
         id: id.clone(),

@@ -75,9 +75,11 @@ pub struct RunArgs {
     /// vCPUs (rounded up to a whole number).
     #[arg(long)]
     pub cpus: Option<f64>,
-    /// The network: none (loopback only), or ns:PATH to take over the
-    /// interfaces, addresses and routes of an existing network namespace
-    /// (as podman's --network ns:PATH).
+    /// The network: none (loopback only), bridge (an address on runvm's
+    /// bridge, 10.90.0.0/16, with NAT to the outside, as docker's default
+    /// network), or ns:PATH to take over the interfaces, addresses and
+    /// routes of an existing network namespace (as podman's --network
+    /// ns:PATH).
     #[arg(long, default_value = "none")]
     pub network: String,
     /// Set an annotation of the container's config, KEY=VALUE (runvm's
@@ -468,10 +470,11 @@ pub fn check(args: &RunArgs) -> anyhow::Result<(Vec<Volume>, Option<u64>)> {
     Ok((volumes, memory))
 }
 
-/// The network namespace `--network` names, if any.
+/// The network namespace `--network` names, if any (`bridge` makes one
+/// when the container is made: see [`join_network`]).
 pub fn network_path(network: &str) -> anyhow::Result<Option<PathBuf>> {
     match network {
-        "none" => Ok(None),
+        "none" | "bridge" => Ok(None),
         "host" => bail!("--network host is not possible: the container has its own kernel"),
         n => match n.strip_prefix("ns:") {
             Some(p) if p.starts_with('/') => {
@@ -482,11 +485,21 @@ pub fn network_path(network: &str) -> anyhow::Result<Option<PathBuf>> {
             }
             Some(_) => bail!("--network {n}: give the namespace's absolute path"),
             None => bail!(
-                "--network {n} is not supported: use none, or ns:PATH with a namespace set up \
-                 beforehand (e.g. by CNI or `ip netns add`)"
+                "--network {n} is not supported: use none, bridge, or ns:PATH with a \
+                 namespace set up beforehand (e.g. by CNI or `ip netns add`)"
             ),
         },
     }
+}
+
+/// Makes `spec`'s container take over the network namespace at `path`.
+pub fn join_network(spec: &mut Value, path: &Path) -> anyhow::Result<()> {
+    let namespaces = spec["linux"]["namespaces"]
+        .as_array_mut()
+        .context("the default spec has no namespaces")?;
+    namespaces.retain(|n| n["type"] != "network");
+    namespaces.push(json!({"type": "network", "path": path}));
+    Ok(())
 }
 
 /// Everything the config needs beyond the options.
@@ -560,15 +573,10 @@ pub fn spec(
             "options": ["rbind", mode],
         }));
     }
-    let network = network_path(&args.network)?;
-    let linux = &mut s["linux"];
-    if let Some(path) = network {
-        let namespaces = linux["namespaces"]
-            .as_array_mut()
-            .context("the default spec has no namespaces")?;
-        namespaces.retain(|n| n["type"] != "network");
-        namespaces.push(json!({"type": "network", "path": path}));
+    if let Some(path) = network_path(&args.network)? {
+        join_network(&mut s, &path)?;
     }
+    let linux = &mut s["linux"];
     if let Some(bytes) = memory {
         linux["resources"]["memory"] = json!({"limit": bytes});
     }

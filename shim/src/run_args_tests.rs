@@ -246,18 +246,20 @@ fn image_config_fields_are_read_by_dockers_names() {
 }
 
 #[test]
-fn the_network_is_none_or_an_existing_namespace() {
+fn the_network_is_none_the_bridge_or_an_existing_namespace() {
     let dir = tempfile::tempdir().unwrap();
     let ns = dir.path().join("ns");
     std::fs::write(&ns, "").unwrap();
     assert_eq!(network_path("none").unwrap(), None);
+    // The bridge's namespace is made with the container (join_network).
+    assert_eq!(network_path("bridge").unwrap(), None);
     assert_eq!(
         network_path(&format!("ns:{}", ns.display())).unwrap(),
         Some(ns.clone())
     );
     for (bad, want) in [
         ("host", "not possible"),
-        ("bridge", "not supported"),
+        ("overlay", "not supported"),
         ("ns:rel", "absolute path"),
         ("ns:/no/such/ns", "does not exist"),
     ] {
@@ -286,5 +288,17 @@ fn the_network_is_none_or_an_existing_namespace() {
     assert_eq!(
         net(&format!("ns:{}", ns.display())),
         vec![json!({"type": "network", "path": ns})]
+    );
+    let mut s = spec(&args(&["--network", "bridge", "i"]), &inputs, |_| None).unwrap();
+    join_network(&mut s, Path::new("/run/netns/runvm-c")).unwrap();
+    let nets: Vec<_> = s["linux"]["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["type"] == "network")
+        .collect();
+    assert_eq!(
+        nets,
+        [&json!({"type": "network", "path": "/run/netns/runvm-c"})]
     );
 }

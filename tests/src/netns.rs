@@ -128,27 +128,29 @@ impl Netns {
     /// A peer on the far end that reads one line, answers `from-host` and
     /// hangs up; its port, and the line it got.
     pub fn serve_once(&self) -> (u16, JoinHandle<String>) {
-        Self::serve_once_on(&format!("{}:0", self.host_ip))
+        serve_once_at(&format!("{}:0", self.host_ip))
     }
 
     /// [`Netns::serve_once`] on the far end's IPv6 address.
     pub fn serve_once6(&self) -> (u16, JoinHandle<String>) {
         let ip6 = self.host_ip6.as_deref().expect("Netns::with_ipv6 first");
-        Self::serve_once_on(&format!("[{ip6}]:0"))
+        serve_once_at(&format!("[{ip6}]:0"))
     }
+}
 
-    fn serve_once_on(addr: &str) -> (u16, JoinHandle<String>) {
-        let listener = TcpListener::bind(addr).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = std::thread::spawn(move || {
-            let (conn, _) = listener.accept().unwrap();
-            let mut line = String::new();
-            BufReader::new(&conn).read_line(&mut line).unwrap();
-            (&conn).write_all(b"from-host\n").unwrap();
-            line
-        });
-        (port, server)
-    }
+/// A peer at `addr` (`IP:0` for any port) that reads one line, answers
+/// `from-host` and hangs up; its port, and the line it got.
+pub fn serve_once_at(addr: &str) -> (u16, JoinHandle<String>) {
+    let listener = TcpListener::bind(addr).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(&conn).read_line(&mut line).unwrap();
+        (&conn).write_all(b"from-host\n").unwrap();
+        line
+    });
+    (port, server)
 }
 
 impl Drop for Netns {

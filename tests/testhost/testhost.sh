@@ -16,7 +16,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache_root="${RUNVM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runvm}/testhost"
 # Loaded in this order after their dependencies (resolved from modules.dep).
 qemu=${RUNVM_QEMU:-qemu-system-x86_64}
-modules=(virtio_pci 9p 9pnet_virtio kvm_amd tun vhost_net vhost_vsock vsock_loopback overlay fuse veth sch_ingress cls_u32 act_mirred)
+modules=(virtio_pci 9p 9pnet_virtio kvm_amd tun vhost_net vhost_vsock vsock_loopback overlay fuse veth sch_ingress cls_u32 act_mirred bridge)
 
 die() { echo "testhost: error: $*" >&2; exit 1; }
 log() { echo "testhost: $*" >&2; }

@@ -324,6 +324,71 @@ kvm_test!(
     }
 );
 
+kvm_test!(
+    fn the_bridge_network_gives_containers_addresses_the_host_and_each_other() {
+        use runvm_tests::netns::{ip, serve_once_at};
+        let im = Images::new();
+        // A peer on the host, on every address: the bridge appears with
+        // the first container.
+        let (port, server) = serve_once_at("0.0.0.0:0");
+        // A detached one, then a foreground one that reaches it and the host.
+        im.run(
+            &["-d", "--name", "b1", "--network", "bridge", "-u", "0"],
+            &[
+                "sh",
+                "-c",
+                "ip -o -4 addr show eth0; echo started; while :; do sleep 1; done",
+            ],
+        );
+        let start = Instant::now();
+        let log = loop {
+            let log = im.ok(&["logs", "b1"]);
+            if log.contains("started") {
+                break log;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "no output");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let b1 = log
+            .split_whitespace()
+            .find_map(|w| {
+                w.strip_prefix("10.90.")
+                    .map(|_| w.split('/').next().unwrap())
+            })
+            .unwrap_or_else(|| panic!("b1 has no bridge address: {log}"))
+            .to_owned();
+        let script = format!(
+            "ip -o -4 addr show eth0; ip route; grep -c nameserver /etc/resolv.conf; \
+             ping -c 1 -W 10 {b1} >/dev/null && echo reached-b1; \
+             echo from-bridge | nc 10.90.0.1 {port}"
+        );
+        let out = im.run(
+            &["--rm", "--network", "bridge", "-u", "0"],
+            &["sh", "-c", &script],
+        );
+        assert!(out.contains("inet 10.90.0."), "{out}");
+        assert!(
+            !out.contains(&format!("inet {b1}/")),
+            "the same address twice: {out}"
+        );
+        assert!(out.contains("/16 "), "{out}");
+        assert!(out.contains("default via 10.90.0.1 dev eth0"), "{out}");
+        assert!(!out.contains("\n0\n"), "no name server: {out}");
+        assert!(out.contains("reached-b1"), "{out}");
+        assert!(out.contains("from-host"), "{out}");
+        assert_eq!(server.join().unwrap(), "from-bridge\n");
+        im.ok(&["rm", "-f", "b1"]);
+        // Nothing of either container is left: namespaces, veths, leases.
+        assert!(!ip(&["netns", "list"]).contains("runvm-"));
+        assert!(!ip(&["-o", "link"]).contains("rvb"));
+        let leases = std::fs::read_dir("/run/runvm/bridge/leases")
+            .unwrap()
+            .count();
+        assert_eq!(leases, 0);
+        im.assert_clean();
+    }
+);
+
 #[test]
 fn bad_runs_fail_clearly_and_leave_nothing() {
     let im = Images::new();
@@ -350,7 +415,7 @@ fn bad_runs_fail_clearly_and_leave_nothing() {
         "invalid container ID",
     );
     im.fails(&["run", "-t", "testbox"], "not a TTY");
-    im.fails(&["run", "--network", "bridge", "testbox"], "not supported");
+    im.fails(&["run", "--network", "overlay", "testbox"], "not supported");
     im.fails(
         &["run", "--network", "ns:/no/such", "testbox"],
         "does not exist",

@@ -22,6 +22,7 @@ use runvm_protocol::NetworkConfig;
 use crate::state::NetworkRecord;
 use vmm::devices::virtio::net::tap::Tap;
 
+pub mod bridge;
 mod netns;
 pub mod plan;
 mod rtnl;
