@@ -31,6 +31,10 @@ pub const ANN_HUGE_PAGES: &str = "io.runvm.huge_pages";
 /// [`crate::kernel_params::parse`]).
 pub const ANN_KERNEL_PARAMS: &str = "io.runvm.kernel_params";
 
+/// Annotation: host ports published to the container's, comma-separated
+/// `[IP:]HOST:CONTAINER` (checked by [`crate::publish::parse`]).
+pub const ANN_PUBLISH: &str = "io.runvm.publish";
+
 /// Guest memory without a limit in the spec or an annotation.
 pub const DEFAULT_MEM_MIB: u64 = 256;
 /// What the guest kernel and the agent need on top of the container's
@@ -77,6 +81,8 @@ pub struct Plan {
     pub annotations: BTreeMap<String, String>,
     /// Where the guest's network comes from.
     pub network: NetworkPlan,
+    /// Host ports carried to the container's (the annotation).
+    pub publish: Vec<crate::publish::Publish>,
     /// `linux.resources` as limits on the container's cgroup in the guest.
     pub limits: runvm_protocol::Resources,
     /// `linux.resources` settings with no meaning in a VM (for a log line).
@@ -146,6 +152,13 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
     };
     let mounts = crate::mounts::plan(bundle, spec.mounts().as_deref().unwrap_or_default())?;
     let network = network_plan(spec)?;
+    let publish = match annotations.get(ANN_PUBLISH) {
+        Some(v) => crate::publish::parse(ANN_PUBLISH, v)?,
+        None => Vec::new(),
+    };
+    if !publish.is_empty() && !matches!(network, NetworkPlan::Join(_)) {
+        bail!("{ANN_PUBLISH}: publishing ports needs a network namespace with a path");
+    }
     let rootfs_overlay = flag(&annotations, ANN_ROOTFS_OVERLAY, false)?;
     let huge_pages = flag(&annotations, ANN_HUGE_PAGES, true)?;
     let kernel_params = match annotations.get(ANN_KERNEL_PARAMS) {
@@ -182,6 +195,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         mounts,
         annotations,
         network,
+        publish,
         limits,
         ignored_limits,
     })
@@ -622,6 +636,17 @@ mod tests {
             format!("{e:#}").contains("io.runvm.huge_pages=\"off\" must be true or false"),
             "{e:#}"
         );
+    }
+
+    #[test]
+    fn published_ports_need_a_network_namespace_to_reach() {
+        let e = with_annotation(ANN_PUBLISH, "8080:80").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("needs a network namespace with a path"),
+            "{e:#}"
+        );
+        let e = with_annotation(ANN_PUBLISH, "8080").unwrap_err();
+        assert!(format!("{e:#}").contains("give the host port"), "{e:#}");
     }
 
     #[test]

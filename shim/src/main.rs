@@ -20,6 +20,7 @@ mod logger;
 mod monitor;
 mod mounts;
 mod network;
+mod publish;
 mod ready;
 mod relay;
 mod report;

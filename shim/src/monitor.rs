@@ -160,6 +160,22 @@ impl Monitor {
             }
             NetworkPlan::Empty => (None, Vec::new()),
         };
+        if !plan.publish.is_empty() {
+            let guest = network
+                .as_ref()
+                .and_then(|n| {
+                    n.config
+                        .interfaces
+                        .iter()
+                        .find_map(|i| i.address.as_deref())
+                })
+                .and_then(|a| a.split('/').next()?.parse().ok())
+                .context("publishing ports needs an IPv4 address in the network namespace")?;
+            crate::publish::start(&plan.publish, guest)?;
+            for p in &plan.publish {
+                logger::debug(&format!("published {p} (to {guest})"));
+            }
+        }
         let (tx, inputs) = mpsc::channel();
         let vm = VmControl::new();
         start_vm(dir, &record.id, &plan, nics, tx.clone(), vm.clone())?;

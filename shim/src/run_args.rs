@@ -82,6 +82,11 @@ pub struct RunArgs {
     /// ns:PATH).
     #[arg(long, default_value = "none")]
     pub network: String,
+    /// Publish a container's TCP port on the host: HOST:CONTAINER or
+    /// IP:HOST:CONTAINER, /tcp optional (repeatable; needs --network bridge
+    /// or ns:PATH).
+    #[arg(short = 'p', long)]
+    pub publish: Vec<String>,
     /// Set an annotation of the container's config, KEY=VALUE (runvm's
     /// own: io.runvm.vcpus, io.runvm.memory_mib, io.runvm.boot_timeout...).
     #[arg(long)]
@@ -129,6 +134,8 @@ const VALUE_FLAGS: &[&str] = &[
     "--cpus",
     "--entrypoint",
     "--annotation",
+    "-p",
+    "--publish",
     "--network",
     "--pull",
     "--username",
@@ -447,6 +454,12 @@ pub fn check(args: &RunArgs) -> anyhow::Result<(Vec<Volume>, Option<u64>)> {
         volumes.push(parse_volume(v)?);
     }
     let memory = args.memory.as_deref().map(parse_memory).transpose()?;
+    for p in &args.publish {
+        crate::publish::parse_one(p)?;
+    }
+    if !args.publish.is_empty() && args.network == "none" {
+        bail!("-p needs a network: add --network bridge (or ns:PATH)");
+    }
     if let Some(c) = args.cpus {
         if !(c.is_finite() && c > 0.0 && c <= 1024.0) {
             bail!("invalid --cpus {c}: give a number above 0");
@@ -545,6 +558,17 @@ pub fn spec(
         }
     }
     annotations.insert(ANN_ROOTFS_OVERLAY.to_owned(), json!("true"));
+    if !args.publish.is_empty() {
+        let rules = args
+            .publish
+            .iter()
+            .map(|p| crate::publish::parse_one(p).map(|r| r.to_string()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        annotations.insert(
+            crate::bundle::ANN_PUBLISH.to_owned(),
+            json!(rules.join(",")),
+        );
+    }
     s["annotations"] = Value::Object(annotations);
     let p = &mut s["process"];
     p["terminal"] = json!(args.tty);

@@ -267,13 +267,7 @@ fn the_network_is_none_the_bridge_or_an_existing_namespace() {
         assert!(e.contains(want), "{bad}: {e}");
     }
     let img = image();
-    let inputs = SpecInputs {
-        image: &img,
-        rootfs: Path::new("/r"),
-        hostname: "h",
-        passwd: PASSWD,
-        group: GROUP,
-    };
+    let inputs = inputs_for(&img);
     let net = |opt: &str| {
         let s = spec(&args(&["--network", opt, "i"]), &inputs, |_| None).unwrap();
         s["linux"]["namespaces"]
@@ -301,4 +295,46 @@ fn the_network_is_none_the_bridge_or_an_existing_namespace() {
         nets,
         [&json!({"type": "network", "path": "/run/netns/runvm-c"})]
     );
+}
+
+/// Inputs with `img` and the test passwd and group files.
+fn inputs_for(img: &ImageRunConfig) -> SpecInputs<'_> {
+    SpecInputs {
+        image: img,
+        rootfs: Path::new("/r"),
+        hostname: "h",
+        passwd: PASSWD,
+        group: GROUP,
+    }
+}
+
+#[test]
+fn published_ports_become_the_annotation_and_need_a_network() {
+    let img = image();
+    let inputs = inputs_for(&img);
+    let s = spec(
+        &args(&[
+            "-p",
+            "8080:80",
+            "-p",
+            "127.0.0.1:8443:443/tcp",
+            "--network",
+            "bridge",
+            "i",
+        ]),
+        &inputs,
+        |_| None,
+    )
+    .unwrap();
+    assert_eq!(
+        s["annotations"]["io.runvm.publish"],
+        "0.0.0.0:8080:80,127.0.0.1:8443:443"
+    );
+    for (a, why) in [
+        (&["-p", "8080:80", "i"][..], "-p needs a network"),
+        (&["-p", "53:53/udp", "--network", "bridge", "i"], "only tcp"),
+    ] {
+        let e = format!("{:#}", spec(&args(a), &inputs, |_| None).unwrap_err());
+        assert!(e.contains(why), "{a:?}: {e}");
+    }
 }

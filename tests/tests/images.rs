@@ -325,19 +325,37 @@ kvm_test!(
 );
 
 kvm_test!(
-    fn the_bridge_network_gives_containers_addresses_the_host_and_each_other() {
+    fn the_bridge_network_gives_addresses_reaches_the_host_and_publishes_ports() {
         use runvm_tests::netns::{ip, serve_once_at};
         let im = Images::new();
         // A peer on the host, on every address: the bridge appears with
         // the first container.
         let (port, server) = serve_once_at("0.0.0.0:0");
-        // A detached one, then a foreground one that reaches it and the host.
+        // A detached one serving a published port, then a foreground one
+        // that reaches it and the host.
+        let published = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let publish = format!("127.0.0.1:{published}:7000");
         im.run(
-            &["-d", "--name", "b1", "--network", "bridge", "-u", "0"],
+            &[
+                "-d",
+                "--name",
+                "b1",
+                "--network",
+                "bridge",
+                "-u",
+                "0",
+                "-p",
+                &publish,
+            ],
             &[
                 "sh",
                 "-c",
-                "ip -o -4 addr show eth0; echo started; while :; do sleep 1; done",
+                "ip -o -4 addr show eth0; echo started; \
+                 while :; do echo from-container | nc -l -p 7000; done",
             ],
         );
         let start = Instant::now();
@@ -377,7 +395,25 @@ kvm_test!(
         assert!(out.contains("reached-b1"), "{out}");
         assert!(out.contains("from-host"), "{out}");
         assert_eq!(server.join().unwrap(), "from-bridge\n");
+        // The published port, from the host's loopback (retried while the
+        // container's listener comes up).
+        let start = Instant::now();
+        let line = loop {
+            use std::io::BufRead;
+            let mut line = String::new();
+            if let Ok(c) = std::net::TcpStream::connect(("127.0.0.1", published)) {
+                c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let _ = std::io::BufReader::new(c).read_line(&mut line);
+            }
+            if !line.is_empty() || start.elapsed() > Duration::from_secs(120) {
+                break line;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert_eq!(line, "from-container\n");
         im.ok(&["rm", "-f", "b1"]);
+        // The port is free again with the container gone.
+        std::net::TcpListener::bind(("127.0.0.1", published)).unwrap();
         // Nothing of either container is left: namespaces, veths, leases.
         assert!(!ip(&["netns", "list"]).contains("runvm-"));
         assert!(!ip(&["-o", "link"]).contains("rvb"));
@@ -416,6 +452,11 @@ fn bad_runs_fail_clearly_and_leave_nothing() {
     );
     im.fails(&["run", "-t", "testbox"], "not a TTY");
     im.fails(&["run", "--network", "overlay", "testbox"], "not supported");
+    im.fails(&["run", "-p", "8080:80", "testbox"], "-p needs a network");
+    im.fails(
+        &["run", "-p", "53:53/udp", "--network", "bridge", "testbox"],
+        "only tcp",
+    );
     im.fails(
         &["run", "--network", "ns:/no/such", "testbox"],
         "does not exist",
