@@ -93,11 +93,6 @@ impl Program {
             candidates,
         })
     }
-
-    /// The paths tried for the program, in order.
-    pub fn candidates(&self) -> impl Iterator<Item = &CStr> {
-        self.candidates.iter().map(CString::as_c_str)
-    }
 }
 
 /// A NULL-terminated array of pointers into `strings`.
@@ -470,7 +465,8 @@ mod tests {
         let env: Vec<String> = env.iter().map(|s| s.to_string()).collect();
         Program::new(&args, &env)
             .unwrap()
-            .candidates()
+            .candidates
+            .iter()
             .map(|c| {
                 std::ffi::OsStr::from_bytes(c.to_bytes())
                     .to_string_lossy()

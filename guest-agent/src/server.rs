@@ -383,11 +383,12 @@ impl Agent {
     /// Forks the process, sets it up and holds it before its exec (see
     /// held.rs); its output and exit are watched from now on.
     fn create(&self, handle: u32, spec: &ProcessSpec) -> io::Result<Proc> {
-        if let Some(c) = spec.container.as_ref().filter(|c| !c.sysctls.is_empty()) {
-            // Checked before anything is made, so that a key the guest
-            // kernel lacks fails `create` cleanly.
-            Sysctls::new(&c.sysctls)?;
-        }
+        // Checked before anything is made, so that a key the guest kernel
+        // lacks fails `create` cleanly.
+        let sysctls = match &spec.container {
+            Some(c) if !c.sysctls.is_empty() => Some(Sysctls::new(&c.sysctls)?),
+            _ => None,
+        };
         let program = Program::new(&spec.args, &spec.env)?;
         let (stdio, master) = if spec.terminal {
             let pty = crate::tty::open(spec.console_size.unwrap_or(crate::tty::DEFAULT_SIZE))?;
@@ -402,7 +403,7 @@ impl Agent {
             Some(m) => Some((File::from(m.try_clone()?), File::from(m.try_clone()?))),
             None => None,
         };
-        let mut held = self.fork_in_namespaces(&program, stdio, &setup, spec)?;
+        let mut held = self.fork_in_namespaces(&program, stdio, &setup, sysctls.as_ref(), spec)?;
         // The agent's copies of the terminal's slave side went with
         // `stdio`: the master reads EOF once the last process on the
         // terminal is gone.
@@ -489,20 +490,18 @@ impl Agent {
             .map(|c| c.namespaces.as_slice())
     }
 
-    /// Forks `program` in the namespaces `spec` makes or joins.
+    /// Forks `program` in the namespaces `spec` makes or joins, writing
+    /// its `sysctls` first.
     fn fork_in_namespaces(
         &self,
         program: &Program,
         stdio: ChildStdio,
         setup: &ChildSetup,
+        sysctls: Option<&Sysctls>,
         spec: &ProcessSpec,
     ) -> io::Result<Held> {
         let lock = || self.container_ns.lock().unwrap_or_else(|p| p.into_inner());
-        let sysctls = match &spec.container {
-            Some(c) if !c.sysctls.is_empty() => Some(Sysctls::new(&c.sysctls)?),
-            _ => None,
-        };
-        if let Some(s) = &sysctls {
+        if let Some(s) = sysctls {
             s.write_guest_wide()?;
         }
         let fork = |stdio| {
@@ -513,7 +512,7 @@ impl Agent {
         if let Some(kinds) = self.new_namespaces(spec) {
             let guard = ForkInto::new_namespaces(kinds)?;
             // In the new IPC and UTS namespaces, which the thread is in.
-            if let Some(s) = &sysctls {
+            if let Some(s) = sysctls {
                 s.write_per_namespace()?;
             }
             let child = fork(stdio);
@@ -526,7 +525,7 @@ impl Agent {
             drop(guard);
             return child;
         }
-        if let Some(s) = &sysctls {
+        if let Some(s) = sysctls {
             s.write_per_namespace()?;
         }
         if spec.join_container {

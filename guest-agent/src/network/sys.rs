@@ -69,6 +69,22 @@ fn control_socket(family: libc::c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `route`'s gateway as an address of its destination's family (`family`
+/// picks it); one of the other family is refused.
+fn gateway<T>(route: &Route, family: impl Fn(IpAddr) -> Option<T>) -> io::Result<Option<T>> {
+    route
+        .gateway
+        .map(|g| {
+            family(g).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("gateway {g} is not of the route's address family"),
+                )
+            })
+        })
+        .transpose()
+}
+
 fn ifindex(ifname: &str) -> io::Result<libc::c_int> {
     let name = std::ffi::CString::new(ifname)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))?;
@@ -113,16 +129,10 @@ impl LinuxNet {
     }
 
     fn add_route6(&self, dest: Ipv6Addr, route: &Route) -> io::Result<()> {
-        let gateway = match route.gateway {
-            Some(IpAddr::V6(g)) => Some(g),
-            None => None,
-            Some(IpAddr::V4(g)) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("IPv4 gateway {g} for an IPv6 route"),
-                ))
-            }
-        };
+        let gateway = gateway(route, |ip| match ip {
+            IpAddr::V6(g) => Some(g),
+            IpAddr::V4(_) => None,
+        })?;
         let mut rt = In6RtMsg {
             rtmsg_dst: in6_addr(dest),
             rtmsg_src: in6_addr(Ipv6Addr::UNSPECIFIED),
@@ -252,16 +262,10 @@ impl NetSys for LinuxNet {
             IpAddr::V6(dest) => return self.add_route6(dest, route),
             IpAddr::V4(dest) => dest,
         };
-        let gateway = match route.gateway {
-            Some(IpAddr::V4(g)) => Some(g),
-            None => None,
-            Some(IpAddr::V6(g)) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("IPv6 gateway {g} for an IPv4 route"),
-                ))
-            }
-        };
+        let gateway = gateway(route, |ip| match ip {
+            IpAddr::V4(g) => Some(g),
+            IpAddr::V6(_) => None,
+        })?;
         let mut dev = route
             .ifname
             .as_deref()
