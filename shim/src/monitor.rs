@@ -742,6 +742,7 @@ fn start_vm(
                 })
             })
             .collect::<anyhow::Result<_>>()?,
+        restore: None,
     };
     let kvm = vm::open_kvm()?;
     let resources = VmResources::validate(&config, vm::host_limits(&kvm))?;
@@ -781,6 +782,7 @@ fn start_vm(
                 })),
                 control: Some(control),
                 guest_profile,
+                snapshot: None,
             };
             let why = match vm::run(&kvm, &resources, opts) {
                 Ok(reason) => reason.to_string(),

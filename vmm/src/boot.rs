@@ -40,6 +40,9 @@ pub enum BootError {
     /// linux-loader rejected the kernel image.
     #[error("loading kernel {0}")]
     Kernel(PathBuf, #[source] linux_loader::loader::Error),
+    /// The resources were validated for a restore, not a boot.
+    #[error("no kernel format was detected for {0} (the VM restores a snapshot)")]
+    NoKernelFormat(PathBuf),
     /// A vmlinux without the PVH ELF note cannot be entered.
     #[error("{0} has no PVH entry point (build it with CONFIG_PVH=y)")]
     NoPvhEntry(PathBuf),
@@ -134,7 +137,10 @@ pub fn load(
     let himem = Some(GuestAddress(layout::HIMEM_START));
     let mut reader = MappedFile::new(&kernel, res.map_boot_files)
         .map_err(|e| BootError::Open(res.kernel.clone(), e))?;
-    let loaded = load_kernel(mem, res.kernel_format, &mut reader, himem)
+    let format = res
+        .kernel_format
+        .ok_or_else(|| BootError::NoKernelFormat(res.kernel.clone()))?;
+    let loaded = load_kernel(mem, format, &mut reader, himem)
         .map_err(|e| BootError::Kernel(res.kernel.clone(), e))?;
     let mapped_bytes = reader.mapped;
 
@@ -160,7 +166,7 @@ pub fn load(
         .len() as u32;
     let e820 = layout::e820(res.mem_bytes);
 
-    let entry = match res.kernel_format {
+    let entry = match format {
         KernelFormat::Elf => {
             let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
                 return Err(BootError::NoPvhEntry(res.kernel.clone()));

@@ -51,6 +51,12 @@ pub struct VmConfig {
     /// virtio-net NICs, each on a host TAP device.
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// Start from the snapshot in this directory instead of booting (see
+    /// [`crate::snapshot`]): `kernel`, `initramfs`, `map_boot_files` and
+    /// `cmdline` are then not used; vCPUs, memory and the kinds and order
+    /// of devices must be the snapshot's.
+    #[serde(default)]
+    pub restore: Option<PathBuf>,
 }
 
 fn yes() -> bool {

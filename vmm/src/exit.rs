@@ -18,13 +18,19 @@ pub enum ExitReason {
     Timeout,
     /// A vCPU failed in a way the guest cannot recover from.
     VcpuFailed(String),
+    /// The VM stopped to be snapshotted (see [`crate::snapshot`]); once the
+    /// snapshot is written, the VM has ended with [`ExitReason::Snapshotted`].
+    SnapshotRequested,
+    /// The VM was written to a snapshot and ended.
+    Snapshotted,
 }
 
 impl ExitReason {
     /// Process exit status for the VMM binary.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ExitReason::Reset => 0,
+            ExitReason::Reset | ExitReason::Snapshotted => 0,
+            ExitReason::SnapshotRequested => 1,
             ExitReason::VcpuFailed(_) => 1,
             ExitReason::TripleFault => 3,
             ExitReason::GuestPanic => 4,
@@ -41,6 +47,8 @@ impl std::fmt::Display for ExitReason {
             ExitReason::TripleFault => write!(f, "guest triple-faulted (KVM_EXIT_SHUTDOWN)"),
             ExitReason::Timeout => write!(f, "boot timeout elapsed"),
             ExitReason::VcpuFailed(why) => write!(f, "vCPU failed: {why}"),
+            ExitReason::SnapshotRequested => write!(f, "stopped for a snapshot"),
+            ExitReason::Snapshotted => write!(f, "stopped and written to a snapshot"),
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod mptable;
 pub mod pause;
 pub mod resources;
+pub mod snapshot;
 pub mod threads;
 pub mod unix_path;
 pub mod vm;

@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::Parser;
 use vmm::config::{FsConfig, NetConfig, VmConfig, VsockConfig};
 use vmm::resources::VmResources;
+use vmm::snapshot::SnapshotRequest;
 use vmm::vm::{self, RunOptions};
 
 /// Boot a Linux guest in a KVM micro-VM and exit when it resets.
@@ -19,8 +20,8 @@ use vmm::vm::{self, RunOptions};
 #[command(name = "runvm-vmm", version)]
 struct Args {
     /// Guest kernel: ELF vmlinux (PVH) or bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
     /// Initramfs (newc cpio, optionally compressed); repeat it to load
     /// several archives one after another.
     #[arg(long)]
@@ -85,6 +86,19 @@ struct Args {
     /// MODE RIP` per line; map kernel addresses with `nm -n vmlinux`).
     #[arg(long, value_name = "FILE")]
     guest_profile: Option<PathBuf>,
+    /// Stop the VM once a console line contains this text and write it to
+    /// the snapshot directory DIR (needs --snapshot-to); the VMM then exits
+    /// 0. A vsock connection or a mounted virtio-fs share refuses it.
+    #[arg(long, value_name = "TEXT", requires = "snapshot_to")]
+    snapshot_after: Option<String>,
+    /// The new directory --snapshot-after writes.
+    #[arg(long, value_name = "DIR", requires = "snapshot_after")]
+    snapshot_to: Option<PathBuf>,
+    /// Start from the snapshot in DIR instead of booting: --vcpus,
+    /// --mem-mib and the devices (kinds and order) must be the snapshot's;
+    /// their host sides (share directories, sockets, TAPs) may differ.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "cmdline", "map_boot_files"])]
+    restore: Option<PathBuf>,
 }
 
 fn console(spec: &str) -> anyhow::Result<Option<Box<dyn Write + Send>>> {
@@ -115,7 +129,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = VmConfig {
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
-        kernel: args.kernel,
+        kernel: args.kernel.unwrap_or_default(),
         initramfs: args.initramfs,
         map_boot_files: args.map_boot_files,
         huge_pages: !args.no_huge_pages,
@@ -130,6 +144,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             }),
         fs: args.fs,
         net: args.net,
+        restore: args.restore,
     };
     let kvm = vm::open_kvm()?;
     let resources = VmResources::validate(&config, vm::host_limits(&kvm))?;
@@ -171,6 +186,13 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("cannot create the guest profile {}", p.display()))
             })
             .transpose()?,
+        snapshot: args
+            .snapshot_after
+            .zip(args.snapshot_to)
+            .map(|(after_console_line, dir)| SnapshotRequest {
+                dir,
+                after_console_line,
+            }),
     };
     let reason = vm::run(&kvm, &resources, opts)?;
     eprintln!("runvm-vmm: {reason}");

@@ -132,8 +132,9 @@ pub fn advise_huge_pages_at(mem: &GuestMemoryMmap, start: GuestAddress, len: u64
     unsafe { libc::madvise(host.cast(), (hi - lo) as usize, libc::MADV_HUGEPAGE) };
 }
 
-/// Maps `len` bytes of `file` at `offset`, at a 2 MiB-aligned address.
-fn map_aligned(file: &File, offset: u64, len: usize) -> Result<Mapping, MemoryError> {
+/// Maps `len` bytes of `file` at `offset`, at a 2 MiB-aligned address,
+/// shared or private (`share`: MAP_SHARED or MAP_PRIVATE).
+fn map_aligned(file: &File, offset: u64, len: usize, share: i32) -> Result<Mapping, MemoryError> {
     let reserve_len = len + HUGE_PAGE;
     // SAFETY: a fresh PROT_NONE reservation at an address of the kernel's choosing.
     let reserve = unsafe {
@@ -158,7 +159,7 @@ fn map_aligned(file: &File, offset: u64, len: usize) -> Result<Mapping, MemoryEr
             aligned as *mut libc::c_void,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            share | libc::MAP_FIXED | libc::MAP_NORESERVE,
             file.as_raw_fd(),
             offset as libc::off_t,
         )
@@ -192,11 +193,29 @@ pub fn create(mem_bytes: u64) -> Result<GuestRam, MemoryError> {
     // SAFETY: fd is a fresh descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(mem_bytes).map_err(MemoryError::Memfd)?;
+    map_ranges(&file, mem_bytes, libc::MAP_SHARED)
+}
+
+/// Guest RAM of `mem_bytes` from a snapshot's memory file, mapped private:
+/// the guest's writes stay in this process, and VMs restored from the same
+/// file share the pages neither changed through the page cache.
+pub fn from_snapshot(mem_bytes: u64, file: &File) -> Result<GuestRam, MemoryError> {
+    let len = file.metadata().map_err(MemoryError::Memfd)?.len();
+    if len < mem_bytes {
+        return Err(MemoryError::Mmap(io::Error::other(format!(
+            "the memory file holds {len} bytes, the VM has {mem_bytes}"
+        ))));
+    }
+    map_ranges(file, mem_bytes, libc::MAP_PRIVATE)
+}
+
+/// Maps guest RAM's ranges from `file`, back to back from offset 0.
+fn map_ranges(file: &File, mem_bytes: u64, share: i32) -> Result<GuestRam, MemoryError> {
     let mut offset = 0;
     let mut regions = Vec::new();
     let mut maps = Vec::new();
     for (start, len) in layout::ram_ranges(mem_bytes) {
-        let map = map_aligned(&file, offset, len as usize)?;
+        let map = map_aligned(file, offset, len as usize, share)?;
         let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, offset);
         // SAFETY: `map` is a live mapping of exactly `len` bytes that stays
         // mapped for as long as the returned GuestRam (and so `mem`) exists.
@@ -204,7 +223,7 @@ pub fn create(mem_bytes: u64) -> Result<GuestRam, MemoryError> {
             MmapRegionBuilder::new(len as usize)
                 .with_file_offset(fo)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                .with_mmap_flags(share | libc::MAP_NORESERVE)
                 .with_raw_mmap_pointer(map.addr.cast())
         }
         .build()

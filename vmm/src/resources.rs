@@ -123,8 +123,8 @@ pub struct VmResources {
     pub mem_bytes: u64,
     /// Guest kernel path.
     pub kernel: PathBuf,
-    /// Detected kernel format.
-    pub kernel_format: KernelFormat,
+    /// Detected kernel format (`None` when restoring a snapshot).
+    pub kernel_format: Option<KernelFormat>,
     /// Initramfs parts, in order.
     pub initramfs: Vec<PathBuf>,
     /// Map the kernel instead of copying it (the initramfs is always copied).
@@ -141,6 +141,8 @@ pub struct VmResources {
     pub fs: Vec<FsConfig>,
     /// virtio-net NICs, each with its address settled.
     pub net: Vec<NicResources>,
+    /// The snapshot directory to start from instead of booting.
+    pub restore: Option<PathBuf>,
 }
 
 /// A validated NIC.
@@ -185,14 +187,21 @@ impl VmResources {
                 max: MAX_CMDLINE_LEN - 1,
             });
         }
-        let kernel_format = detect_kernel_format(&config.kernel)?;
-        for initramfs in &config.initramfs {
-            File::open(initramfs).map_err(|source| ConfigError::Unreadable {
-                what: "initramfs",
-                path: initramfs.clone(),
-                source,
-            })?;
-        }
+        let kernel_format = match &config.restore {
+            // The snapshot is checked when it is read.
+            Some(_) => None,
+            None => {
+                let format = detect_kernel_format(&config.kernel)?;
+                for initramfs in &config.initramfs {
+                    File::open(initramfs).map_err(|source| ConfigError::Unreadable {
+                        what: "initramfs",
+                        path: initramfs.clone(),
+                        source,
+                    })?;
+                }
+                Some(format)
+            }
+        };
         if let Some(vsock) = &config.vsock {
             validate_vsock(vsock)?;
         }
@@ -213,6 +222,7 @@ impl VmResources {
             vsock: config.vsock.clone(),
             fs: config.fs.clone(),
             net,
+            restore: config.restore.clone(),
         })
     }
 }
@@ -379,6 +389,7 @@ mod tests {
             vsock: None,
             fs: Vec::new(),
             net: Vec::new(),
+            restore: None,
         }
     }
 
@@ -434,7 +445,7 @@ mod tests {
         let k = elf();
         let r = VmResources::validate(&config(k.path()), LIMITS).unwrap();
         assert_eq!(r.mem_bytes, 128 << 20);
-        assert_eq!(r.kernel_format, KernelFormat::Elf);
+        assert_eq!(r.kernel_format, Some(KernelFormat::Elf));
     }
 
     #[test]
@@ -443,7 +454,7 @@ mod tests {
         img[0x202..0x206].copy_from_slice(b"HdrS");
         let k = file_with(&img);
         let r = VmResources::validate(&config(k.path()), LIMITS).unwrap();
-        assert_eq!(r.kernel_format, KernelFormat::BzImage);
+        assert_eq!(r.kernel_format, Some(KernelFormat::BzImage));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::boot::{self, BootError};
 use crate::config::TapSource;
 use crate::cpu::{self, CpuError};
 use crate::devices::legacy::{
-    ConsoleSink, EventFdTrigger, PioBus, ResetTrigger, SerialDevice, SERIAL_IRQ,
+    ConsoleSink, EventFdTrigger, PioBus, ResetTrigger, SerialDevice, SerialSnapshot, SERIAL_IRQ,
 };
 use crate::devices::mmio_bus::{MmioBus, MmioSlot};
 use crate::devices::virtio::fs;
@@ -39,6 +39,7 @@ use crate::memory::{self, MemoryError};
 use crate::mptable::{self, MptableError};
 use crate::pause::VmControl;
 use crate::resources::{HostLimits, VmResources};
+use crate::snapshot::{SnapshotError, SnapshotRequest, VcpuState, VmSnapshot, VmState};
 
 /// Where KVM keeps its TSS and identity map on Intel: three pages just below
 /// the BIOS area, inside the MMIO gap so they never overlap RAM.
@@ -77,6 +78,9 @@ pub enum VmError {
     /// The event loop failed.
     #[error("{0}")]
     EventLoop(&'static str, #[source] event_manager::Error),
+    /// Taking or restoring a snapshot.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// Host-side wiring of a run.
@@ -101,6 +105,9 @@ pub struct RunOptions {
     /// Samples where the vCPUs are while the VM runs and writes them here
     /// at its end (see [`crate::guest_profile`]).
     pub guest_profile: Option<File>,
+    /// Stops the VM at a console line and writes it to a snapshot; the run
+    /// then ends with [`ExitReason::Snapshotted`].
+    pub snapshot: Option<SnapshotRequest>,
 }
 
 /// See [`RunOptions::on_timeout`] and [`RunOptions::on_exit`].
@@ -143,6 +150,7 @@ impl std::fmt::Debug for RunOptions {
             .field("on_exit", &self.on_exit.is_some())
             .field("control", &self.control.is_some())
             .field("guest_profile", &self.guest_profile.is_some())
+            .field("snapshot", &self.snapshot)
             .finish()
     }
 }
@@ -170,10 +178,24 @@ pub fn host_limits(kvm: &Kvm) -> HostLimits {
     }
 }
 
-/// Boots `res` and blocks until the VM ends.
+/// Boots `res` (or restores the snapshot it names) and blocks until the VM
+/// ends.
 pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason, VmError> {
     let mut times = BuildTimes::default();
     let mut since = Instant::now();
+    let snapshot = res.restore.as_deref().map(VmSnapshot::load).transpose()?;
+    if let Some(snap) = &snapshot {
+        if let Some(dir) = opts.snapshot.as_ref().map(|r| &r.dir) {
+            if res.restore.as_deref() == Some(dir.as_path()) {
+                return Err(SnapshotError::Mismatch(
+                    "a VM cannot be snapshotted into the snapshot it restores".into(),
+                )
+                .into());
+            }
+        }
+        // The devices are checked once they exist.
+        snap.check_shape(res.vcpus, res.mem_bytes)?;
+    }
     let vm = kvm
         .create_vm()
         .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
@@ -191,46 +213,95 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
         .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
 
     times.mark("kvm", &mut since);
-    let ram = memory::create(res.mem_bytes)?;
+    let ram = match &res.restore {
+        Some(dir) => {
+            let path = dir.join(crate::snapshot::MEMORY_FILE);
+            let file = File::open(&path).map_err(|source| SnapshotError::File {
+                what: "cannot open",
+                path,
+                source,
+            })?;
+            memory::from_snapshot(res.mem_bytes, &file)?
+        }
+        None => memory::create(res.mem_bytes)?,
+    };
     let mem = &ram.mem;
     memory::register(&vm, mem)?;
+    if let Some(snap) = &snapshot {
+        snap.vm.restore(&vm)?;
+    }
     times.mark("memory", &mut since);
-    let mmio = Arc::new(build_mmio_devices(&vm, mem, res)?);
+    let mmio = Arc::new(build_mmio_devices(&vm, mem, res, snapshot.as_ref())?);
     times.mark("devices", &mut since);
-    let cmdline = boot::build_cmdline(&res.cmdline, opts.console.is_some(), &mmio.cmdline_args())?;
-    let loaded = boot::load(mem, res, &cmdline)?;
-    let entry = loaded.entry;
-    times.boot_files_mapped = loaded.mapped_bytes;
-    mptable::write(mem, res.vcpus)?;
-    times.mark("load", &mut since);
+    let mut entry = None;
+    if snapshot.is_none() {
+        let cmdline =
+            boot::build_cmdline(&res.cmdline, opts.console.is_some(), &mmio.cmdline_args())?;
+        let loaded = boot::load(mem, res, &cmdline)?;
+        entry = Some(loaded.entry);
+        times.boot_files_mapped = loaded.mapped_bytes;
+        mptable::write(mem, res.vcpus)?;
+        times.mark("load", &mut since);
+    }
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("eventfd", e))?);
     let panicked = Arc::new(AtomicBool::new(false));
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
-    let sink = ConsoleSink::new(opts.console, panicked.clone());
-    let serial: Arc<Mutex<SerialDevice>> =
-        Arc::new(Mutex::new(Serial::new(EventFdTrigger(serial_irq), sink)));
+    let mut sink = ConsoleSink::new(opts.console, panicked.clone());
+    if let Some(req) = &opts.snapshot {
+        sink = sink.snapshot_after(&req.after_console_line, exit.clone());
+    }
+    let serial = match &snapshot {
+        Some(snap) => snap
+            .serial
+            .restore(EventFdTrigger(serial_irq), sink)
+            .map_err(|e| VmError::Io("restoring the serial port", e))?,
+        None => Serial::new(EventFdTrigger(serial_irq), sink),
+    };
+    let serial: Arc<Mutex<SerialDevice>> = Arc::new(Mutex::new(serial));
     let bus = Arc::new(PioBus::new(serial.clone(), ResetTrigger(exit.clone())));
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
-    let host = cpu::HostCpu {
-        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
-    };
     let mut vcpus = Vec::with_capacity(res.vcpus as usize);
-    for index in 0..res.vcpus {
-        let vcpu = vm
-            .create_vcpu(u64::from(index))
-            .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
-        cpu::configure(&vcpu, (&supported, host), mem, entry, index, res.vcpus)?;
-        vcpus.push(vcpu);
-    }
-    // Last, after every write of the VMM's own into guest RAM.
-    if res.huge_pages {
-        ram.advise_huge_pages();
+    match (&snapshot, entry) {
+        (Some(snap), _) => {
+            for (index, state) in snap.vcpus.iter().enumerate() {
+                let vcpu = vm
+                    .create_vcpu(index as u64)
+                    .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
+                state.restore(&vcpu)?;
+                vcpus.push(vcpu);
+            }
+            for vcpu in &vcpus {
+                // Tells a guest on kvmclock that it was stopped, so its
+                // soft-lockup watchdog does not blame the jump on a CPU.
+                // It fails for a guest that never set kvmclock up, which
+                // then needs nothing.
+                let _ = vcpu.kvmclock_ctrl();
+            }
+            times.mark("restore", &mut since);
+        }
+        (None, Some(entry)) => {
+            let supported = kvm
+                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+            let host = cpu::HostCpu {
+                tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+            };
+            for index in 0..res.vcpus {
+                let vcpu = vm
+                    .create_vcpu(u64::from(index))
+                    .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
+                cpu::configure(&vcpu, (&supported, host), mem, entry, index, res.vcpus)?;
+                vcpus.push(vcpu);
+            }
+            // Last, after every write of the VMM's own into guest RAM.
+            if res.huge_pages {
+                ram.advise_huge_pages();
+            }
+        }
+        (None, None) => unreachable!("a boot always loads an entry point"),
     }
 
     install_kick_handler()?;
@@ -292,7 +363,7 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     }
     let ended = event_loop(
         &exit,
-        serial,
+        serial.clone(),
         opts.console_input,
         opts.timeout,
         &mmio.interrupts(),
@@ -302,16 +373,31 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     if let Some(k) = kicker {
         let _ = k.join();
     }
-    stop_vcpus(&stop, threads);
-    let signalled = ended?;
+    let mut stopped = stop_vcpus(&stop, threads);
     // The VM, then guest RAM, go only after the vCPU threads have stopped.
-    let reason = match exit.reason() {
+    let mut result = ended.map(|signalled| match exit.reason() {
         _ if !signalled => ExitReason::Timeout,
         Some(ExitReason::Reset) if panicked.load(Ordering::Acquire) => ExitReason::GuestPanic,
         Some(r) => r,
         None => ExitReason::Timeout,
-    };
-    if reason == ExitReason::Timeout {
+    });
+    if let (Ok(ExitReason::SnapshotRequested), Some(req)) = (&result, &opts.snapshot) {
+        let saved = SnapshotParts {
+            kvm,
+            vm: &vm,
+            vcpus: &mut stopped,
+            expected_vcpus: res.vcpus,
+            serial: &serial,
+            mmio: &mmio,
+            mem,
+            mem_bytes: res.mem_bytes,
+        }
+        .write(&req.dir);
+        result = saved
+            .map(|()| ExitReason::Snapshotted)
+            .map_err(VmError::from);
+    }
+    if result.as_ref().ok() == Some(&ExitReason::Timeout) {
         if let Some(report) = opts.on_timeout {
             report(&mmio.describe());
         }
@@ -320,13 +406,67 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
         report(&mmio.reports());
     }
     mmio.shutdown();
+    drop(stopped);
     drop(vm);
     drop(ram);
     if let Some((p, out)) = profile {
         p.write_to(out)
             .map_err(|e| VmError::Io("writing the guest profile", e))?;
     }
-    Ok(reason)
+    result
+}
+
+/// What a snapshot is read from, once the vCPUs have stopped.
+struct SnapshotParts<'a> {
+    kvm: &'a Kvm,
+    vm: &'a VmFd,
+    vcpus: &'a mut [VcpuFd],
+    expected_vcpus: u32,
+    serial: &'a Mutex<SerialDevice>,
+    mmio: &'a MmioBus,
+    mem: &'a GuestMemoryMmap,
+    mem_bytes: u64,
+}
+
+impl SnapshotParts<'_> {
+    fn write(self, dir: &std::path::Path) -> Result<(), SnapshotError> {
+        if self.vcpus.len() != self.expected_vcpus as usize {
+            return Err(SnapshotError::Unsupported(
+                "a vCPU thread did not stop".into(),
+            ));
+        }
+        if let Some(why) = self.mmio.snapshot_blocker() {
+            return Err(SnapshotError::Unsupported(why));
+        }
+        let msr_list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(|e| SnapshotError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?;
+        let vcpus = self
+            .vcpus
+            .iter_mut()
+            .map(|v| VcpuState::save(v, msr_list.as_slice()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = VmState::save(self.vm)?;
+        let serial = SerialSnapshot::save(&crate::devices::legacy::lock(self.serial));
+        let devices = self
+            .mmio
+            .quiesce_and_snapshot()
+            .map_err(SnapshotError::Unsupported)?;
+        // A host connection that arrived while the vCPUs stopped.
+        if let Some(why) = self.mmio.snapshot_blocker() {
+            return Err(SnapshotError::Unsupported(why));
+        }
+        VmSnapshot {
+            version: crate::snapshot::FORMAT_VERSION,
+            mem_bytes: self.mem_bytes,
+            vm,
+            vcpus,
+            serial,
+            devices,
+        }
+        .write(dir, self.mem)
+    }
 }
 
 /// Creates the configured virtio devices with their irqfds and ioeventfds.
@@ -334,6 +474,7 @@ fn build_mmio_devices(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     res: &VmResources,
+    snapshot: Option<&VmSnapshot>,
 ) -> Result<MmioBus, VmError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if res.rng {
@@ -359,6 +500,10 @@ fn build_mmio_devices(
         .map_err(|e| VmError::Io("opening a TAP device", e))?;
         devices.push(Box::new(Net::new(nic.mac, tap)));
     }
+    if let Some(snap) = snapshot {
+        let types: Vec<u32> = devices.iter().map(|d| d.device_type()).collect();
+        snap.check_devices(&types)?;
+    }
     let mut bus = MmioBus::default();
     for (i, device) in devices.into_iter().enumerate() {
         let base = crate::layout::MMIO_DEVICES_START + i as u64 * MMIO_WINDOW;
@@ -373,8 +518,12 @@ fn build_mmio_devices(
         vm.register_irqfd(&irq_evt, irq)
             .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
         let interrupt = Arc::new(Interrupt::new(irq_evt));
-        let transport = MmioTransport::new(device, mem.clone(), interrupt)
-            .map_err(|e| VmError::Io("creating a virtio device", e))?;
+        let transport = match snapshot.and_then(|s| s.devices.get(i)) {
+            Some(state) => MmioTransport::restore(device, mem.clone(), interrupt, state)
+                .map_err(|e| SnapshotError::Mismatch(format!("virtio-mmio@{base:#x}: {e}")))?,
+            None => MmioTransport::new(device, mem.clone(), interrupt)
+                .map_err(|e| VmError::Io("creating a virtio device", e))?,
+        };
         for (q, evt) in transport.queue_evts().iter().enumerate() {
             vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
                 .map_err(|e| VmError::Kvm("KVM_IOEVENTFD", e))?;
@@ -416,7 +565,8 @@ struct VcpuLoop<'a> {
 }
 
 impl VcpuLoop<'_> {
-    fn run(&self, mut vcpu: VcpuFd) {
+    /// Runs `vcpu` until the VM stops, then hands it back (for a snapshot).
+    fn run(&self, mut vcpu: VcpuFd) -> VcpuFd {
         let (bus, mmio, exit) = (self.bus, self.mmio, self.exit);
         let fail = |why: String| {
             let _ = exit.signal(ExitReason::VcpuFailed(why));
@@ -468,6 +618,7 @@ impl VcpuLoop<'_> {
                 }
             }
         }
+        vcpu
     }
 }
 
@@ -484,8 +635,9 @@ pub(crate) fn install_kick_handler() -> Result<(), VmError> {
 }
 
 /// A kick can land just before a thread enters KVM_RUN, so keep kicking
-/// until every thread has noticed `stop`.
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+/// until every thread has noticed `stop`. Returns the vCPUs of the threads
+/// that stopped, in thread order.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<VcpuFd>>) -> Vec<VcpuFd> {
     stop.store(true, Ordering::Release);
     let deadline = Instant::now() + STOP_GRACE;
     while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
@@ -494,11 +646,11 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
         }
         thread::sleep(Duration::from_millis(1));
     }
-    for t in threads {
-        if t.is_finished() {
-            let _ = t.join();
-        }
-    }
+    threads
+        .into_iter()
+        .filter(|t| t.is_finished())
+        .filter_map(|t| t.join().ok())
+        .collect()
 }
 
 /// How long an interrupt may stay unacknowledged before it is raised again

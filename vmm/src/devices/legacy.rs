@@ -56,6 +56,8 @@ pub struct ConsoleSink {
     out: Option<Box<dyn Write + Send>>,
     line: Vec<u8>,
     panicked: Arc<AtomicBool>,
+    /// A line containing this text ends the VM for a snapshot.
+    snapshot_after: Option<(Vec<u8>, Arc<ExitSignal>)>,
 }
 
 impl std::fmt::Debug for ConsoleSink {
@@ -73,7 +75,15 @@ impl ConsoleSink {
             out,
             line: Vec::with_capacity(MAX_LINE),
             panicked,
+            snapshot_after: None,
         }
+    }
+
+    /// Ends the VM with [`ExitReason::SnapshotRequested`] once a line
+    /// contains `text` (the line itself still goes out first).
+    pub fn snapshot_after(mut self, text: &str, exit: Arc<ExitSignal>) -> Self {
+        self.snapshot_after = Some((text.as_bytes().to_vec(), exit));
+        self
     }
 
     fn scan(&mut self, bytes: &[u8]) {
@@ -81,6 +91,11 @@ impl ConsoleSink {
             if b == b'\n' {
                 if self.line.windows(PANIC_TEXT.len()).any(|w| w == PANIC_TEXT) {
                     self.panicked.store(true, Ordering::Release);
+                }
+                if let Some((text, exit)) = &self.snapshot_after {
+                    if !text.is_empty() && self.line.windows(text.len()).any(|w| w == text) {
+                        let _ = exit.signal(ExitReason::SnapshotRequested);
+                    }
                 }
                 self.line.clear();
             } else if self.line.len() < MAX_LINE {
@@ -112,6 +127,54 @@ impl Write for ConsoleSink {
 
 /// The serial port as the VM uses it.
 pub type SerialDevice = Serial<EventFdTrigger, NoEvents, ConsoleSink>;
+
+/// The 16550's registers and receive FIFO, as a snapshot holds them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    registers: [u8; 9],
+    in_buffer: Vec<u8>,
+}
+
+impl SerialSnapshot {
+    /// Saves `serial`'s state.
+    pub fn save(serial: &SerialDevice) -> Self {
+        let s = serial.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A serial port in this state, raising `trigger` and writing to `out`.
+    pub fn restore(&self, trigger: EventFdTrigger, out: ConsoleSink) -> io::Result<SerialDevice> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            self.registers;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: self.in_buffer.clone(),
+        };
+        Serial::from_state(&state, trigger, NoEvents, out)
+            .map_err(|e| io::Error::other(format!("restoring the serial port: {e:?}")))
+    }
+}
 
 /// Port-I/O devices, shared by all vCPU threads.
 #[derive(Debug)]

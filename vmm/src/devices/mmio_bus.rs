@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 
 use super::legacy::lock;
-use super::virtio::mmio::{MmioTransport, MMIO_WINDOW};
+use super::virtio::mmio::{MmioTransport, TransportState, MMIO_WINDOW};
 use super::virtio::Interrupt;
 
 /// One device's window.
@@ -90,6 +90,28 @@ impl MmioBus {
             .iter()
             .map(|s| (s.irq, lock(&s.transport).interrupt().clone()))
             .collect()
+    }
+
+    /// Why some device cannot be snapshotted now, if one cannot.
+    pub fn snapshot_blocker(&self) -> Option<String> {
+        self.slots
+            .iter()
+            .find_map(|s| lock(&s.transport).snapshot_blocker())
+    }
+
+    /// Stops every device's workers and saves every transport (see
+    /// [`MmioTransport::quiesce`]).
+    pub fn quiesce_and_snapshot(&self) -> Result<Vec<TransportState>, String> {
+        let mut states = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let mut t = lock(&s.transport);
+            t.quiesce();
+            states.push(
+                t.snapshot()
+                    .map_err(|e| format!("virtio-mmio@{:#x}: {e}", s.base))?,
+            );
+        }
+        Ok(states)
     }
 
     /// Stops every device's host-side work (worker threads), so guest memory

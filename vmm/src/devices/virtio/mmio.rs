@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,6 +20,36 @@ const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x4d56_5552; // "RUVM"
 const CONFIG_SPACE: u64 = 0x100;
+
+/// One queue's registers and positions, as a snapshot holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+    /// Where the device goes on: the used ring's index, which for a
+    /// stopped device is also how many chains it took from the avail ring
+    /// (every device here completes each chain it takes before it stops).
+    next: u16,
+    event_idx: bool,
+}
+
+/// A transport's registers and queues, as a snapshot holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    /// The virtio device type behind it.
+    pub device_type: u32,
+    status: u32,
+    driver_features: u64,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+    queues: Vec<QueueSnapshot>,
+}
 
 /// A device and its transport state.
 pub struct MmioTransport {
@@ -276,6 +307,121 @@ impl MmioTransport {
         self.device.report()
     }
 
+    /// The virtio device type behind this transport.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    /// Why the device cannot be snapshotted now, if it cannot.
+    pub fn snapshot_blocker(&self) -> Option<String> {
+        self.device.snapshot_blocker()
+    }
+
+    /// Stops the device's workers for a snapshot, leaving every register as
+    /// the guest set it (unlike [`MmioTransport::shutdown`]).
+    pub fn quiesce(&mut self) {
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
+        }
+    }
+
+    /// The transport's state; called after [`MmioTransport::quiesce`], so
+    /// the used rings no longer move.
+    pub fn snapshot(&self) -> Result<TransportState, String> {
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, q) in self.queues.iter().enumerate() {
+            let running = q.ready() && self.status & status::DRIVER_OK != 0;
+            let next = if running {
+                q.used_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                    .map_err(|e| format!("queue {i}: reading its used ring: {e}"))?
+                    .0
+            } else {
+                0
+            };
+            let state = q.state();
+            queues.push(QueueSnapshot {
+                size: state.size,
+                ready: state.ready,
+                desc_table: state.desc_table,
+                avail_ring: state.avail_ring,
+                used_ring: state.used_ring,
+                next,
+                event_idx: state.event_idx_enabled,
+            });
+        }
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.config_generation,
+            queues,
+        })
+    }
+
+    /// A transport for `device` in the saved `state`; a device the driver
+    /// had started is started again on the saved queues, and an interrupt
+    /// the guest had not yet acknowledged is raised again.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        state: &TransportState,
+    ) -> Result<Self, String> {
+        if device.device_type() != state.device_type {
+            return Err(format!(
+                "device type {} where the snapshot has {}",
+                device.device_type(),
+                state.device_type
+            ));
+        }
+        let mut t = MmioTransport::new(device, mem, interrupt).map_err(|e| e.to_string())?;
+        if state.queues.len() != t.queues.len() {
+            return Err(format!(
+                "{} queues where the snapshot has {}",
+                t.queues.len(),
+                state.queues.len()
+            ));
+        }
+        for (q, saved) in t.queues.iter_mut().zip(&state.queues) {
+            let restored = Queue::try_from(QueueState {
+                max_size: q.max_size(),
+                next_avail: saved.next,
+                next_used: saved.next,
+                event_idx_enabled: saved.event_idx,
+                size: saved.size,
+                ready: saved.ready,
+                desc_table: saved.desc_table,
+                avail_ring: saved.avail_ring,
+                used_ring: saved.used_ring,
+            })
+            .map_err(|e| format!("a saved queue: {e}"))?;
+            *q = restored;
+        }
+        t.status = state.status;
+        t.driver_features = state.driver_features;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.queue_sel = state.queue_sel;
+        t.config_generation = state.config_generation;
+        if t.status & status::DRIVER_OK != 0 && t.status & status::DEVICE_NEEDS_RESET == 0 {
+            t.activate();
+            if !t.activated {
+                return Err("the device did not start on its saved queues".into());
+            }
+        }
+        if state.interrupt_status != 0 {
+            t.interrupt
+                .trigger(state.interrupt_status)
+                .map_err(|e| format!("raising its interrupt: {e}"))?;
+        }
+        Ok(t)
+    }
+
     /// The device's interrupt.
     pub fn interrupt(&self) -> &Arc<Interrupt> {
         &self.interrupt
@@ -396,6 +542,76 @@ mod tests {
         assert_eq!(r(&t, 0x60), 0);
         w(&mut t, 0x70, 0);
         assert_eq!(r(&t, 0x70), 0, "reset");
+    }
+
+    /// Waits for the rng to fill the buffer at `addr` and interrupt.
+    fn wait_filled(m: &GuestMemoryMmap, irq: &Interrupt, addr: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (irq.status() & INT_VRING == 0 || m.read_obj::<u64>(GuestAddress(addr)).unwrap() == 0)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            m.read_obj::<u64>(GuestAddress(addr)).unwrap(),
+            0x4242_4242_4242_4242
+        );
+    }
+
+    #[test]
+    fn a_snapshotted_transport_goes_on_from_its_used_ring_in_a_new_device() {
+        let m = mem();
+        let (mut t, irq) = transport(&m);
+        let mq = MockSplitQueue::new(&m, 16);
+        bring_up(&mut t, &mq);
+        w(&mut t, 0x70, 0xf & !status::FAILED);
+        let d = RawDescriptor::from(SplitDescriptor::new(0x10_0000, 8, 2, 0));
+        mq.add_desc_chains(&[d], 0).unwrap();
+        w(&mut t, QUEUE_NOTIFY, 0);
+        wait_filled(&m, &irq, 0x10_0000);
+        // The guest has not acknowledged the interrupt yet.
+        t.quiesce();
+        let state = t.snapshot().unwrap();
+        assert_eq!(state.queues[0].next, 1, "one chain used");
+        assert_eq!(state.interrupt_status, INT_VRING);
+        assert_ne!(state.status & status::DRIVER_OK, 0);
+        let json = serde_json::to_string(&state).unwrap();
+        let state: TransportState = serde_json::from_str(&json).unwrap();
+
+        // A new device behind a new interrupt takes over.
+        let irq2 = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let rng =
+            Rng::with_source(|| Ok(Box::new(std::io::repeat(0x42)) as Box<dyn EntropySource>));
+        let mut t2 =
+            MmioTransport::restore(Box::new(rng), m.clone(), irq2.clone(), &state).unwrap();
+        assert_eq!(r(&t2, 0x70), state.status);
+        assert_eq!(r(&t2, 0x60), INT_VRING, "the pending interrupt survives");
+        assert_eq!(irq2.eventfd().read().unwrap(), 1, "and is raised again");
+        w(&mut t2, 0x64, INT_VRING);
+        // The second chain goes into the next used slot, not over the first.
+        let d = RawDescriptor::from(SplitDescriptor::new(0x10_1000, 8, 2, 0));
+        mq.add_desc_chains(&[d], 1).unwrap();
+        w(&mut t2, QUEUE_NOTIFY, 0);
+        wait_filled(&m, &irq2, 0x10_1000);
+        let used = t2.queues[0]
+            .used_idx(&m, std::sync::atomic::Ordering::Acquire)
+            .unwrap();
+        assert_eq!(used.0, 2);
+
+        // Another kind of device does not take the state.
+        let wrong = super::super::vsock::Vsock::new(
+            3,
+            super::super::vsock::UnixHost::bind(
+                &tempfile::tempdir().unwrap().path().join("v.sock"),
+            )
+            .unwrap(),
+        );
+        let err = MmioTransport::restore(Box::new(wrong), m.clone(), irq2, &state).unwrap_err();
+        assert!(
+            err.contains("device type 19 where the snapshot has 4"),
+            "{err}"
+        );
+        w(&mut t2, 0x70, 0);
     }
 
     #[test]

@@ -244,6 +244,11 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops processing and returns to the pre-activation state.
     fn reset(&mut self);
+    /// Why the device's host side holds state a snapshot would lose (an
+    /// open connection, a mounted file system), if it does.
+    fn snapshot_blocker(&self) -> Option<String> {
+        None
+    }
     /// One line on the work the device did, for `--report-requests`;
     /// `None` for a device that counts nothing.
     fn report(&self) -> Option<String> {

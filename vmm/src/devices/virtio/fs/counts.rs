@@ -90,7 +90,6 @@ impl RequestCounts {
     }
 
     /// How many requests had `opcode`.
-    #[cfg(test)]
     pub fn get(&self, opcode: u32) -> u64 {
         self.0[Self::slot(opcode)].load(Ordering::Relaxed)
     }

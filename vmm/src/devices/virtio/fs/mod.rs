@@ -190,6 +190,8 @@ pub fn process_queue<F: FileSystem + Sync>(
 }
 
 const KILL: u64 = u64::MAX;
+/// FUSE's INIT opcode: the guest mounted the share.
+const FUSE_INIT: u32 = 26;
 
 fn worker<F: FileSystem + Sync>(
     epoll: Epoll,
@@ -278,6 +280,16 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for Fs<F> {
 
     fn reset(&mut self) {
         self.stop();
+    }
+
+    fn snapshot_blocker(&self) -> Option<String> {
+        // FUSE_INIT starts a session whose inodes and handles live here.
+        (self.counts.get(FUSE_INIT) > 0).then(|| {
+            format!(
+                "the guest has mounted virtio-fs share {:?} (its open files live in this VMM)",
+                self.tag()
+            )
+        })
     }
 
     fn report(&self) -> Option<String> {

@@ -10,6 +10,7 @@ pub mod packet;
 pub use host::{UnixHost, VsockHost};
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -33,6 +34,8 @@ pub struct Vsock<H: VsockHost + 'static> {
     guest_cid: u64,
     host: Option<H>,
     worker: Option<DeviceWorker<H>>,
+    /// Open connections, as the worker last counted them.
+    connections: Arc<AtomicUsize>,
 }
 
 impl<H: VsockHost + 'static> std::fmt::Debug for Vsock<H> {
@@ -51,6 +54,7 @@ impl<H: VsockHost + 'static> Vsock<H> {
             guest_cid,
             host: Some(host),
             worker: None,
+            connections: Arc::default(),
         }
     }
 
@@ -112,6 +116,7 @@ fn worker<H: VsockHost>(
     evts: Vec<EventFd>,
     interrupt: Arc<Interrupt>,
     mut muxer: Muxer<H>,
+    connections: Arc<AtomicUsize>,
 ) -> H {
     let mut events = [EpollEvent::default(); 8];
     let mut busy = false;
@@ -144,6 +149,7 @@ fn worker<H: VsockHost>(
         if notify {
             let _ = interrupt.trigger(INT_VRING);
         }
+        connections.store(muxer.connection_count(), Ordering::Release);
     }
 }
 
@@ -203,8 +209,9 @@ impl<H: VsockHost + 'static> VirtioDevice for Vsock<H> {
                 return Err(ActivateError::Io(e));
             }
         };
+        let connections = self.connections.clone();
         let worker = DeviceWorker::spawn("virtio-vsock", kill, move || {
-            worker(epoll, mem, q, queue_evts, interrupt, muxer)
+            worker(epoll, mem, q, queue_evts, interrupt, muxer, connections)
         })
         .map_err(ActivateError::Io)?;
         self.worker = Some(worker);
@@ -213,6 +220,15 @@ impl<H: VsockHost + 'static> VirtioDevice for Vsock<H> {
 
     fn reset(&mut self) {
         self.stop();
+    }
+
+    fn snapshot_blocker(&self) -> Option<String> {
+        match self.connections.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(format!(
+                "{n} vsock connection(s) open (their host ends live in this VMM)"
+            )),
+        }
     }
 }
 
