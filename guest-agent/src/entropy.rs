@@ -8,6 +8,8 @@ use std::os::fd::AsRawFd;
 
 /// `_IOW('R', 0x03, int[2])`
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)`
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 /// The most the agent takes from a seed file.
 pub const MAX_SEED: usize = 512;
 
@@ -33,6 +35,19 @@ pub fn seed(device: &str, seed: &[u8]) -> io::Result<()> {
     // SAFETY: RNDADDENTROPY reads a rand_pool_info whose buf_size bytes
     // follow its two ints; `info` holds exactly that.
     let rc = unsafe { libc::ioctl(dev.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes the kernel's CRNG rekey from its input pool now rather than at
+/// its next scheduled reseed: a guest restored from a snapshot must not
+/// hand out what every other copy of the snapshot hands out.
+pub fn reseed(device: &str) -> io::Result<()> {
+    let dev = OpenOptions::new().write(true).open(device)?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), RNDRESEEDCRNG) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -9,7 +9,7 @@ use nix::sys::reboot::{reboot, RebootMode};
 
 use runvm_agent::mount_sys::{Linux, MountSys};
 
-use crate::{LISTENING_MARKER, READY_MARKER};
+use crate::{LISTENING_MARKER, READY_MARKER, TEMPLATE_MARKER};
 
 struct PseudoFs {
     source: &'static str,
@@ -148,6 +148,10 @@ pub struct BootParams {
     pub hostname: Option<String>,
     /// The container's mounts (from the initramfs, not the command line).
     pub mounts: Vec<runvm_protocol::GuestMount>,
+    /// The guest is a template: it waits, without a container, for the
+    /// host to snapshot it, and takes its container from the first
+    /// request of a restored copy ([`runvm_protocol::Op::Setup`]).
+    pub template: bool,
 }
 
 impl BootParams {
@@ -160,6 +164,7 @@ impl BootParams {
                 Some(("runvm.hostname", h)) => p.hostname = Some(h.to_owned()),
                 None if word == "runvm.rootfs_ro" => p.rootfs_ro = true,
                 None if word == "runvm.rootfs_overlay" => p.rootfs_overlay = true,
+                None if word == "runvm.template" => p.template = true,
                 _ => {}
             }
         }
@@ -278,18 +283,44 @@ fn prepare() -> Result<BootParams, String> {
     let _ = fs::remove_file(&seed_path);
     leave_initramfs()?;
     mount_all(&mut Linux::new(), BASICS, "")?;
+    // Made once sysfs is mounted: its virtio-fs mounts get their read-ahead.
+    mount_all(&mut Linux::new(), EXTRAS, "")?;
+    let mut params = BootParams::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    params.mounts = mounts;
+    if !params.template {
+        personalize(&params, seed.as_deref(), &copied, false)?;
+    }
+    Ok(params)
+}
+
+/// Makes the guest this container's: its random pool seeded from the
+/// host's bytes (and, for a template's copy, reseeded from them at once:
+/// it starts with the template's pool), the files its mounts copy in, its
+/// hostname and its root filesystem.
+pub(crate) fn personalize(
+    params: &BootParams,
+    seed: Option<&[u8]>,
+    copied: &[Vec<u8>],
+    reseed: bool,
+) -> Result<(), String> {
     if let Some(seed) = seed {
-        match runvm_agent::entropy::seed("/dev/urandom", &seed) {
+        let seeded = runvm_agent::entropy::seed("/dev/urandom", seed).and_then(|()| {
+            if reseed {
+                runvm_agent::entropy::reseed("/dev/urandom")
+            } else {
+                Ok(())
+            }
+        });
+        match seeded {
             Ok(()) => eprintln!(
                 "runvm-agent: random pool seeded with {} bits from the host",
                 seed.len() * 8
             ),
+            // A template's copy must not go on with its template's pool.
+            Err(e) if reseed => return Err(format!("reseeding the random pool: {e}")),
             Err(e) => eprintln!("runvm-agent: seeding the random pool: {e}"),
         }
     }
-    // Made once sysfs is mounted: its virtio-fs mounts get their read-ahead.
-    let mut sys = Linux::new();
-    mount_all(&mut sys, EXTRAS, "")?;
     if !copied.is_empty() {
         let dir = runvm_agent::mount_ns::COPIED_FILES;
         fs::create_dir_all(dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
@@ -297,15 +328,18 @@ fn prepare() -> Result<BootParams, String> {
             fs::write(format!("{dir}/{i}"), data).map_err(|e| format!("write {dir}/{i}: {e}"))?;
         }
     }
-    let mut params = BootParams::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
-    params.mounts = mounts;
     if let Some(h) = &params.hostname {
         nix::unistd::sethostname(h).map_err(|e| format!("sethostname {h}: {e}"))?;
     }
     if let Some(tag) = &params.rootfs_tag {
-        mount_rootfs(&mut sys, tag, params.rootfs_ro, params.rootfs_overlay)?;
+        mount_rootfs(
+            &mut Linux::new(),
+            tag,
+            params.rootfs_ro,
+            params.rootfs_overlay,
+        )?;
     }
-    Ok(params)
+    Ok(())
 }
 
 fn power_off() -> ! {
@@ -323,11 +357,15 @@ fn power_off() -> ! {
     }
 }
 
-/// Serves the host over vsock until it asks for a shutdown.
-fn serve(params: &BootParams, started_ms: f64) -> Result<(), String> {
+/// Serves the host over vsock until it asks for a shutdown; `first` is a
+/// connection already accepted (a template's copy's, which set it up).
+fn serve(
+    params: &BootParams,
+    started_ms: f64,
+    listener: std::os::fd::OwnedFd,
+    mut first: Option<fs::File>,
+) -> Result<(), String> {
     let reaper = crate::Reaper::start().map_err(|e| format!("reaper: {e}"))?;
-    let listener = crate::vsock::listen_port(runvm_protocol::AGENT_VSOCK_PORT)
-        .map_err(|e| format!("vsock listen: {e}"))?;
     // Made before the mount namespace, whose holder roots the container's
     // cgroup namespace in it. A guest kernel without cgroup v2 (a custom
     // one) runs containers without limits; a spec that asks for some is
@@ -369,7 +407,10 @@ fn serve(params: &BootParams, started_ms: f64) -> Result<(), String> {
     );
     let _ = std::io::stdout().flush();
     loop {
-        let conn = crate::vsock::accept(&listener).map_err(|e| format!("vsock accept: {e}"))?;
+        let conn = match first.take() {
+            Some(conn) => conn,
+            None => crate::vsock::accept(&listener).map_err(|e| format!("vsock accept: {e}"))?,
+        };
         let out = conn.try_clone().map_err(|e| format!("dup: {e}"))?;
         if let Err(e) = agent.serve(conn, out) {
             eprintln!("runvm-agent: host connection ended: {e}");
@@ -385,7 +426,16 @@ pub fn run() -> ExitCode {
             // Without a host channel there is nothing more to do: this is
             // the boot smoke test.
             if crate::vsock::device_present() {
-                if let Err(e) = serve(&params, started_ms) {
+                let served = crate::vsock::listen_port(runvm_protocol::AGENT_VSOCK_PORT)
+                    .map_err(|e| format!("vsock listen: {e}"))
+                    .and_then(|listener| match params.template {
+                        true => crate::template::wait_for_setup(&listener, TEMPLATE_MARKER)
+                            .and_then(|(params, conn)| {
+                                serve(&params, started_ms, listener, Some(conn))
+                            }),
+                        false => serve(&params, started_ms, listener, None),
+                    });
+                if let Err(e) = served {
                     eprintln!("runvm-agent: {e}");
                 }
             }
@@ -412,9 +462,11 @@ mod tests {
                 rootfs_overlay: false,
                 hostname: Some("box".into()),
                 mounts: Vec::new(),
+                template: false,
             }
         );
         assert!(BootParams::parse("runvm.rootfs=root runvm.rootfs_overlay").rootfs_overlay);
+        assert!(BootParams::parse("quiet runvm.template").template);
         assert_eq!(BootParams::parse("quiet"), BootParams::default());
     }
 

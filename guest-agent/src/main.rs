@@ -6,6 +6,7 @@
 //! reports that the guest reached userspace and resets (the boot smoke test).
 
 mod init;
+mod template;
 mod vsock;
 
 use runvm_agent::reaper::Reaper;
@@ -17,6 +18,9 @@ use std::process::ExitCode;
 pub const READY_MARKER: &str = "RUNVM_AGENT_READY";
 /// Printed once the agent listens for the host on vsock.
 pub const LISTENING_MARKER: &str = "RUNVM_AGENT_LISTENING";
+/// Printed by a template's agent once it waits for a copy's setup: where
+/// the host snapshots it.
+pub const TEMPLATE_MARKER: &str = "RUNVM_AGENT_TEMPLATE_READY";
 
 fn main() -> ExitCode {
     // As init, the arguments are the kernel command line's words that the

@@ -256,6 +256,11 @@ impl Agent {
         let mut procs = self.procs();
         match op {
             Op::Ping | Op::Shutdown => Outcome::Ok { pid: None },
+            // The guest's init takes it on a template's first connection,
+            // before this agent exists.
+            Op::Setup { .. } => error(
+                "the guest is already set up (only a guest restored from a template takes setup)",
+            ),
             Op::ListProcesses => Outcome::Processes {
                 processes: self.container_processes(&procs),
             },

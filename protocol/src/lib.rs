@@ -13,10 +13,10 @@ pub mod mux;
 pub use frame::{decode_header, encode_frame, read_frame, FrameError, FrameHeader, FrameKind};
 pub use message::{
     encode_json, is_container_path, sysctl_file, Capabilities, CgroupStats, ConsoleSize,
-    ContainerSetup, CpuMax, DnsConfig, Event, GuestDevice, GuestMount, GuestProcess, GuestStats,
-    InterfaceConfig, MessageError, Namespace, NetworkConfig, Op, Outcome, ProcessSpec, Request,
-    Resources, Response, Rlimit, RouteConfig, Seccomp, SeccompArg, SeccompRule, StreamChunk,
-    StreamId, COPIED_FILES_DIR, MOUNTS_FILE, SEED_FILE,
+    ContainerSetup, CpuMax, DnsConfig, Event, GuestDevice, GuestMount, GuestProcess, GuestSetup,
+    GuestStats, InterfaceConfig, MessageError, Namespace, NetworkConfig, Op, Outcome, ProcessSpec,
+    Request, Resources, Response, Rlimit, RouteConfig, Seccomp, SeccompArg, SeccompRule,
+    StreamChunk, StreamId, COPIED_FILES_DIR, MOUNTS_FILE, SEED_FILE,
 };
 
 /// The vsock port the agent listens on inside the guest.

@@ -407,10 +407,51 @@ pub enum Op {
         /// The new limits.
         resources: Resources,
     },
+    /// The first request to a guest restored from a template snapshot,
+    /// which booted without anything of its container's: everything a
+    /// booting guest reads from its command line and its own archive. Any
+    /// other guest refuses it.
+    Setup {
+        /// What the guest is to be.
+        setup: Box<GuestSetup>,
+    },
     /// Check the agent is alive.
     Ping,
     /// Sync the guest's filesystems and end the VM (processes are killed).
     Shutdown,
+}
+
+/// What [`Op::Setup`] hands a guest restored from a template.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSetup {
+    /// Random bytes the guest's pool is seeded and reseeded from: every
+    /// guest restored from one template starts with the template's pool.
+    pub seed: Vec<u8>,
+    /// The host's wall clock (seconds and nanoseconds since the epoch):
+    /// the guest's stopped when the template was taken.
+    pub realtime: (i64, u32),
+    /// Each NIC's address in the template and the one it is to have now
+    /// (the guest's driver read the template's when it found the NIC).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub macs: Vec<(String, String)>,
+    /// virtio-fs tag of the container's root filesystem.
+    pub rootfs_tag: String,
+    /// Mount it read-only.
+    #[serde(default)]
+    pub rootfs_ro: bool,
+    /// Give the container a writable overlay on a read-only share.
+    #[serde(default)]
+    pub rootfs_overlay: bool,
+    /// The guest's hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The container's mounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<GuestMount>,
+    /// The files that `file` mounts copy in, by number.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copied_files: Vec<Vec<u8>>,
 }
 
 /// The agent's answer to one request.
@@ -715,6 +756,32 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
         assert!(Resources::default().is_empty());
         let unknown = r#"{"seq":3,"op":"update_resources","resources":{"swap":1}}"#;
+        assert!(serde_json::from_str::<Request>(unknown).is_err());
+    }
+
+    #[test]
+    fn a_templates_setup_has_a_pinned_format() {
+        let req = Request {
+            seq: 1,
+            op: Op::Setup {
+                setup: Box::new(GuestSetup {
+                    seed: vec![1, 2],
+                    realtime: (1_800_000_000, 7),
+                    macs: vec![("02:72:76:74:70:00".into(), "0a:00:00:00:00:01".into())],
+                    rootfs_tag: "rootfs".into(),
+                    rootfs_ro: true,
+                    ..Default::default()
+                }),
+            },
+        };
+        let json = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            json,
+            r#"{"seq":1,"op":"setup","setup":{"seed":[1,2],"realtime":[1800000000,7],"macs":[["02:72:76:74:70:00","0a:00:00:00:00:01"]],"rootfs_tag":"rootfs","rootfs_ro":true,"rootfs_overlay":false}}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
+        let unknown =
+            r#"{"seq":1,"op":"setup","setup":{"seed":[],"realtime":[0,0],"rootfs_tag":"r","x":1}}"#;
         assert!(serde_json::from_str::<Request>(unknown).is_err());
     }
 

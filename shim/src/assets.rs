@@ -100,7 +100,7 @@ fn agent_archive_name(meta: &std::fs::Metadata) -> String {
 
 /// Identifies one version of a file: a file replaced or changed in place
 /// gets a new key.
-fn file_key(meta: &std::fs::Metadata) -> String {
+pub(crate) fn file_key(meta: &std::fs::Metadata) -> String {
     format!(
         "{:x}-{:x}-{:x}-{:x}.{:x}-{:x}.{:x}",
         meta.dev(),
@@ -197,30 +197,46 @@ fn shared_kernel_in(dir: &Path, kernel: &Path) -> anyhow::Result<PathBuf> {
 /// to `dest`; it follows the agent's archive.
 pub fn write_vm_archive(mounts: &MountPlan, dest: &Path) -> anyhow::Result<()> {
     let mut ar = Initramfs::new();
-    // Fresh for every VM: two guests never start from the same pool.
-    let mut seed = vec![0u8; 64];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
-        .context("cannot draw the guest's random seed")?;
-    ar.file(SEED_FILE, 0o600, seed)?;
+    ar.file(SEED_FILE, 0o600, guest_seed()?)?;
     if !mounts.mounts.is_empty() {
         ar.file(MOUNTS_FILE, 0o644, serde_json::to_vec(&mounts.mounts)?)?;
     }
     if !mounts.files.is_empty() {
         ar.dir(COPIED_FILES_DIR, 0o755)?;
     }
-    for (i, path) in mounts.files.iter().enumerate() {
-        let data = std::fs::read(path)
-            .with_context(|| format!("cannot read mount source {}", path.display()))?;
-        if data.len() as u64 > MAX_COPIED_FILE {
-            bail!(
-                "mount source {} grew over {MAX_COPIED_FILE} bytes",
-                path.display()
-            );
-        }
+    for (i, data) in copied_files(mounts)?.into_iter().enumerate() {
         ar.file(&format!("{COPIED_FILES_DIR}/{i}"), 0o644, data)?;
     }
     std::fs::write(dest, ar.to_bytes()?).with_context(|| format!("cannot write {}", dest.display()))
+}
+
+/// The contents of the files the container's `file` mounts copy in, by number.
+pub fn copied_files(mounts: &MountPlan) -> anyhow::Result<Vec<Vec<u8>>> {
+    mounts
+        .files
+        .iter()
+        .map(|path| {
+            let data = std::fs::read(path)
+                .with_context(|| format!("cannot read mount source {}", path.display()))?;
+            if data.len() as u64 > MAX_COPIED_FILE {
+                bail!(
+                    "mount source {} grew over {MAX_COPIED_FILE} bytes",
+                    path.display()
+                );
+            }
+            Ok(data)
+        })
+        .collect()
+}
+
+/// Random bytes for a guest's pool: fresh for every VM, so two guests never
+/// start from the same pool.
+pub fn guest_seed() -> anyhow::Result<Vec<u8>> {
+    let mut seed = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+        .context("cannot draw the guest's random seed")?;
+    Ok(seed)
 }
 
 #[cfg(test)]

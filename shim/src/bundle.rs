@@ -58,6 +58,9 @@ pub struct Plan {
     /// Guest RAM advised for transparent huge pages (the annotation; on
     /// by default).
     pub huge_pages: bool,
+    /// Restore the VM from a template instead of booting it (see
+    /// [`crate::template`]).
+    pub template: bool,
     /// The container process.
     pub process: ProcessSpec,
     /// What the container's init sets up for the whole container (its
@@ -161,6 +164,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
     }
     let rootfs_overlay = flag(&annotations, ANN_ROOTFS_OVERLAY, false)?;
     let huge_pages = flag(&annotations, ANN_HUGE_PAGES, true)?;
+    let template = crate::template::wanted(&annotations)?;
     let kernel_params = match annotations.get(ANN_KERNEL_PARAMS) {
         Some(v) => crate::kernel_params::parse(ANN_KERNEL_PARAMS, v)?,
         None => Vec::new(),
@@ -184,6 +188,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         rootfs_ro: root.readonly().unwrap_or(false),
         rootfs_overlay,
         huge_pages,
+        template,
         process,
         container,
         hostname,

@@ -157,6 +157,7 @@ pub fn features() -> anyhow::Result<String> {
             ANN_BOOT_TIMEOUT: "seconds create waits for the guest agent",
             ANN_ROOTFS_OVERLAY: "true: the rootfs is shared read-only with a writable overlay in guest memory",
             ANN_HUGE_PAGES: "false: guest RAM stays on 4 KiB pages (default true: advised for transparent huge pages)",
+            crate::template::ANN_TEMPLATE: "true: the VM is restored from a template of its shape instead of booted (default: RUNVM_TEMPLATE, else false)",
         },
         "potentiallyUnsafeConfigAnnotations": [ANN_KERNEL],
     });

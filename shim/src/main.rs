@@ -28,6 +28,7 @@ mod run_args;
 mod signals;
 mod state;
 mod stdout;
+mod template;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

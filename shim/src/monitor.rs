@@ -28,14 +28,14 @@ use crate::console_log::BoundedLog;
 use crate::control::{self, Reply, Request};
 use crate::relay::{self, Routes, Sink};
 use crate::state::{self, ContainerDir, Record, Status};
-use crate::{assets, console, logger, network, ready, signals};
+use crate::{assets, console, logger, network, ready, signals, template};
 
 /// The agent's handle for the container's init process.
 const INIT: u32 = 1;
 /// The virtio-fs tag of the rootfs share.
 const ROOTFS_TAG: &str = "rootfs";
 /// The guest's vsock context ID (each VM has its own vsock device).
-const GUEST_CID: u32 = 3;
+pub(crate) const GUEST_CID: u32 = 3;
 /// The status a container reports when its VM ended under it.
 const VM_LOST_STATUS: i32 = 128 + libc::SIGKILL;
 /// Debug log lines that mark where `create` spends its time start with
@@ -178,7 +178,7 @@ impl Monitor {
         }
         let (tx, inputs) = mpsc::channel();
         let vm = VmControl::new();
-        start_vm(dir, &record.id, &plan, nics, tx.clone(), vm.clone())?;
+        let setup = start_vm(dir, &record.id, &plan, nics, tx.clone(), vm.clone())?;
         let conn = connect_agent(dir, &plan, &inputs)?;
         logger::debug(&format!("{TIMING} agent connected"));
         let reader = conn
@@ -187,6 +187,24 @@ impl Monitor {
         let (agent, notices) =
             MuxClient::start(reader, conn).context("starting the agent reader")?;
         let agent = Arc::new(agent);
+        if let Some(setup) = setup {
+            match agent.call_within(
+                Op::Setup {
+                    setup: Box::new(setup),
+                },
+                plan.boot_timeout,
+            )? {
+                Outcome::Ok { .. } => {}
+                Outcome::Error { message } => {
+                    bail!(
+                        "the guest restored from its template was not set up: {message}{}",
+                        console_tail(dir)
+                    )
+                }
+                other => bail!("unexpected answer from the guest agent: {other:?}"),
+            }
+            logger::debug(&format!("{TIMING} guest set up"));
+        }
         if let Some(net) = network.as_ref().filter(|n| !n.config.interfaces.is_empty()) {
             match agent.call_within(
                 Op::ConfigureNetwork {
@@ -691,7 +709,7 @@ fn start_vm(
     nics: Vec<network::GuestNic>,
     tx: Sender<Input>,
     control: VmControl,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<runvm_protocol::GuestSetup>> {
     let profile = PendingProfile::create(id)?;
     let kernel = assets::kernel(plan.kernel.as_deref())?;
     // Mapped rather than copied into guest memory when a cache copy (never
@@ -702,15 +720,58 @@ fn start_vm(
         None => (kernel, false),
     };
     let agent = assets::agent_archive(&assets::agent()?, &dir.file(state::AGENT_INITRAMFS))?;
-    let own = dir.file(state::INITRAMFS);
-    assets::write_vm_archive(&plan.mounts, &own)?;
-    logger::debug(&format!("{TIMING} initramfs written"));
-    let cmdline = guest_cmdline(plan);
+    let fs: Vec<FsConfig> = std::iter::once(FsConfig {
+        tag: ROOTFS_TAG.into(),
+        path: plan.rootfs.clone(),
+        read_only: plan.rootfs_ro || plan.overlay(),
+        cache: Default::default(),
+    })
+    .chain(plan.mounts.shares.iter().map(|s| FsConfig {
+        tag: s.tag.clone(),
+        path: s.path.clone(),
+        read_only: s.read_only,
+        cache: Default::default(),
+    }))
+    .collect();
+    let macs: Vec<String> = nics.iter().map(|n| n.mac.clone()).collect();
+    // A profile samples a boot, which a restored VM does not have.
+    let template = (plan.template && profile.is_none())
+        .then(|| {
+            template::get(&template::Shape {
+                kernel: &kernel,
+                map_boot_files,
+                agent: &agent,
+                vcpus: plan.vcpus,
+                mem_mib: plan.mem_mib,
+                kernel_params: &plan.kernel_params,
+                fs_tags: fs.iter().map(|f| f.tag.clone()).collect(),
+                nics: nics.len(),
+                huge_pages: plan.huge_pages,
+                boot_timeout: plan.boot_timeout,
+            })
+        })
+        .flatten();
+    let (initramfs, cmdline, setup) = match &template {
+        Some(dir) => {
+            logger::debug(&format!("{TIMING} restoring template ({})", dir.display()));
+            (
+                Vec::new(),
+                String::new(),
+                Some(template::setup(plan, ROOTFS_TAG, &macs)?),
+            )
+        }
+        None => {
+            let own = dir.file(state::INITRAMFS);
+            assets::write_vm_archive(&plan.mounts, &own)?;
+            logger::debug(&format!("{TIMING} initramfs written"));
+            (vec![agent, own], guest_cmdline(plan), None)
+        }
+    };
     let config = VmConfig {
         vcpus: plan.vcpus,
         mem_mib: plan.mem_mib,
         kernel,
-        initramfs: vec![agent, own],
+        initramfs,
         map_boot_files,
         huge_pages: plan.huge_pages,
         cmdline,
@@ -719,19 +780,7 @@ fn start_vm(
             guest_cid: GUEST_CID,
             uds_path: dir.file(state::VSOCK_SOCKET),
         }),
-        fs: std::iter::once(FsConfig {
-            tag: ROOTFS_TAG.into(),
-            path: plan.rootfs.clone(),
-            read_only: plan.rootfs_ro || plan.overlay(),
-            cache: Default::default(),
-        })
-        .chain(plan.mounts.shares.iter().map(|s| FsConfig {
-            tag: s.tag.clone(),
-            path: s.path.clone(),
-            read_only: s.read_only,
-            cache: Default::default(),
-        }))
-        .collect(),
+        fs,
         net: nics
             .into_iter()
             .map(|n| {
@@ -742,7 +791,7 @@ fn start_vm(
                 })
             })
             .collect::<anyhow::Result<_>>()?,
-        restore: None,
+        restore: template,
     };
     let kvm = vm::open_kvm()?;
     let resources = VmResources::validate(&config, vm::host_limits(&kvm))?;
@@ -791,7 +840,7 @@ fn start_vm(
             let _ = tx.send(Input::VmEnded(why));
         })
         .context("starting the VMM thread")?;
-    Ok(())
+    Ok(setup)
 }
 
 /// The guest console, marking in the log when the agent's ready line

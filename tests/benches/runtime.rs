@@ -6,7 +6,10 @@
 //! - `create+start to first byte`: `runtime create`, `runtime start`, until
 //!   the first byte of `echo`'s output reaches the caller's pipe;
 //!
-//! the ratios runvm/runc, and where runvm's create+start time goes, from
+//! for runc, runvm booting each VM, and runvm restoring each VM from a
+//! template (`runvm-t`, the `io.runvm.template` annotation; the first run,
+//! which builds the template, is timed apart),
+//! the ratios to runc, and where runvm's create+start time goes, from
 //! the timestamps of the monitor's `timing:` debug log lines: spawning the
 //! monitor, building the VM, the guest kernel's boot (until the agent's ready
 //! line passes the console), the agent's setup (rootfs mount, vsock listen),
@@ -24,6 +27,8 @@ use runvm_tests::kvm;
 #[derive(Clone, Copy, PartialEq)]
 enum Runtime {
     Runvm,
+    /// runvm restoring each VM from a template (`io.runvm.template`).
+    RunvmTemplate,
     Runc,
 }
 
@@ -31,13 +36,18 @@ impl Runtime {
     fn name(self) -> &'static str {
         match self {
             Runtime::Runvm => "runvm",
+            Runtime::RunvmTemplate => "runvm-t",
             Runtime::Runc => "runc",
         }
     }
 
+    fn is_runvm(self) -> bool {
+        self != Runtime::Runc
+    }
+
     fn command(self, dir: &Path) -> Command {
         let mut c = match self {
-            Runtime::Runvm => {
+            Runtime::Runvm | Runtime::RunvmTemplate => {
                 let mut c = Command::new(runvm_binary());
                 c.arg("--root")
                     .arg(dir.join("runvm-root"))
@@ -58,8 +68,9 @@ impl Runtime {
     }
 }
 
-/// `runc spec`'s bundle, with a busybox rootfs and `args`.
-fn bundle(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
+/// `runc spec`'s bundle, with a busybox rootfs and `args`; `template` adds
+/// the annotation that restores runvm's VM from a template.
+fn bundle(dir: &Path, name: &str, args: &[&str], template: bool) -> PathBuf {
     let b = dir.join(name);
     busybox_rootfs(&b.join("rootfs"));
     let out = Command::new("runc")
@@ -75,6 +86,9 @@ fn bundle(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
     config["process"]["args"] = serde_json::json!(args);
     // Nested emulation boots slowly; the default suits real KVM.
     config["annotations"] = serde_json::json!({"io.runvm.boot_timeout": "600"});
+    if template {
+        config["annotations"]["io.runvm.template"] = "true".into();
+    }
     std::fs::write(&path, config.to_string()).unwrap();
     b
 }
@@ -96,7 +110,7 @@ fn run_true(rt: Runtime, dir: &Path, bundle: &Path, n: usize) -> f64 {
         .unwrap();
     let took = start.elapsed();
     assert!(out.status.success(), "{} run: {out:?}", rt.name());
-    if rt == Runtime::Runvm {
+    if rt.is_runvm() {
         // `runvm run` removes its container; runc's too, but be sure.
         let _ = rt.command(dir).args(["delete", "--force", &id]).output();
     }
@@ -162,14 +176,15 @@ fn create_start(rt: Runtime, dir: &Path, bundle: &Path, n: usize) -> StartSample
     let _ = reader.read_to_end(&mut rest);
     let guest = match rt {
         Runtime::Runvm => guest_figures(&dir.join("runvm-root").join(&id).join("console.log")),
-        Runtime::Runc => None,
+        // Its agent started in the template's boot: no figures of this VM.
+        Runtime::RunvmTemplate | Runtime::Runc => None,
     };
     // The container's init is our child (subreaper); reap it.
     reap_children();
     let _ = rt.command(dir).args(["delete", "--force", &id]).output();
     let (phases, vmm) = match rt {
-        Runtime::Runvm => (phases(&log, t0, created, total), vmm_phases(&log)),
         Runtime::Runc => (Vec::new(), Vec::new()),
+        _ => (phases(&log, t0, created, total), vmm_phases(&log)),
     };
     StartSample {
         total_ms: ms(total),
@@ -299,6 +314,59 @@ const PHASE_NAMES: [(&str, &str); 9] = [
     ),
 ];
 
+/// The same for a VM restored from a template.
+const TEMPLATE_PHASE_NAMES: [(&str, &str); 9] = [
+    (
+        "monitor started",
+        "spawn: runvm create parses, checks, starts the monitor",
+    ),
+    ("restoring template", "finding the template"),
+    (
+        "vcpus running",
+        "VM build: KVM, memory mapped from the template, devices, vCPU state",
+    ),
+    ("agent connected", "the restored agent answers on vsock"),
+    (
+        "guest set up",
+        "setup: seed, clock, rootfs over virtio-fs, hostname",
+    ),
+    ("process created", "process prepared in the guest"),
+    ("create returned", "create notices and returns"),
+    ("process started", "start: runvm start to the agent's start"),
+    (
+        "first output byte",
+        "process runs, output relayed to the caller",
+    ),
+];
+
+/// Prints the median of each phase of `samples` and of the VMM's phases.
+fn print_phases(samples: &[StartSample], names: &[(&str, &str)]) {
+    for (mark, what) in names {
+        let mut v: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.phases.iter().find(|(n, _)| n == mark).map(|(_, d)| *d))
+            .collect();
+        println!("  {:>8.1} ms  {what}", median(&mut v));
+    }
+    if let Some(first) = samples.first() {
+        let parts: Vec<String> = first
+            .vmm
+            .iter()
+            .map(|(name, _)| {
+                let mut v: Vec<f64> = samples
+                    .iter()
+                    .filter_map(|s| s.vmm.iter().find(|(n, _)| n == name).map(|(_, d)| *d))
+                    .collect();
+                format!("{name} {:.1} ms", median(&mut v))
+            })
+            .collect();
+        println!(
+            "  of the VM build, the VMM's phases (medians): {}",
+            parts.join(", ")
+        );
+    }
+}
+
 fn main() {
     kvm::bench_here_or_in_testhost(
         "runtime [--bench]   (RUNVM_BENCH_RUNS=N sets the run count)",
@@ -312,16 +380,30 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let dir = tempfile::tempdir().unwrap();
-    let true_bundle = bundle(dir.path(), "true", &["/bin/true"]);
-    let echo_bundle = bundle(dir.path(), "echo", &["echo", "hello"]);
+    let true_bundle = bundle(dir.path(), "true", &["/bin/true"], false);
+    let echo_bundle = bundle(dir.path(), "echo", &["echo", "hello"], false);
+    let true_tpl = bundle(dir.path(), "true-t", &["/bin/true"], true);
+    let echo_tpl = bundle(dir.path(), "echo-t", &["echo", "hello"], true);
     println!("runtime benchmark: {runs} runs each, interleaved, busybox bundle from `runc spec`");
-    let rts = [Runtime::Runvm, Runtime::Runc];
-    let mut run_ms: [Vec<f64>; 2] = Default::default();
-    let mut cs: [Vec<StartSample>; 2] = Default::default();
+    // The template is built once, by the first container of its shape;
+    // that run is timed apart and left out of the medians.
+    let first = Instant::now();
+    run_true(Runtime::RunvmTemplate, dir.path(), &true_tpl, 0);
+    println!(
+        "runvm-t: the first run, which builds the template: {:.0} ms",
+        ms(first.elapsed())
+    );
+    let rts = [Runtime::Runvm, Runtime::RunvmTemplate, Runtime::Runc];
+    let mut run_ms: [Vec<f64>; 3] = Default::default();
+    let mut cs: [Vec<StartSample>; 3] = Default::default();
     for n in 1..=runs {
         for (i, rt) in rts.iter().enumerate() {
-            let r = run_true(*rt, dir.path(), &true_bundle, n);
-            let s = create_start(*rt, dir.path(), &echo_bundle, n);
+            let (tb, eb) = match rt {
+                Runtime::RunvmTemplate => (&true_tpl, &echo_tpl),
+                _ => (&true_bundle, &echo_bundle),
+            };
+            let r = run_true(*rt, dir.path(), tb, n);
+            let s = create_start(*rt, dir.path(), eb, n);
             eprintln!(
                 "run {n}/{runs} {}: run /bin/true {r:.0} ms, create+start to first byte {:.0} ms",
                 rt.name(),
@@ -331,12 +413,12 @@ fn main() {
             cs[i].push(s);
         }
     }
-    let mut meds = [[0.0; 2]; 2];
+    let mut meds = [[0.0; 2]; 3];
     for (i, rt) in rts.iter().enumerate() {
         meds[i][0] = median(&mut run_ms[i].clone());
         meds[i][1] = median(&mut cs[i].iter().map(|s| s.total_ms).collect::<Vec<_>>());
         println!(
-            "{:<6} run /bin/true median {:>7.1} ms   create+start to first byte median {:>7.1} ms",
+            "{:<7} run /bin/true median {:>7.1} ms   create+start to first byte median {:>7.1} ms",
             rt.name(),
             meds[i][0],
             meds[i][1]
@@ -344,34 +426,18 @@ fn main() {
     }
     println!(
         "ratio runvm/runc: run {:.1}x, create+start to first byte {:.1}x",
-        meds[0][0] / meds[1][0],
-        meds[0][1] / meds[1][1]
+        meds[0][0] / meds[2][0],
+        meds[0][1] / meds[2][1]
+    );
+    println!(
+        "ratio runvm-t/runc (template): run {:.1}x, create+start to first byte {:.1}x",
+        meds[1][0] / meds[2][0],
+        meds[1][1] / meds[2][1]
     );
     println!("where runvm's create+start goes (median of each phase):");
-    for (mark, what) in PHASE_NAMES {
-        let mut v: Vec<f64> = cs[0]
-            .iter()
-            .filter_map(|s| s.phases.iter().find(|(n, _)| n == mark).map(|(_, d)| *d))
-            .collect();
-        println!("  {:>8.1} ms  {what}", median(&mut v));
-    }
-    if let Some(first) = cs[0].first() {
-        let parts: Vec<String> = first
-            .vmm
-            .iter()
-            .map(|(name, _)| {
-                let mut v: Vec<f64> = cs[0]
-                    .iter()
-                    .filter_map(|s| s.vmm.iter().find(|(n, _)| n == name).map(|(_, d)| *d))
-                    .collect();
-                format!("{name} {:.1} ms", median(&mut v))
-            })
-            .collect();
-        println!(
-            "  of the VM build, the VMM's phases (medians): {}",
-            parts.join(", ")
-        );
-    }
+    print_phases(&cs[0], &PHASE_NAMES);
+    println!("where runvm-t's create+start goes (median of each phase):");
+    print_phases(&cs[1], &TEMPLATE_PHASE_NAMES);
     let guest: Vec<[f64; 6]> = cs[0].iter().filter_map(|s| s.guest).collect();
     if guest.is_empty() {
         println!("in the guest: the agent reported no figures");

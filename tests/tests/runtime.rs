@@ -1325,3 +1325,105 @@ kvm_test!(
         rt.assert_clean();
     }
 );
+
+kvm_test!(
+    fn templates_give_each_container_its_own_rootfs_network_randomness_and_clock() {
+        let ns = Netns::new("t", "10.213.10");
+        let before = ns.fingerprint();
+        let rt = Runtime::new();
+        let cache = rt.path("cache");
+        let b = rt.bundle();
+        let b = b.to_str().unwrap();
+        std::fs::write(rt.path("hosts-file"), "127.0.0.1 fromhost\n").unwrap();
+        let mut seen_random = Vec::new();
+        for (id, who) in [("tpl1", "one"), ("tpl2", "two"), ("tpl3", "three")] {
+            std::fs::write(rt.path("bundle/rootfs/who"), who).unwrap();
+            let (port, server) = ns.serve_once();
+            rt.configure(&format!(
+                "cat /who; echo; hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; \
+                 echo; date +%s; cat /etc/hosts; ip -o link show eth0; ip -o -4 addr show eth0; \
+                 echo from-{who} | nc 10.213.10.1 {port}; exit 3"
+            ));
+            rt.edit_config(|c| {
+                c["hostname"] = format!("host-{who}").into();
+                c["annotations"]["io.runvm.template"] = "true".into();
+                c["mounts"] = serde_json::json!([
+                    {"destination": "/etc/hosts", "type": "bind",
+                     "source": rt.path("hosts-file"), "options": ["rbind"]}
+                ]);
+            });
+            set_namespaces(
+                &rt,
+                serde_json::json!([{"type": "mount"}, {"type": "network", "path": ns.path()}]),
+            );
+            let out = rt
+                .cmd(&["run", id, "--bundle", b])
+                .env("RUNVM_INITRAMFS_CACHE", &cache)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let stdout = text(&out.stdout);
+            assert_eq!(
+                out.status.code(),
+                Some(3),
+                "{id}: stdout: {stdout}\nstderr: {}",
+                text(&out.stderr)
+            );
+            let host_now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let lines: Vec<&str> = stdout.lines().collect();
+            assert_eq!(lines[0], who, "{stdout}");
+            assert_eq!(lines[1], format!("host-{who}"), "{stdout}");
+            assert_eq!(lines[2].len(), 32, "{stdout}");
+            seen_random.push(lines[2].to_owned());
+            let guest_now: u64 = lines[3].parse().unwrap();
+            assert!(
+                guest_now.abs_diff(host_now) < 120,
+                "the guest's clock is the host's: {guest_now} vs {host_now}"
+            );
+            assert_eq!(lines[4], "127.0.0.1 fromhost", "{stdout}");
+            assert!(
+                stdout.contains(&format!("link/ether {}", ns.mac())),
+                "the template's NIC took the veth's MAC: {stdout}"
+            );
+            assert!(stdout.contains("inet 10.213.10.2/24"), "{stdout}");
+            assert_eq!(server.join().unwrap(), format!("from-{who}\n"));
+            assert_eq!(ns.fingerprint(), before);
+        }
+        // Three copies of one template: each drew other random bytes.
+        seen_random.sort();
+        seen_random.dedup();
+        assert_eq!(seen_random.len(), 3, "{seen_random:?}");
+        // The first built the template; all three were restored from it.
+        let log = std::fs::read_to_string(rt.path("log.json")).unwrap();
+        assert_eq!(log.matches(" built in ").count(), 1, "{log}");
+        assert_eq!(log.matches("restoring template").count(), 3, "{log}");
+        let templates: Vec<_> = std::fs::read_dir(cache.join("templates"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        assert_eq!(templates.len(), 1, "{templates:?}");
+        let memory = cache.join("templates").join(&templates[0]).join("memory");
+        let blocks = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&memory).unwrap().blocks()
+        };
+        eprintln!(
+            "template memory file: {} KiB written of {} MiB",
+            blocks / 2,
+            std::fs::metadata(&memory).unwrap().len() >> 20
+        );
+        // No TAP of the template's build is left on the host.
+        let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+        assert!(
+            !text(&links.stdout).contains("rvtpl"),
+            "{}",
+            text(&links.stdout)
+        );
+        rt.assert_clean();
+    }
+);

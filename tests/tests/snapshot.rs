@@ -125,7 +125,9 @@ kvm_test!(
                 std::thread::sleep(Duration::from_millis(20));
             }
             let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+            let t = std::time::Instant::now();
             assert!(echo(&uds, 5000, &payload) == payload, "{who}: echo differs");
+            eprintln!("{who}: echo after restore took {:?}", t.elapsed());
             let done = guest.wait_for("RANDOM-OK", Duration::from_secs(300));
             let run = guest.finish(Duration::from_secs(120));
             assert!(done.is_some(), "{who}: {}", run.output);

@@ -280,9 +280,32 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
                 // then needs nothing.
                 let _ = vcpu.kvmclock_ctrl();
             }
+            // Interrupts the guest had not acknowledged, now that there
+            // are LAPICs to take them (raised earlier, the IOAPIC would
+            // have found no vCPU and dropped them).
+            for (_, interrupt) in mmio.interrupts() {
+                interrupt
+                    .raise_if_pending()
+                    .map_err(|e| VmError::Io("raising a restored interrupt", e))?;
+            }
+            let serial = crate::devices::legacy::lock(&serial);
+            // IIR bit 0 clear: the port has an interrupt pending.
+            if serial.state().interrupt_identification & 1 == 0 {
+                serial
+                    .interrupt_evt()
+                    .0
+                    .write(1)
+                    .map_err(|e| VmError::Io("raising a restored interrupt", e))?;
+            }
             times.mark("restore", &mut since);
         }
-        (None, Some(entry)) => {
+        (None, entry) => {
+            let entry = entry.ok_or_else(|| {
+                VmError::Io(
+                    "loading the guest",
+                    io::Error::other("the loader gave no entry point"),
+                )
+            })?;
             let supported = kvm
                 .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
                 .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -301,7 +324,6 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
                 ram.advise_huge_pages();
             }
         }
-        (None, None) => unreachable!("a boot always loads an entry point"),
     }
 
     install_kick_handler()?;

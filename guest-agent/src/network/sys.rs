@@ -185,6 +185,33 @@ impl LinuxNet {
         Ok(req)
     }
 
+    /// Gives the interface whose address is `from` the address `to` (both
+    /// `aa:bb:cc:dd:ee:ff`); it must be down.
+    pub fn change_mac(&self, from: &str, to: &str) -> io::Result<()> {
+        let bytes: Vec<u8> = to
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect::<Result<_, _>>()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("bad MAC {to:?}")))?;
+        let Ok(mac) = <[u8; 6]>::try_from(bytes) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad MAC {to:?}"),
+            ));
+        };
+        let ifname = self.interface_by_mac(&from.to_ascii_lowercase())?;
+        let mut req = Self::ifreq(&ifname)?;
+        let mut addr = libc::sockaddr {
+            sa_family: libc::ARPHRD_ETHER,
+            sa_data: [0; 14],
+        };
+        for (d, s) in addr.sa_data.iter_mut().zip(mac) {
+            *d = s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_hwaddr = addr;
+        self.ioctl(libc::SIOCSIFHWADDR, &mut req)
+    }
+
     fn ioctl(&self, request: libc::Ioctl, req: &mut libc::ifreq) -> io::Result<()> {
         // SAFETY: every request used here reads or writes one ifreq.
         os_err(unsafe { libc::ioctl(self.sock.as_raw_fd(), request, std::ptr::from_mut(req)) })

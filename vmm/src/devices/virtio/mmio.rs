@@ -365,7 +365,8 @@ impl MmioTransport {
 
     /// A transport for `device` in the saved `state`; a device the driver
     /// had started is started again on the saved queues, and an interrupt
-    /// the guest had not yet acknowledged is raised again.
+    /// the guest had not yet acknowledged is pending again (raised by
+    /// [`Interrupt::raise_if_pending`] once the vCPUs are restored).
     pub fn restore(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
@@ -414,11 +415,7 @@ impl MmioTransport {
                 return Err("the device did not start on its saved queues".into());
             }
         }
-        if state.interrupt_status != 0 {
-            t.interrupt
-                .trigger(state.interrupt_status)
-                .map_err(|e| format!("raising its interrupt: {e}"))?;
-        }
+        t.interrupt.restore_status(state.interrupt_status);
         Ok(t)
     }
 
@@ -586,7 +583,12 @@ mod tests {
             MmioTransport::restore(Box::new(rng), m.clone(), irq2.clone(), &state).unwrap();
         assert_eq!(r(&t2, 0x70), state.status);
         assert_eq!(r(&t2, 0x60), INT_VRING, "the pending interrupt survives");
-        assert_eq!(irq2.eventfd().read().unwrap(), 1, "and is raised again");
+        assert!(
+            irq2.eventfd().read().is_err(),
+            "not raised before the vCPUs exist"
+        );
+        irq2.raise_if_pending().unwrap();
+        assert_eq!(irq2.eventfd().read().unwrap(), 1, "then raised again");
         w(&mut t2, 0x64, INT_VRING);
         // The second chain goes into the next used slot, not over the first.
         let d = RawDescriptor::from(SplitDescriptor::new(0x10_1000, 8, 2, 0));

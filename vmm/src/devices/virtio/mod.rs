@@ -152,6 +152,21 @@ impl Interrupt {
         self.evt.write(1)
     }
 
+    /// Sets status bits a snapshot saved, without raising the interrupt:
+    /// it is raised ([`Interrupt::raise_if_pending`]) once the vCPUs that
+    /// take it exist, or the interrupt controller would drop it.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::AcqRel);
+    }
+
+    /// Raises the interrupt if its status is set (a restored VM's).
+    pub fn raise_if_pending(&self) -> io::Result<()> {
+        if self.status() != 0 {
+            self.evt.write(1)?;
+        }
+        Ok(())
+    }
+
     /// The interrupt status register.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::Acquire)
