@@ -97,6 +97,63 @@ pub struct Shape<'a> {
     pub boot_timeout: Duration,
 }
 
+/// The files a template was made from, each with its identity then
+/// ([`assets::file_key`]), kept beside the snapshot: a template whose files
+/// have changed since can never be used again.
+const FILES: &str = "files.json";
+
+/// `(path, file key)` of the files a template depends on; the runvm binary
+/// last.
+fn file_keys(kernel: &Path, agent: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let exe = std::env::current_exe().context("cannot find the runvm binary")?;
+    [kernel, agent, exe.as_path()]
+        .into_iter()
+        .map(|file| {
+            let meta = std::fs::metadata(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            Ok((file.to_owned(), assets::file_key(&meta)))
+        })
+        .collect()
+}
+
+/// Removes the templates whose files have changed or gone since they were
+/// made (a rebuilt agent, kernel or runvm): their keys can never come
+/// again, and they hold memory (`templates_dir` is tmpfs by default).
+fn prune(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for dir in entries.flatten().map(|e| e.path()) {
+        let hidden = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_none_or(|n| n.starts_with('.'));
+        if hidden || !dir.is_dir() {
+            continue;
+        }
+        let files: Option<Vec<(PathBuf, String)>> = std::fs::read(dir.join(FILES))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let stale = match files {
+            Some(files) => files.iter().any(|(path, key)| {
+                std::fs::metadata(path)
+                    .map(|m| assets::file_key(&m))
+                    .ok()
+                    .as_ref()
+                    != Some(key)
+            }),
+            // Not one of ours, or from before this file existed.
+            None => true,
+        };
+        if stale {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => logger::debug(&format!("removed stale template {}", dir.display())),
+                Err(e) => logger::debug(&format!("cannot remove {}: {e}", dir.display())),
+            }
+        }
+    }
+}
+
 impl Shape<'_> {
     /// The template's directory name: a hash of everything that makes the
     /// guest what it is at the snapshot, this runvm binary included (it
@@ -172,6 +229,7 @@ fn get_or_build(shape: &Shape<'_>) -> anyhow::Result<PathBuf> {
     }
     let started = Instant::now();
     build(shape, &root, &key)?;
+    prune(&root);
     logger::debug(&format!(
         "template {key} built in {:.1} ms",
         started.elapsed().as_secs_f64() * 1000.0
@@ -249,6 +307,9 @@ fn build(shape: &Shape<'_>, root: &Path, key: &str) -> anyhow::Result<()> {
             crate::console_log::tail(&console_path, 10)
         );
     }
+    let files = file_keys(shape.kernel, shape.agent)?;
+    std::fs::write(snap.join(FILES), serde_json::to_vec(&files)?)
+        .with_context(|| format!("cannot write {}", snap.join(FILES).display()))?;
     let dest = root.join(key);
     match std::fs::rename(&snap, &dest) {
         Ok(()) => Ok(()),
@@ -354,6 +415,39 @@ mod tests {
         assert_ne!(shape(&k, &a, &[]).key().unwrap(), base);
         std::fs::remove_file(&k).unwrap();
         assert!(shape(&k, &a, &[]).key().is_err());
+    }
+
+    #[test]
+    fn templates_of_changed_files_are_pruned_and_current_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, a) = (dir.path().join("k"), dir.path().join("a"));
+        std::fs::write(&k, b"kernel").unwrap();
+        std::fs::write(&a, b"agent").unwrap();
+        let root = dir.path().join("templates");
+        let make = |name: &str, files: Option<&Vec<(PathBuf, String)>>| {
+            let t = root.join(name);
+            std::fs::create_dir_all(&t).unwrap();
+            if let Some(f) = files {
+                std::fs::write(t.join(FILES), serde_json::to_vec(f).unwrap()).unwrap();
+            }
+        };
+        let current = file_keys(&k, &a).unwrap();
+        make("current", Some(&current));
+        make("unknown", None);
+        make(".work", None);
+        let mut old = current.clone();
+        old[1].1 = "not-the-agent-now".into();
+        make("old", Some(&old));
+        let mut gone = current.clone();
+        gone[0].0 = dir.path().join("no-such-kernel");
+        make("gone", Some(&gone));
+        prune(&root);
+        let mut left: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".work", "current"]);
     }
 
     #[test]

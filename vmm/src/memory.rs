@@ -132,9 +132,19 @@ pub fn advise_huge_pages_at(mem: &GuestMemoryMmap, start: GuestAddress, len: u64
     unsafe { libc::madvise(host.cast(), (hi - lo) as usize, libc::MADV_HUGEPAGE) };
 }
 
-/// Maps `len` bytes of `file` at `offset`, at a 2 MiB-aligned address,
-/// shared or private (`share`: MAP_SHARED or MAP_PRIVATE).
-fn map_aligned(file: &File, offset: u64, len: usize, share: i32) -> Result<Mapping, MemoryError> {
+/// Maps `len` bytes of `file` at `offset` (anonymous memory without one),
+/// at a 2 MiB-aligned address, shared or private (`share`: MAP_SHARED or
+/// MAP_PRIVATE).
+fn map_aligned(
+    file: Option<&File>,
+    offset: u64,
+    len: usize,
+    share: i32,
+) -> Result<Mapping, MemoryError> {
+    let (fd, anon) = match file {
+        Some(f) => (f.as_raw_fd(), 0),
+        None => (-1, libc::MAP_ANONYMOUS),
+    };
     let reserve_len = len + HUGE_PAGE;
     // SAFETY: a fresh PROT_NONE reservation at an address of the kernel's choosing.
     let reserve = unsafe {
@@ -159,8 +169,8 @@ fn map_aligned(file: &File, offset: u64, len: usize, share: i32) -> Result<Mappi
             aligned as *mut libc::c_void,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            share | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
+            share | anon | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            fd,
             offset as libc::off_t,
         )
     };
@@ -193,29 +203,129 @@ pub fn create(mem_bytes: u64) -> Result<GuestRam, MemoryError> {
     // SAFETY: fd is a fresh descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(mem_bytes).map_err(MemoryError::Memfd)?;
-    map_ranges(&file, mem_bytes, libc::MAP_SHARED)
+    map_ranges(&file, mem_bytes)
 }
 
-/// Guest RAM of `mem_bytes` from a snapshot's memory file, mapped private:
-/// the guest's writes stay in this process, and VMs restored from the same
-/// file share the pages neither changed through the page cache.
-pub fn from_snapshot(mem_bytes: u64, file: &File) -> Result<GuestRam, MemoryError> {
+/// Guest RAM of `mem_bytes` from a snapshot's memory file: the file's
+/// data mapped private over anonymous memory where it has holes. The
+/// guest's writes stay in this process; VMs restored from the same file
+/// share the pages neither changed through the page cache; and the pages
+/// the snapshot never wrote are plain anonymous memory (advised for huge
+/// pages with `huge_pages`), so a guest that touches them neither reads
+/// nor grows the file (on tmpfs, a private mapping's fault on a hole
+/// allocates a page of the file).
+pub fn from_snapshot(
+    mem_bytes: u64,
+    file: &File,
+    huge_pages: bool,
+) -> Result<GuestRam, MemoryError> {
     let len = file.metadata().map_err(MemoryError::Memfd)?.len();
     if len < mem_bytes {
         return Err(MemoryError::Mmap(io::Error::other(format!(
             "the memory file holds {len} bytes, the VM has {mem_bytes}"
         ))));
     }
-    map_ranges(file, mem_bytes, libc::MAP_PRIVATE)
-}
-
-/// Maps guest RAM's ranges from `file`, back to back from offset 0.
-fn map_ranges(file: &File, mem_bytes: u64, share: i32) -> Result<GuestRam, MemoryError> {
     let mut offset = 0;
     let mut regions = Vec::new();
     let mut maps = Vec::new();
     for (start, len) in layout::ram_ranges(mem_bytes) {
-        let map = map_aligned(file, offset, len as usize, share)?;
+        let map = map_aligned(None, 0, len as usize, libc::MAP_PRIVATE)?;
+        if huge_pages {
+            // SAFETY: advice on the live anonymous mapping just made; the
+            // file's pieces mapped over it below are not affected.
+            unsafe { libc::madvise(map.addr, map.len, libc::MADV_HUGEPAGE) };
+        }
+        for (data, end) in data_extents(file, offset, offset + len).map_err(MemoryError::Mmap)? {
+            let at = map.addr as usize + (data - offset) as usize;
+            // SAFETY: [at, at + end - data) lies inside `map` (the extent
+            // is within this range of the file), so MAP_FIXED replaces
+            // only memory this function owns; the offset is page aligned.
+            let got = unsafe {
+                libc::mmap(
+                    at as *mut libc::c_void,
+                    (end - data) as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    data as libc::off_t,
+                )
+            };
+            if got == libc::MAP_FAILED {
+                return Err(MemoryError::Mmap(io::Error::last_os_error()));
+            }
+        }
+        // SAFETY: `map` is a live mapping of exactly `len` bytes that stays
+        // mapped for as long as the returned GuestRam (and so `mem`) exists.
+        let region = unsafe {
+            MmapRegionBuilder::new(len as usize)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .with_raw_mmap_pointer(map.addr.cast())
+        }
+        .build()
+        .map_err(MemoryError::Region)?;
+        maps.push(map);
+        let region = GuestRegionMmap::new(region, GuestAddress(start)).ok_or_else(|| {
+            MemoryError::Mmap(io::Error::other("guest region wraps the address space"))
+        })?;
+        regions.push(region);
+        offset += len;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?;
+    Ok(GuestRam { mem, maps })
+}
+
+/// Holes shorter than this between two pieces of data are mapped from the
+/// file with them: fewer mappings for a few pages of the file's.
+const EXTENT_GAP: u64 = 64 << 10;
+
+/// The page-aligned pieces of `file` within `[from, to)` that hold data
+/// (SEEK_DATA/SEEK_HOLE; a file system without them reports it all as
+/// data), joined across holes shorter than [`EXTENT_GAP`].
+fn data_extents(file: &File, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut pos = from;
+    while pos < to {
+        // SAFETY: lseek on a descriptor `file` owns.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data after `pos`.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        if data >= to {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let page = 4096;
+        let start = data & !(page - 1);
+        let end = (hole as u64).min(to).next_multiple_of(page).min(to);
+        match out.last_mut() {
+            Some(last) if start <= last.1 + EXTENT_GAP => last.1 = end.max(last.1),
+            _ => out.push((start, end)),
+        }
+        pos = end.max(pos + page);
+    }
+    Ok(out)
+}
+
+/// Maps guest RAM's ranges from `file`, back to back from offset 0, shared.
+fn map_ranges(file: &File, mem_bytes: u64) -> Result<GuestRam, MemoryError> {
+    let share = libc::MAP_SHARED;
+    let mut offset = 0;
+    let mut regions = Vec::new();
+    let mut maps = Vec::new();
+    for (start, len) in layout::ram_ranges(mem_bytes) {
+        let map = map_aligned(Some(file), offset, len as usize, share)?;
         let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, offset);
         // SAFETY: `map` is a live mapping of exactly `len` bytes that stays
         // mapped for as long as the returned GuestRam (and so `mem`) exists.
@@ -273,6 +383,52 @@ mod tests {
         assert!(mem
             .write_obj(1u8, GuestAddress(layout::MMIO_GAP_START))
             .is_err());
+    }
+
+    #[test]
+    fn a_snapshots_holes_are_anonymous_memory_and_its_data_the_files() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let mib = 1u64 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("memory"))
+            .unwrap();
+        file.set_len(8 * mib).unwrap();
+        // Two pages close together (one extent), one far away (another).
+        file.write_all_at(&[1; 4096], 0x1000).unwrap();
+        file.write_all_at(&[2; 4096], 0x4000).unwrap();
+        file.write_all_at(&[3; 10], 5 * mib + 5).unwrap();
+        let extents = data_extents(&file, 0, 8 * mib).unwrap();
+        if extents.len() != 1 || extents[0] != (0, 8 * mib) {
+            // A file system that reports holes (tmpfs, ext4, xfs, btrfs).
+            assert_eq!(
+                extents,
+                [(0x1000, 0x5000), (5 * mib, 5 * mib + 0x1000)],
+                "{extents:x?}"
+            );
+        }
+        assert_eq!(data_extents(&file, 6 * mib, 8 * mib).unwrap(), []);
+        let blocks = file.metadata().unwrap().blocks();
+
+        let ram = from_snapshot(8 * mib, &file, true).unwrap();
+        let mem = &ram.mem;
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x4fff)).unwrap(), 2);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(5 * mib + 5)).unwrap(), 3);
+        // Holes read as zeros and take writes without touching the file.
+        for gpa in [0u64, 0x2000, 3 * mib, 7 * mib] {
+            assert_eq!(mem.read_obj::<u64>(GuestAddress(gpa)).unwrap(), 0);
+            mem.write_obj(9u64, GuestAddress(gpa)).unwrap();
+        }
+        mem.write_obj(9u8, GuestAddress(0x1000)).unwrap();
+        assert_eq!(file.metadata().unwrap().blocks(), blocks);
+        let mut page = [0u8; 1];
+        file.read_exact_at(&mut page, 0x1000).unwrap();
+        assert_eq!(page, [1], "the guest's write stays in its process");
     }
 
     #[test]
