@@ -254,21 +254,9 @@ pub fn from_snapshot(
                 return Err(MemoryError::Mmap(io::Error::last_os_error()));
             }
         }
-        // SAFETY: `map` is a live mapping of exactly `len` bytes that stays
-        // mapped for as long as the returned GuestRam (and so `mem`) exists.
-        let region = unsafe {
-            MmapRegionBuilder::new(len as usize)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-                .with_raw_mmap_pointer(map.addr.cast())
-        }
-        .build()
-        .map_err(MemoryError::Region)?;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        regions.push(describe(&map, start, None, flags)?);
         maps.push(map);
-        let region = GuestRegionMmap::new(region, GuestAddress(start)).ok_or_else(|| {
-            MemoryError::Mmap(io::Error::other("guest region wraps the address space"))
-        })?;
-        regions.push(region);
         offset += len;
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?;
@@ -327,26 +315,36 @@ fn map_ranges(file: &File, mem_bytes: u64) -> Result<GuestRam, MemoryError> {
     for (start, len) in layout::ram_ranges(mem_bytes) {
         let map = map_aligned(Some(file), offset, len as usize, share)?;
         let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, offset);
-        // SAFETY: `map` is a live mapping of exactly `len` bytes that stays
-        // mapped for as long as the returned GuestRam (and so `mem`) exists.
-        let region = unsafe {
-            MmapRegionBuilder::new(len as usize)
-                .with_file_offset(fo)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(share | libc::MAP_NORESERVE)
-                .with_raw_mmap_pointer(map.addr.cast())
-        }
-        .build()
-        .map_err(MemoryError::Region)?;
+        regions.push(describe(&map, start, Some(fo), share)?);
         maps.push(map);
-        let region = GuestRegionMmap::new(region, GuestAddress(start)).ok_or_else(|| {
-            MemoryError::Mmap(io::Error::other("guest region wraps the address space"))
-        })?;
-        regions.push(region);
         offset += len;
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?;
     Ok(GuestRam { mem, maps })
+}
+
+/// vm-memory's view of `map`, guest RAM from `start` (backed by `file`,
+/// mapped with `flags`, where it is one file's).
+fn describe(
+    map: &Mapping,
+    start: u64,
+    file: Option<FileOffset>,
+    flags: i32,
+) -> Result<GuestRegionMmap, MemoryError> {
+    let mut builder = MmapRegionBuilder::new(map.len)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags | libc::MAP_NORESERVE);
+    if let Some(fo) = file {
+        builder = builder.with_file_offset(fo);
+    }
+    // SAFETY: `map` is a live mapping of exactly `map.len` bytes that the
+    // caller keeps mapped (in its GuestRam) for as long as the region and
+    // every clone of the memory made from it exist.
+    let region = unsafe { builder.with_raw_mmap_pointer(map.addr.cast()) }
+        .build()
+        .map_err(MemoryError::Region)?;
+    GuestRegionMmap::new(region, GuestAddress(start))
+        .ok_or_else(|| MemoryError::Mmap(io::Error::other("guest region wraps the address space")))
 }
 
 /// Hands every region of `mem` to KVM, one slot each.
