@@ -200,11 +200,49 @@ pub fn get(shape: &Shape<'_>) -> Option<PathBuf> {
     }
 }
 
+impl Shape<'_> {
+    /// The virtio device types of this shape's VMs, in the order the
+    /// monitor gives them (rng, vsock, shares, NICs).
+    fn device_types(&self) -> Vec<u32> {
+        use vmm::devices::virtio::{fs::TYPE_FS, net::TYPE_NET, vsock::TYPE_VSOCK, TYPE_RNG};
+        [TYPE_RNG, TYPE_VSOCK]
+            .into_iter()
+            .chain(self.fs_tags.iter().map(|_| TYPE_FS))
+            .chain((0..self.nics).map(|_| TYPE_NET))
+            .collect()
+    }
+
+    /// Whether the template in `dir` can be restored into this shape's VM:
+    /// it is there, this runvm reads it, and its VM is this shape's. One
+    /// that is there but cannot serve (damaged, of another format) is
+    /// removed, to be built again.
+    fn usable(&self, dir: &Path) -> bool {
+        if !dir.join(vmm::snapshot::STATE_FILE).is_file() {
+            return false;
+        }
+        let checked = vmm::snapshot::VmSnapshot::load(dir).and_then(|snap| {
+            snap.check_shape(self.vcpus, self.mem_mib << 20)?;
+            snap.check_devices(&self.device_types())
+        });
+        match checked {
+            Ok(()) => true,
+            Err(e) => {
+                logger::warn(&format!(
+                    "template {} cannot serve ({e}); building it again",
+                    dir.display()
+                ));
+                let _ = std::fs::remove_dir_all(dir);
+                false
+            }
+        }
+    }
+}
+
 fn get_or_build(shape: &Shape<'_>) -> anyhow::Result<PathBuf> {
     let root = templates_dir();
     let key = shape.key()?;
     let dir = root.join(&key);
-    if dir.join(vmm::snapshot::STATE_FILE).is_file() {
+    if shape.usable(&dir) {
         return Ok(dir);
     }
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
@@ -224,7 +262,7 @@ fn get_or_build(shape: &Shape<'_>) -> anyhow::Result<PathBuf> {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Built while this one waited?
-    if dir.join(vmm::snapshot::STATE_FILE).is_file() {
+    if shape.usable(&dir) {
         return Ok(dir);
     }
     let started = Instant::now();
@@ -448,6 +486,20 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, [".work", "current"]);
+    }
+
+    #[test]
+    fn a_template_that_cannot_serve_is_removed_and_a_missing_one_is_not_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k, a) = (dir.path().join("k"), dir.path().join("a"));
+        let s = shape(&k, &a, &[]);
+        assert_eq!(s.device_types(), [4, 19, 26]);
+        let t = dir.path().join("t");
+        assert!(!s.usable(&t));
+        std::fs::create_dir(&t).unwrap();
+        std::fs::write(t.join(vmm::snapshot::STATE_FILE), b"{ damaged").unwrap();
+        assert!(!s.usable(&t));
+        assert!(!t.exists(), "removed, to be built again");
     }
 
     #[test]

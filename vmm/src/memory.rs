@@ -210,15 +210,12 @@ pub fn create(mem_bytes: u64) -> Result<GuestRam, MemoryError> {
 /// data mapped private over anonymous memory where it has holes. The
 /// guest's writes stay in this process; VMs restored from the same file
 /// share the pages neither changed through the page cache; and the pages
-/// the snapshot never wrote are plain anonymous memory (advised for huge
-/// pages with `huge_pages`), so a guest that touches them neither reads
-/// nor grows the file (on tmpfs, a private mapping's fault on a hole
-/// allocates a page of the file).
-pub fn from_snapshot(
-    mem_bytes: u64,
-    file: &File,
-    huge_pages: bool,
-) -> Result<GuestRam, MemoryError> {
+/// the snapshot never wrote are plain anonymous memory, so a guest that
+/// touches them neither reads nor grows the file (on tmpfs, a private
+/// mapping's fault on a hole allocates a page of the file). That memory
+/// stays on 4 KiB pages: copies of a snapshot exist for density, and the
+/// file's pages are small ones anyway.
+pub fn from_snapshot(mem_bytes: u64, file: &File) -> Result<GuestRam, MemoryError> {
     let len = file.metadata().map_err(MemoryError::Memfd)?.len();
     if len < mem_bytes {
         return Err(MemoryError::Mmap(io::Error::other(format!(
@@ -230,11 +227,10 @@ pub fn from_snapshot(
     let mut maps = Vec::new();
     for (start, len) in layout::ram_ranges(mem_bytes) {
         let map = map_aligned(None, 0, len as usize, libc::MAP_PRIVATE)?;
-        if huge_pages {
-            // SAFETY: advice on the live anonymous mapping just made; the
-            // file's pieces mapped over it below are not affected.
-            unsafe { libc::madvise(map.addr, map.len, libc::MADV_HUGEPAGE) };
-        }
+        // SAFETY: advice on the live anonymous mapping just made (a host
+        // with THP "always" would otherwise back it with 2 MiB pages).
+        // Failure leaves the host's default, which works the same.
+        unsafe { libc::madvise(map.addr, map.len, libc::MADV_NOHUGEPAGE) };
         for (data, end) in data_extents(file, offset, offset + len).map_err(MemoryError::Mmap)? {
             let at = map.addr as usize + (data - offset) as usize;
             // SAFETY: [at, at + end - data) lies inside `map` (the extent
@@ -412,7 +408,7 @@ mod tests {
         assert_eq!(data_extents(&file, 6 * mib, 8 * mib).unwrap(), []);
         let blocks = file.metadata().unwrap().blocks();
 
-        let ram = from_snapshot(8 * mib, &file, true).unwrap();
+        let ram = from_snapshot(8 * mib, &file).unwrap();
         let mem = &ram.mem;
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 1);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x4fff)).unwrap(), 2);

@@ -221,7 +221,7 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
                 path,
                 source,
             })?;
-            memory::from_snapshot(res.mem_bytes, &file, res.huge_pages)?
+            memory::from_snapshot(res.mem_bytes, &file)?
         }
         None => memory::create(res.mem_bytes)?,
     };

@@ -49,7 +49,7 @@ fn guest_ram_round_trips_through_a_sparse_file_mapped_private() {
     // Two pages hold data; the rest are holes.
     assert!(meta.blocks() * 512 <= 64 * 1024, "{} blocks", meta.blocks());
 
-    let back = memory::from_snapshot(16 * mib, &file, true).unwrap();
+    let back = memory::from_snapshot(16 * mib, &file).unwrap();
     assert_eq!(
         back.mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
         0x1122_3344
@@ -61,13 +61,13 @@ fn guest_ram_round_trips_through_a_sparse_file_mapped_private() {
     assert_eq!(back.mem.read_obj::<u64>(GuestAddress(8 * mib)).unwrap(), 0);
     // The restored guest's writes stay in its own process.
     back.mem.write_obj(0u32, GuestAddress(0x1000)).unwrap();
-    let again = memory::from_snapshot(16 * mib, &file, true).unwrap();
+    let again = memory::from_snapshot(16 * mib, &file).unwrap();
     assert_eq!(
         again.mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
         0x1122_3344
     );
     // A memory file shorter than the VM is refused.
-    assert!(memory::from_snapshot(32 * mib, &file, false).is_err());
+    assert!(memory::from_snapshot(32 * mib, &file).is_err());
 
     let loaded = VmSnapshot::load(&snap_dir).unwrap();
     assert_eq!(loaded.mem_bytes, 16 * mib);
