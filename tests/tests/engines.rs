@@ -583,6 +583,32 @@ kvm_test!(
         ));
         assert_terminal(&out, 5, String::new);
 
+        // VMs from a template (the annotation passes through podman): the
+        // first run builds it, the second restores it; each gets podman's
+        // copied /etc/hostname and its own hostname, env and exit status.
+        for name in ["tpl-a", "tpl-b"] {
+            let out = run(&podman_run(
+                dir,
+                &[
+                    "--rm",
+                    "--annotation",
+                    "io.runvm.template=true",
+                    "--hostname",
+                    name,
+                    "-e",
+                    &format!("WHO={name}"),
+                ],
+                &["sh", "-c", "cat /etc/hostname; hostname; echo $WHO; exit 4"],
+            ));
+            assert_output(
+                &out,
+                4,
+                &format!("{name}\n{name}\n{name}\n"),
+                "",
+                String::new,
+            );
+        }
+
         // A command the image lacks: 127, which podman gives only when the
         // runtime's error reads as runc's (or crun's) does.
         let out = run(&podman_run(dir, &["--rm"], &["no-such-command"]));
