@@ -598,7 +598,11 @@ kvm_test!(
                     "-e",
                     &format!("WHO={name}"),
                 ],
-                &["sh", "-c", "cat /etc/hostname; hostname; echo $WHO; exit 4"],
+                &[
+                    "sh",
+                    "-c",
+                    "echo $(cat /etc/hostname); hostname; echo $WHO; exit 4",
+                ],
             ));
             assert_output(
                 &out,
