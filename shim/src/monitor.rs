@@ -188,36 +188,32 @@ impl Monitor {
             MuxClient::start(reader, conn).context("starting the agent reader")?;
         let agent = Arc::new(agent);
         if let Some(setup) = setup {
-            match agent.call_within(
+            call_ok(
+                &agent,
                 Op::Setup {
                     setup: Box::new(setup),
                 },
                 plan.boot_timeout,
-            )? {
-                Outcome::Ok { .. } => {}
-                Outcome::Error { message } => {
-                    bail!(
+                |message| {
+                    anyhow::anyhow!(
                         "the guest restored from its template was not set up: {message}{}",
                         console_tail(dir)
                     )
-                }
-                other => bail!("unexpected answer from the guest agent: {other:?}"),
-            }
+                },
+            )?;
             logger::debug(&format!("{TIMING} guest set up"));
         }
         if let Some(net) = network.as_ref().filter(|n| !n.config.interfaces.is_empty()) {
-            match agent.call_within(
+            call_ok(
+                &agent,
                 Op::ConfigureNetwork {
                     network: Box::new(net.config.clone()),
                 },
                 plan.boot_timeout,
-            )? {
-                Outcome::Ok { .. } => {}
-                Outcome::Error { message } => {
-                    bail!("the guest agent could not set up the network: {message}")
-                }
-                other => bail!("unexpected answer from the guest agent: {other:?}"),
-            }
+                |message| {
+                    anyhow::anyhow!("the guest agent could not set up the network: {message}")
+                },
+            )?;
             logger::debug(&format!("{TIMING} guest network configured"));
         }
         for what in &plan.ignored_limits {
@@ -227,7 +223,8 @@ impl Monitor {
             set_limits(&agent, plan.limits, plan.boot_timeout)?;
             logger::debug(&format!("{TIMING} cgroup limits set"));
         }
-        match agent.call_within(
+        call_ok(
+            &agent,
             Op::Create {
                 handle: INIT,
                 process: Box::new(ProcessSpec {
@@ -236,11 +233,8 @@ impl Monitor {
                 }),
             },
             plan.boot_timeout,
-        )? {
-            Outcome::Ok { .. } => {}
-            Outcome::Error { message } => bail!("the guest agent refused the process: {message}"),
-            other => bail!("unexpected answer from the guest agent: {other:?}"),
-        }
+            |message| anyhow::anyhow!("the guest agent refused the process: {message}"),
+        )?;
         logger::debug(&format!("{TIMING} process created"));
         let tty = match (plan.process.terminal, console) {
             (true, Some(target)) => Some(console::hand_over_to(&target)?),
@@ -1008,9 +1002,25 @@ fn set_limits(
     limits: Resources,
     within: Duration,
 ) -> anyhow::Result<()> {
-    match agent.call_within(Op::UpdateResources { resources: limits }, within)? {
+    call_ok(
+        agent,
+        Op::UpdateResources { resources: limits },
+        within,
+        |message| anyhow::anyhow!("the guest agent could not set the limits: {message}"),
+    )
+}
+
+/// Sends `op`, which the agent answers with a plain `Ok`; its refusal
+/// becomes the error `refused` makes of the agent's message.
+fn call_ok(
+    agent: &MuxClient<UnixStream>,
+    op: Op,
+    within: Duration,
+    refused: impl FnOnce(String) -> anyhow::Error,
+) -> anyhow::Result<()> {
+    match agent.call_within(op, within)? {
         Outcome::Ok { .. } => Ok(()),
-        Outcome::Error { message } => bail!("the guest agent could not set the limits: {message}"),
+        Outcome::Error { message } => Err(refused(message)),
         other => bail!("unexpected answer from the guest agent: {other:?}"),
     }
 }

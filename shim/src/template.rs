@@ -160,14 +160,7 @@ impl Shape<'_> {
     /// holds the VMM that reads the snapshot).
     fn key(&self) -> anyhow::Result<String> {
         let mut h = DefaultHasher::new();
-        for file in [self.kernel, self.agent] {
-            let meta = std::fs::metadata(file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            (file, assets::file_key(&meta)).hash(&mut h);
-        }
-        if let Ok(exe) = std::env::current_exe().and_then(std::fs::metadata) {
-            assets::file_key(&exe).hash(&mut h);
-        }
+        file_keys(self.kernel, self.agent)?.hash(&mut h);
         (
             vmm::snapshot::FORMAT_VERSION,
             self.vcpus,
@@ -180,27 +173,7 @@ impl Shape<'_> {
             .hash(&mut h);
         Ok(format!("{:016x}", h.finish()))
     }
-}
 
-/// Each NIC's address in templates: locally administered, by position.
-pub fn template_mac(index: usize) -> String {
-    format!("02:72:76:74:70:{:02x}", index as u8)
-}
-
-/// The template for `shape`, built first if there is none yet (another
-/// `create` building it is waited for). `None`, with the reason logged,
-/// where no template can be had: the container's VM then boots.
-pub fn get(shape: &Shape<'_>) -> Option<PathBuf> {
-    match get_or_build(shape) {
-        Ok(dir) => Some(dir),
-        Err(e) => {
-            logger::warn(&format!("booting without a template: {e:#}"));
-            None
-        }
-    }
-}
-
-impl Shape<'_> {
     /// The virtio device types of this shape's VMs, in the order the
     /// monitor gives them (rng, vsock, shares, NICs).
     fn device_types(&self) -> Vec<u32> {
@@ -234,6 +207,24 @@ impl Shape<'_> {
                 let _ = std::fs::remove_dir_all(dir);
                 false
             }
+        }
+    }
+}
+
+/// Each NIC's address in templates: locally administered, by position.
+pub fn template_mac(index: usize) -> String {
+    format!("02:72:76:74:70:{:02x}", index as u8)
+}
+
+/// The template for `shape`, built first if there is none yet (another
+/// `create` building it is waited for). `None`, with the reason logged,
+/// where no template can be had: the container's VM then boots.
+pub fn get(shape: &Shape<'_>) -> Option<PathBuf> {
+    match get_or_build(shape) {
+        Ok(dir) => Some(dir),
+        Err(e) => {
+            logger::warn(&format!("booting without a template: {e:#}"));
+            None
         }
     }
 }

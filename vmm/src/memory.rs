@@ -132,19 +132,9 @@ pub fn advise_huge_pages_at(mem: &GuestMemoryMmap, start: GuestAddress, len: u64
     unsafe { libc::madvise(host.cast(), (hi - lo) as usize, libc::MADV_HUGEPAGE) };
 }
 
-/// Maps `len` bytes of `file` at `offset` (anonymous memory without one),
-/// at a 2 MiB-aligned address, shared or private (`share`: MAP_SHARED or
-/// MAP_PRIVATE).
-fn map_aligned(
-    file: Option<&File>,
-    offset: u64,
-    len: usize,
-    share: i32,
-) -> Result<Mapping, MemoryError> {
-    let (fd, anon) = match file {
-        Some(f) => (f.as_raw_fd(), 0),
-        None => (-1, libc::MAP_ANONYMOUS),
-    };
+/// Maps `len` bytes of `file` at `offset`, at a 2 MiB-aligned address,
+/// shared or private (`share`: MAP_SHARED or MAP_PRIVATE).
+fn map_aligned(file: &File, offset: u64, len: usize, share: i32) -> Result<Mapping, MemoryError> {
     let reserve_len = len + HUGE_PAGE;
     // SAFETY: a fresh PROT_NONE reservation at an address of the kernel's choosing.
     let reserve = unsafe {
@@ -169,8 +159,8 @@ fn map_aligned(
             aligned as *mut libc::c_void,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            share | anon | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            fd,
+            share | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
             offset as libc::off_t,
         )
     };
@@ -213,11 +203,12 @@ pub fn create(mem_bytes: u64) -> Result<GuestRam, MemoryError> {
 ///
 /// The file's holes are mapped with it. Mapping them as anonymous memory
 /// instead, with only the file's pieces of data over them (about 230
-/// mappings for a template), was tried: in the nested test host, each of
-/// five runtime benchmarks then locked its host kernel up (a thread stuck
-/// in KVM), where the single mapping had none. The price of the single
-/// mapping: on tmpfs, a guest's first touch of a hole allocates that page
-/// of the file (shared by every copy, and at most the VM's memory).
+/// mappings for a template), was tried and dropped: all five runtime
+/// bench attempts with it locked the nested test host up (a thread stuck
+/// in KVM), against one of three with the single mapping. The price of
+/// the single mapping: on tmpfs, a guest's first touch of a hole allocates
+/// that page of the file (shared by every copy, and at most the VM's
+/// memory).
 pub fn from_snapshot(mem_bytes: u64, file: &File) -> Result<GuestRam, MemoryError> {
     let len = file.metadata().map_err(MemoryError::Memfd)?.len();
     if len < mem_bytes {
@@ -235,38 +226,28 @@ fn map_ranges(file: &File, mem_bytes: u64, share: i32) -> Result<GuestRam, Memor
     let mut regions = Vec::new();
     let mut maps = Vec::new();
     for (start, len) in layout::ram_ranges(mem_bytes) {
-        let map = map_aligned(Some(file), offset, len as usize, share)?;
+        let map = map_aligned(file, offset, len as usize, share)?;
         let fo = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, offset);
-        regions.push(describe(&map, start, Some(fo), share)?);
+        // SAFETY: `map` is a live mapping of exactly `len` bytes that stays
+        // mapped for as long as the returned GuestRam (and so `mem`) exists.
+        let region = unsafe {
+            MmapRegionBuilder::new(len as usize)
+                .with_file_offset(fo)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(share | libc::MAP_NORESERVE)
+                .with_raw_mmap_pointer(map.addr.cast())
+        }
+        .build()
+        .map_err(MemoryError::Region)?;
         maps.push(map);
+        let region = GuestRegionMmap::new(region, GuestAddress(start)).ok_or_else(|| {
+            MemoryError::Mmap(io::Error::other("guest region wraps the address space"))
+        })?;
+        regions.push(region);
         offset += len;
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?;
     Ok(GuestRam { mem, maps })
-}
-
-/// vm-memory's view of `map`, guest RAM from `start` (backed by `file`,
-/// mapped with `flags`, where it is one file's).
-fn describe(
-    map: &Mapping,
-    start: u64,
-    file: Option<FileOffset>,
-    flags: i32,
-) -> Result<GuestRegionMmap, MemoryError> {
-    let mut builder = MmapRegionBuilder::new(map.len)
-        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(flags | libc::MAP_NORESERVE);
-    if let Some(fo) = file {
-        builder = builder.with_file_offset(fo);
-    }
-    // SAFETY: `map` is a live mapping of exactly `map.len` bytes that the
-    // caller keeps mapped (in its GuestRam) for as long as the region and
-    // every clone of the memory made from it exist.
-    let region = unsafe { builder.with_raw_mmap_pointer(map.addr.cast()) }
-        .build()
-        .map_err(MemoryError::Region)?;
-    GuestRegionMmap::new(region, GuestAddress(start))
-        .ok_or_else(|| MemoryError::Mmap(io::Error::other("guest region wraps the address space")))
 }
 
 /// Hands every region of `mem` to KVM, one slot each.

@@ -185,16 +185,20 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     let mut since = Instant::now();
     let snapshot = res.restore.as_deref().map(VmSnapshot::load).transpose()?;
     if let Some(snap) = &snapshot {
-        if let Some(dir) = opts.snapshot.as_ref().map(|r| &r.dir) {
-            if res.restore.as_deref() == Some(dir.as_path()) {
-                return Err(SnapshotError::Mismatch(
-                    "a VM cannot be snapshotted into the snapshot it restores".into(),
-                )
-                .into());
-            }
-        }
         // The devices are checked once they exist.
         snap.check_shape(res.vcpus, res.mem_bytes)?;
+    }
+    if let Some(req) = &opts.snapshot {
+        // Found now rather than once the VM has run (the snapshot it
+        // restores, say).
+        if req.dir.exists() {
+            return Err(SnapshotError::File {
+                what: "cannot create",
+                path: req.dir.clone(),
+                source: io::Error::from(io::ErrorKind::AlreadyExists),
+            }
+            .into());
+        }
     }
     let vm = kvm
         .create_vm()
@@ -233,16 +237,18 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     times.mark("memory", &mut since);
     let mmio = Arc::new(build_mmio_devices(&vm, mem, res, snapshot.as_ref())?);
     times.mark("devices", &mut since);
-    let mut entry = None;
-    if snapshot.is_none() {
-        let cmdline =
-            boot::build_cmdline(&res.cmdline, opts.console.is_some(), &mmio.cmdline_args())?;
-        let loaded = boot::load(mem, res, &cmdline)?;
-        entry = Some(loaded.entry);
-        times.boot_files_mapped = loaded.mapped_bytes;
-        mptable::write(mem, res.vcpus)?;
-        times.mark("load", &mut since);
-    }
+    let start = match &snapshot {
+        Some(snap) => Start::Restore(snap),
+        None => {
+            let cmdline =
+                boot::build_cmdline(&res.cmdline, opts.console.is_some(), &mmio.cmdline_args())?;
+            let loaded = boot::load(mem, res, &cmdline)?;
+            times.boot_files_mapped = loaded.mapped_bytes;
+            mptable::write(mem, res.vcpus)?;
+            times.mark("load", &mut since);
+            Start::Boot(loaded.entry)
+        }
+    };
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("eventfd", e))?);
     let panicked = Arc::new(AtomicBool::new(false));
@@ -264,8 +270,8 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
     let bus = Arc::new(PioBus::new(serial.clone(), ResetTrigger(exit.clone())));
 
     let mut vcpus = Vec::with_capacity(res.vcpus as usize);
-    match (&snapshot, entry) {
-        (Some(snap), _) => {
+    match start {
+        Start::Restore(snap) => {
             for (index, state) in snap.vcpus.iter().enumerate() {
                 let vcpu = vm
                     .create_vcpu(index as u64)
@@ -288,24 +294,11 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
                     .raise_if_pending()
                     .map_err(|e| VmError::Io("raising a restored interrupt", e))?;
             }
-            let serial = crate::devices::legacy::lock(&serial);
-            // IIR bit 0 clear: the port has an interrupt pending.
-            if serial.state().interrupt_identification & 1 == 0 {
-                serial
-                    .interrupt_evt()
-                    .0
-                    .write(1)
-                    .map_err(|e| VmError::Io("raising a restored interrupt", e))?;
-            }
+            SerialSnapshot::raise_if_pending(&crate::devices::legacy::lock(&serial))
+                .map_err(|e| VmError::Io("raising a restored interrupt", e))?;
             times.mark("restore", &mut since);
         }
-        (None, entry) => {
-            let entry = entry.ok_or_else(|| {
-                VmError::Io(
-                    "loading the guest",
-                    io::Error::other("the loader gave no entry point"),
-                )
-            })?;
+        Start::Boot(entry) => {
             let supported = kvm
                 .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
                 .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -436,6 +429,12 @@ pub fn run(kvm: &Kvm, res: &VmResources, opts: RunOptions) -> Result<ExitReason,
             .map_err(|e| VmError::Io("writing the guest profile", e))?;
     }
     result
+}
+
+/// Where the vCPUs start: a snapshot's state, or the loaded kernel's entry.
+enum Start<'a> {
+    Restore(&'a VmSnapshot),
+    Boot(boot::EntryPoint),
 }
 
 /// What a snapshot is read from, once the vCPUs have stopped.

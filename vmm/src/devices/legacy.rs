@@ -174,6 +174,15 @@ impl SerialSnapshot {
         Serial::from_state(&state, trigger, NoEvents, out)
             .map_err(|e| io::Error::other(format!("restoring the serial port: {e:?}")))
     }
+
+    /// Raises a restored port's interrupt if it has one pending (IIR bit 0
+    /// clear), once there are vCPUs to take it.
+    pub fn raise_if_pending(serial: &SerialDevice) -> io::Result<()> {
+        if serial.state().interrupt_identification & 1 == 0 {
+            serial.interrupt_evt().trigger()?;
+        }
+        Ok(())
+    }
 }
 
 /// Port-I/O devices, shared by all vCPU threads.

@@ -158,10 +158,6 @@ impl VmSnapshot {
     /// Writes this state and `mem` into the new directory `dir`. The state
     /// file is written last, so a directory without one is no snapshot.
     pub fn write(&self, dir: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
-        let file_err = |what: &'static str, path: &Path| {
-            let path = path.to_owned();
-            move |source| SnapshotError::File { what, path, source }
-        };
         std::fs::create_dir(dir).map_err(file_err("cannot create", dir))?;
         let written = self.write_files(dir, mem);
         if written.is_err() {
@@ -172,10 +168,6 @@ impl VmSnapshot {
     }
 
     fn write_files(&self, dir: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
-        let file_err = |what: &'static str, path: &Path| {
-            let path = path.to_owned();
-            move |source| SnapshotError::File { what, path, source }
-        };
         let mem_path = dir.join(MEMORY_FILE);
         let file = File::create(&mem_path).map_err(file_err("cannot create", &mem_path))?;
         write_memory(mem, &file).map_err(file_err("cannot write", &mem_path))?;
@@ -195,8 +187,15 @@ impl VmSnapshot {
 /// Page granularity of the memory file's holes.
 const PAGE: usize = 4096;
 
+/// What failed on which file.
+fn file_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotError {
+    let path = path.to_owned();
+    move |source| SnapshotError::File { what, path, source }
+}
+
 /// Writes guest RAM region after region, each at the offset it has in
-/// guest memory's backing file; pages of zeros are left as holes.
+/// guest memory's backing file; pages of zeros are left as holes, and each
+/// run of other pages goes out in one write.
 fn write_memory(mem: &GuestMemoryMmap, file: &File) -> io::Result<()> {
     let mut offset = 0u64;
     for region in mem.iter() {
@@ -205,24 +204,20 @@ fn write_memory(mem: &GuestMemoryMmap, file: &File) -> io::Result<()> {
         // this function (the caller holds `mem`); the vCPUs and device
         // workers have stopped, so nothing writes it meanwhile.
         let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), len) };
-        let mut page = 0;
-        while page < len {
-            let end = (page + PAGE).min(len);
-            // Runs of non-zero pages go out in one write.
-            let mut run_end = page;
-            while run_end < len
-                && bytes[run_end..(run_end + PAGE).min(len)]
-                    .iter()
-                    .any(|&b| b != 0)
-            {
-                run_end = (run_end + PAGE).min(len);
+        let mut run: Option<usize> = None;
+        for page in (0..len).step_by(PAGE) {
+            let zero = bytes[page..(page + PAGE).min(len)].iter().all(|&b| b == 0);
+            match (zero, run) {
+                (false, None) => run = Some(page),
+                (true, Some(start)) => {
+                    file.write_all_at(&bytes[start..page], offset + start as u64)?;
+                    run = None;
+                }
+                _ => {}
             }
-            if run_end > page {
-                file.write_all_at(&bytes[page..run_end], offset + page as u64)?;
-                page = run_end;
-            } else {
-                page = end;
-            }
+        }
+        if let Some(start) = run {
+            file.write_all_at(&bytes[start..], offset + start as u64)?;
         }
         offset += len as u64;
     }
