@@ -197,6 +197,53 @@ keep_paths() {
     done | sort -u
 }
 
+# Prints, three times 1 s apart, each test host CPU's instruction pointer,
+# halt flag and CR3 from QEMU's monitor (the pipe chardev $1/qmon), named as
+# a test host kernel symbol where $1/kallsyms has it (RUNVM_TESTHOST_SYMBOLS=1
+# has the test host save it; left out by default, as it costs each test host
+# a second or two) or else as module+offset from $1/modules. A monitor that
+# does not answer means QEMU itself is stuck, which is said too.
+cpu_samples() {
+    local scratch=$1 i out
+    for i in 1 2 3; do
+        timeout 3 sh -c 'printf "info registers -a\\n" >"$1"' sh "$scratch/qmon.in" || true
+        out=$(timeout 3 cat "$scratch/qmon.out" | tr -d '\r' | grep -aE '^CPU#|^RIP=|^EIP=|^CR0=' || true)
+        if [ -z "$out" ]; then
+            echo "  sample $i: QEMU's monitor did not answer (QEMU itself is stuck)"
+            return
+        else
+            echo "$out" | awk -v syms="$scratch/kallsyms" -v mods="$scratch/modules" -v n="$i" '
+                function hex(h,   v, k, c) {
+                    # The low 48 bits: exact in the doubles of awk, and every kernel
+                    # address shares the high ones.
+                    v = 0; h = tolower(h); sub(/^0x/, "", h)
+                    if (length(h) > 12) h = substr(h, length(h) - 11)
+                    for (k = 1; k <= length(h); k++) { c = index("0123456789abcdef", substr(h, k, 1)); v = v * 16 + c - 1 }
+                    return v
+                }
+                function name(rip,   line, f, r, best, bname, base) {
+                    r = hex(rip); best = -1; bname = ""
+                    while ((getline line < syms) > 0) {
+                        split(line, f, " ")
+                        if (f[2] ~ /^[tT]$/) { base = hex(f[1]); if (base <= r && base > best) { best = base; bname = f[3] (f[4] == "" ? "" : " " f[4]) } }
+                    }
+                    close(syms)
+                    if (bname != "") return sprintf("%s+0x%x", bname, r - best)
+                    while ((getline line < mods) > 0) {
+                        split(line, f, " "); base = hex(f[6])
+                        if (base > 0 && r >= base && r < base + f[2]) bname = sprintf("%s+0x%x", f[1], r - base)
+                    }
+                    close(mods)
+                    return bname
+                }
+                /^CPU#/ { cpu = $1 }
+                /^RIP=|^EIP=/ { split($1, r, "="); rip = r[2]; hlt = $NF }
+                /^CR0=/ { s = name(rip); printf "  sample %s %s RIP=%s %s %s%s\n", n, cpu, rip, hlt, $3, (s == "" ? "" : " (" s ")") }'
+        fi
+        sleep 1
+    done
+}
+
 run_testhost() {
     local timeout=$1 mem=$2 smp=$3; shift 3
     command -v "$qemu" >/dev/null ||
@@ -227,15 +274,16 @@ run_testhost() {
         printf '\n'
     } >"$scratch/cmd.sh"
     mkdir "$scratch/work"
+    mkfifo "$scratch/qmon.in" "$scratch/qmon.out"
     keep_paths "$@" >"$scratch/keep"
     : >"$scratch/stdout"
     : >"$scratch/stderr"
 
     timeout -k 5 "$timeout" "$qemu" \
         -accel tcg -cpu max -smp "$smp" -m "$mem" -nodefaults -no-reboot \
-        -display none -monitor none -serial "file:$scratch/console.log" \
+        -display none -monitor "pipe:$scratch/qmon" -serial "file:$scratch/console.log" \
         -kernel "$dir/vmlinuz" -initrd "$dir/initrd.gz" \
-        -append "console=ttyS0 rdinit=/init quiet loglevel=3 panic=-1 runvm_scratch=$scratch" \
+        -append "console=ttyS0 rdinit=/init quiet loglevel=3 panic=-1 runvm_scratch=$scratch${RUNVM_TESTHOST_SYMBOLS:+ runvm_kallsyms=1}" \
         -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
         -virtfs "local,path=$scratch,mount_tag=scratch,security_model=none,multidevs=remap" \
         </dev/null &
@@ -261,6 +309,7 @@ run_testhost() {
                 why="no heartbeat for 3 minutes"
             fi
             if [ -n "$why" ]; then
+                cpu_samples "$scratch" >"$scratch/cpus" 2>&1 || true
                 echo "$why" >"$scratch/lockup"
                 kill "$qpid" 2>/dev/null
                 break
@@ -279,6 +328,8 @@ run_testhost() {
     if [ -f "$scratch/lockup" ]; then
         log "the test host's kernel locked up ($(cat "$scratch/lockup")); console:"
         tail -n 16 "$scratch/console.log" >&2 2>/dev/null || true
+        log "where its CPUs were (QEMU monitor, three samples 1 s apart):"
+        cat "$scratch/cpus" >&2 2>/dev/null || true
         [ -n "${RUNVM_TESTHOST_KEEP:-}" ] || rm -rf "$scratch"
         testhost_locked_up=1
         return 125

@@ -87,10 +87,11 @@ fn fake_qemu(dir: &std::path::Path, lockups: u32, hang: &str) -> std::path::Path
         &script,
         format!(
             r#"#!/bin/sh
-console=; scratch=
+console=; scratch=; monitor=
 for a in "$@"; do
     case "$a" in
         file:*) console=${{a#file:}} ;;
+        pipe:*) monitor=${{a#pipe:}} ;;
         *runvm_scratch=*) scratch=${{a##*runvm_scratch=}} ;;
     esac
 done
@@ -98,6 +99,11 @@ n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}
 if [ $n -le {lockups} ]; then
     if [ {hang} = lockup ]; then
         echo "[ 150.1] watchdog: BUG: soft lockup - CPU#1 stuck for 130s! [runvm-vmm:142]" > "$console"
+        # One answer of the monitor, waiting in its pipe, and the module
+        # list the test host's init writes.
+        exec 3<>"$monitor.in" 4<>"$monitor.out"
+        printf 'CPU#0\nRIP=ffffffffc0a10123 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0\nCR0=80050033 CR2=0 CR3=0000000002a10000 CR4=0\n' >&4
+        echo "kvm_amd 155648 0 - Live 0xffffffffc0a10000" > "$scratch/modules"
     elif [ {hang} = panic ]; then
         # As seen in CI: the kernel dies under a vCPU thread; QEMU exits.
         echo "[ 30.7] BUG: TASK stack guard page was hit at 000000002bab995d" > "$console"
@@ -146,6 +152,14 @@ fn a_test_host_that_hangs_is_stopped_and_the_command_run_once_more() {
             _ => "no heartbeat",
         };
         assert!(stderr.contains(why), "{stderr}");
+        if hang == "lockup" {
+            assert!(
+                stderr.contains(
+                    "CPU#0 RIP=ffffffffc0a10123 HLT=0 CR3=0000000002a10000 (kvm_amd+0x123)"
+                ),
+                "{stderr}"
+            );
+        }
         assert!(stderr.contains("once more"), "{stderr}");
         assert_eq!(
             std::fs::read_to_string(dir.path().join("runs"))
