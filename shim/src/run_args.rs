@@ -82,9 +82,9 @@ pub struct RunArgs {
     /// ns:PATH).
     #[arg(long, default_value = "none")]
     pub network: String,
-    /// Publish a container's TCP port on the host: HOST:CONTAINER or
-    /// IP:HOST:CONTAINER, /tcp optional (repeatable; needs --network bridge
-    /// or ns:PATH).
+    /// Publish a container's port on the host: HOST:CONTAINER or
+    /// IP:HOST:CONTAINER, then /tcp (the default) or /udp (repeatable;
+    /// needs --network bridge or ns:PATH).
     #[arg(short = 'p', long)]
     pub publish: Vec<String>,
     /// Set an annotation of the container's config, KEY=VALUE (runvm's

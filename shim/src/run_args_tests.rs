@@ -318,6 +318,8 @@ fn published_ports_become_the_annotation_and_need_a_network() {
             "8080:80",
             "-p",
             "127.0.0.1:8443:443/tcp",
+            "-p",
+            "5353:53/udp",
             "--network",
             "bridge",
             "i",
@@ -328,11 +330,14 @@ fn published_ports_become_the_annotation_and_need_a_network() {
     .unwrap();
     assert_eq!(
         s["annotations"]["io.runvm.publish"],
-        "0.0.0.0:8080:80,127.0.0.1:8443:443"
+        "0.0.0.0:8080:80,127.0.0.1:8443:443,0.0.0.0:5353:53/udp"
     );
     for (a, why) in [
         (&["-p", "8080:80", "i"][..], "-p needs a network"),
-        (&["-p", "53:53/udp", "--network", "bridge", "i"], "only tcp"),
+        (
+            &["-p", "53:53/sctp", "--network", "bridge", "i"],
+            "tcp or udp",
+        ),
     ] {
         let e = format!("{:#}", spec(&args(a), &inputs, |_| None).unwrap_err());
         assert!(e.contains(why), "{a:?}: {e}");

@@ -339,6 +339,19 @@ kvm_test!(
             .unwrap()
             .port();
         let publish = format!("127.0.0.1:{published}:7000");
+        // And a UDP port, answered by the guest tool's echo.
+        let published_udp = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let publish_udp = format!("127.0.0.1:{published_udp}:7001/udp");
+        let tool = runvm_tests::artifacts::guest_tool_binary();
+        let tools = format!("{}:/tool:ro", tool.parent().unwrap().display());
+        let udp_echo = format!(
+            "/tool/{} udp-echo 7001 &",
+            tool.file_name().unwrap().to_str().unwrap()
+        );
         im.run(
             &[
                 "-d",
@@ -350,12 +363,18 @@ kvm_test!(
                 "0",
                 "-p",
                 &publish,
+                "-p",
+                &publish_udp,
+                "-v",
+                &tools,
             ],
             &[
                 "sh",
                 "-c",
-                "ip -o -4 addr show eth0; echo started; \
-                 while :; do echo from-container | nc -l -p 7000; done",
+                &format!(
+                    "{udp_echo} ip -o -4 addr show eth0; echo started; \
+                     while :; do echo from-container | nc -l -p 7000; done"
+                ),
             ],
         );
         let start = Instant::now();
@@ -411,9 +430,32 @@ kvm_test!(
             std::thread::sleep(Duration::from_millis(500));
         };
         assert_eq!(line, "from-container\n");
+        // The UDP port: each datagram answered, to each client.
+        let clients: Vec<std::net::UdpSocket> = (0..2)
+            .map(|_| {
+                let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                c
+            })
+            .collect();
+        for (i, c) in clients.iter().enumerate() {
+            let start = Instant::now();
+            let what = format!("datagram {i}");
+            let answer = loop {
+                c.send_to(what.as_bytes(), ("127.0.0.1", published_udp))
+                    .unwrap();
+                let mut buf = [0u8; 64];
+                if let Ok(n) = c.recv(&mut buf) {
+                    break String::from_utf8_lossy(&buf[..n]).into_owned();
+                }
+                assert!(start.elapsed() < Duration::from_secs(120), "no UDP answer");
+            };
+            assert_eq!(answer, what);
+        }
         im.ok(&["rm", "-f", "b1"]);
-        // The port is free again with the container gone.
+        // The ports are free again with the container gone.
         std::net::TcpListener::bind(("127.0.0.1", published)).unwrap();
+        std::net::UdpSocket::bind(("127.0.0.1", published_udp)).unwrap();
         // Nothing of either container is left: namespaces, veths, leases.
         assert!(!ip(&["netns", "list"]).contains("runvm-"));
         assert!(!ip(&["-o", "link"]).contains("rvb"));

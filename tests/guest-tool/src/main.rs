@@ -229,6 +229,18 @@ fn fs_bench(dir: &std::path::Path, mib: usize, files: usize) -> anyhow::Result<(
     Ok(())
 }
 
+/// Answers every datagram to `port` with the same bytes, for ever (a
+/// published UDP port's far end in the runtime tests).
+fn udp_echo(port: u16) -> anyhow::Result<()> {
+    let sock = std::net::UdpSocket::bind(("0.0.0.0", port)).context("bind")?;
+    println!("UDP LISTENING {port}");
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).context("receive")?;
+        sock.send_to(&buf[..n], from).context("send")?;
+    }
+}
+
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> anyhow::Result<T> {
     args.get(i)
         .with_context(|| format!("missing {what}"))?
@@ -260,13 +272,14 @@ fn run(args: &[String]) -> anyhow::Result<()> {
                 arg(args, 3, "connection count")?,
             )
         }
+        Some("udp-echo") => udp_echo(arg(args, 1, "port")?),
         Some("fs-bench") => fs_bench(
             std::path::Path::new(&arg::<String>(args, 1, "directory")?),
             arg(args, 2, "size in MiB")?,
             arg(args, 3, "file count")?,
         ),
         _ => bail!(
-            "usage: runvm-guest-tool echo-server PORT CONNS | send-host PORT BYTES CONNS | send-tcp ADDR:PORT BYTES CONNS | fs-bench DIR MIB FILES"
+            "usage: runvm-guest-tool echo-server PORT CONNS | send-host PORT BYTES CONNS | send-tcp ADDR:PORT BYTES CONNS | udp-echo PORT | fs-bench DIR MIB FILES"
         ),
     }
 }

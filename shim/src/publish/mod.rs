@@ -1,15 +1,27 @@
 //! Published ports (`runvm run -p`, the `io.runvm.publish` annotation): the
-//! monitor listens on a host port and carries each TCP connection to the
-//! container's port at the guest's address, as docker's userland proxy
-//! does. A proxy rather than DNAT rules: it needs no netfilter, reaches
-//! the container from the host's own loopback too, and lives and dies
-//! with the monitor, so nothing outlives the container.
+//! monitor listens on a host port and carries each TCP connection, or each
+//! UDP client's datagrams ([`udp`]), to the container's port at the guest's
+//! address, as docker's userland proxy does. A proxy rather than DNAT
+//! rules: it needs no netfilter, reaches the container from the host's own
+//! loopback too, and lives and dies with the monitor, so nothing outlives
+//! the container.
+
+mod udp;
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+
+/// The transport a port is published for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// `/tcp`, the default.
+    Tcp,
+    /// `/udp`.
+    Udp,
+}
 
 /// One published port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +32,8 @@ pub struct Publish {
     pub host_port: u16,
     /// The container's port.
     pub container_port: u16,
+    /// TCP or UDP.
+    pub proto: Proto,
 }
 
 impl std::fmt::Display for Publish {
@@ -28,7 +42,11 @@ impl std::fmt::Display for Publish {
             f,
             "{}:{}:{}",
             self.host_ip, self.host_port, self.container_port
-        )
+        )?;
+        match self.proto {
+            Proto::Tcp => Ok(()),
+            Proto::Udp => f.write_str("/udp"),
+        }
     }
 }
 
@@ -43,15 +61,17 @@ fn port(s: &str, what: &str, spec: &str) -> anyhow::Result<u16> {
 }
 
 /// docker's `-p` forms: `HOST:CONTAINER`, `IP:HOST:CONTAINER`, each with
-/// an optional `/tcp`.
+/// an optional `/tcp` or `/udp`.
 pub fn parse_one(spec: &str) -> anyhow::Result<Publish> {
     let (body, proto) = match spec.split_once('/') {
         Some((b, p)) => (b, p),
         None => (spec, "tcp"),
     };
-    if proto != "tcp" {
-        bail!("publish {spec:?}: only tcp ports can be published");
-    }
+    let proto = match proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        other => bail!("publish {spec:?}: {other:?} ports cannot be published (tcp or udp)"),
+    };
     let parts: Vec<&str> = body.split(':').collect();
     let (ip, host, container) = match parts[..] {
         [host, container] => ("0.0.0.0", host, container),
@@ -59,7 +79,7 @@ pub fn parse_one(spec: &str) -> anyhow::Result<Publish> {
         [_] => bail!(
             "publish {spec:?}: give the host port too (HOST:CONTAINER); runvm does not pick one"
         ),
-        _ => bail!("publish {spec:?}: expected [IP:]HOST:CONTAINER[/tcp]"),
+        _ => bail!("publish {spec:?}: expected [IP:]HOST:CONTAINER[/tcp|/udp]"),
     };
     let host_ip: IpAddr = ip
         .parse()
@@ -68,17 +88,18 @@ pub fn parse_one(spec: &str) -> anyhow::Result<Publish> {
         host_ip,
         host_port: port(host, "host port", spec)?,
         container_port: port(container, "container port", spec)?,
+        proto,
     })
 }
 
-/// The annotation's value: comma-separated `IP:HOST:CONTAINER`.
+/// The annotation's value: comma-separated `IP:HOST:CONTAINER[/udp]`.
 pub fn parse(annotation: &str, value: &str) -> anyhow::Result<Vec<Publish>> {
     let mut out: Vec<Publish> = Vec::new();
     for spec in value.split(',').filter(|s| !s.trim().is_empty()) {
         let p = parse_one(spec.trim()).with_context(|| format!("annotation {annotation}"))?;
         if out
             .iter()
-            .any(|o| o.host_port == p.host_port && o.host_ip == p.host_ip)
+            .any(|o| o.host_port == p.host_port && o.host_ip == p.host_ip && o.proto == p.proto)
         {
             bail!(
                 "annotation {annotation}: host port {} is published twice",
@@ -115,27 +136,41 @@ fn carry(client: TcpStream, target: SocketAddr) {
     }
 }
 
+/// A bound host port.
+enum Listener {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
 /// Listens on every published host port (all bound before any is served,
 /// so a port in use fails the container's `create`) and carries each
-/// connection to `guest` for as long as this process lives.
+/// connection, or each UDP client's datagrams, to `guest` for as long as
+/// this process lives.
 pub fn start(rules: &[Publish], guest: Ipv4Addr) -> anyhow::Result<()> {
     let mut listeners = Vec::with_capacity(rules.len());
     for r in rules {
         let at = SocketAddr::new(r.host_ip, r.host_port);
-        let l = TcpListener::bind(at)
-            .with_context(|| format!("cannot publish port {} on {at}", r.container_port))?;
+        let bound = match r.proto {
+            Proto::Tcp => TcpListener::bind(at).map(Listener::Tcp),
+            Proto::Udp => UdpSocket::bind(at).map(Listener::Udp),
+        };
+        let l = bound.with_context(|| format!("cannot publish port {} on {at}", r))?;
         listeners.push((l, SocketAddr::new(guest.into(), r.container_port)));
     }
     for (l, target) in listeners {
-        vmm::threads::named("publish")
-            .spawn(move || {
-                for client in l.incoming() {
-                    let Ok(client) = client else { continue };
-                    let _ =
-                        vmm::threads::named("publish-conn").spawn(move || carry(client, target));
-                }
-            })
-            .context("starting a published port's thread")?;
+        match l {
+            Listener::Tcp(l) => vmm::threads::named("publish")
+                .spawn(move || {
+                    for client in l.incoming() {
+                        let Ok(client) = client else { continue };
+                        let _ = vmm::threads::named("publish-conn")
+                            .spawn(move || carry(client, target));
+                    }
+                })
+                .map(drop),
+            Listener::Udp(sock) => udp::Relay::start(sock, target),
+        }
+        .context("starting a published port's thread")?;
     }
     Ok(())
 }
@@ -152,7 +187,8 @@ mod tests {
             Publish {
                 host_ip: Ipv4Addr::UNSPECIFIED.into(),
                 host_port: 8080,
-                container_port: 80
+                container_port: 80,
+                proto: Proto::Tcp,
             }
         );
         assert_eq!(
@@ -161,7 +197,7 @@ mod tests {
         );
         for (bad, why) in [
             ("80", "give the host port"),
-            ("53:53/udp", "only tcp"),
+            ("53:53/sctp", "cannot be published (tcp or udp)"),
             ("0:80", "not a port"),
             ("8080:99999", "not a port"),
             ("host:1:2", "not an IP address"),
@@ -173,6 +209,15 @@ mod tests {
         let e = format!("{:#}", parse("a", "8080:80,0.0.0.0:8080:81").unwrap_err());
         assert!(e.contains("published twice"), "{e}");
         assert_eq!(parse("a", "1:2, 127.0.0.1:3:4").unwrap().len(), 2);
+        // UDP: its own rules, written back with the suffix; the same host
+        // port may be published for both.
+        let udp = parse_one("127.0.0.1:53:5353/udp").unwrap();
+        assert_eq!(udp.proto, Proto::Udp);
+        assert_eq!(udp.to_string(), "127.0.0.1:53:5353/udp");
+        assert_eq!(parse_one(&udp.to_string()).unwrap(), udp);
+        assert_eq!(parse("a", "53:53,53:53/udp").unwrap().len(), 2);
+        let e = format!("{:#}", parse("a", "53:53/udp,53:54/udp").unwrap_err());
+        assert!(e.contains("published twice"), "{e}");
     }
 
     #[test]
@@ -197,6 +242,7 @@ mod tests {
             host_ip: Ipv4Addr::LOCALHOST.into(),
             host_port,
             container_port: guest_port,
+            proto: Proto::Tcp,
         };
         start(&[rule], Ipv4Addr::LOCALHOST).unwrap();
         // The same port again: in use.
