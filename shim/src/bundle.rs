@@ -32,7 +32,8 @@ pub const ANN_HUGE_PAGES: &str = "io.runvm.huge_pages";
 pub const ANN_KERNEL_PARAMS: &str = "io.runvm.kernel_params";
 
 /// Annotation: host ports published to the container's, comma-separated
-/// `[IP:]HOST:CONTAINER` (checked by [`crate::publish::parse`]).
+/// `[IP:]HOST:CONTAINER[/udp]`, HOST empty for one the kernel chooses
+/// (checked by [`crate::publish::parse`]).
 pub const ANN_PUBLISH: &str = "io.runvm.publish";
 
 /// Guest memory without a limit in the spec or an annotation.
@@ -650,8 +651,8 @@ mod tests {
             format!("{e:#}").contains("needs a network namespace with a path"),
             "{e:#}"
         );
-        let e = with_annotation(ANN_PUBLISH, "8080").unwrap_err();
-        assert!(format!("{e:#}").contains("give the host port"), "{e:#}");
+        let e = with_annotation(ANN_PUBLISH, "8080:x").unwrap_err();
+        assert!(format!("{e:#}").contains("is not a port"), "{e:#}");
     }
 
     #[test]

@@ -404,6 +404,23 @@ fn status(g: &Globals, id: &str) -> Option<(Status, Option<i32>)> {
     Some((r.status, r.exit_status))
 }
 
+/// docker's PORTS column: the ports a live container's monitor bound.
+fn ports(g: &Globals, id: &str) -> String {
+    let Some(r) = Root::new(&g.root)
+        .open(id)
+        .ok()
+        .and_then(|d| d.load_live().ok())
+    else {
+        return String::new();
+    };
+    r.published
+        .iter()
+        .filter_map(|p| crate::publish::parse_one(p).ok())
+        .map(|p| p.docker_ps())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Internal `reap ID`: waits for the container to stop, then removes it.
 pub fn reap(g: &Globals, store_path: &Path, id: &str) -> anyhow::Result<()> {
     while matches!(status(g, id), Some((s, _)) if s != Status::Stopped) {
@@ -447,34 +464,41 @@ pub fn list(g: &Globals, store: &Path, all: bool, quiet: bool) -> anyhow::Result
             Some((Status::Stopped, None)) | None => "exited".to_owned(),
             Some((s, _)) => s.to_string(),
         };
-        rows.push((meta, text));
+        let ports = match st {
+            Some((Status::Stopped, _)) | None => String::new(),
+            Some(_) => ports(g, &id),
+        };
+        rows.push((meta, text, ports));
     }
     rows.sort_by(|a, b| b.0.created.cmp(&a.0.created));
     let mut out = String::new();
     if quiet {
-        for (m, _) in rows {
+        for (m, _, _) in rows {
             out += &format!("{}\n", m.id);
         }
         return Ok(out);
     }
     out += &format!(
-        "{:<16} {:<24} {:<28} {:<22} {}\n",
-        "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS"
+        "{:<16} {:<24} {:<28} {:<22} {:<14} {}\n",
+        "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS"
     );
-    for (m, st) in rows {
+    for (m, st, ports) in rows {
         let mut command = m.command.join(" ");
         if command.chars().count() > 26 {
             command = command.chars().take(25).collect::<String>() + "…";
         }
         let created = m.created.get(..19).unwrap_or(&m.created).replace('T', " ");
-        out += &format!(
-            "{:<16} {:<24} {:<28} {:<22} {}\n",
+        let line = format!(
+            "{:<16} {:<24} {:<28} {:<22} {:<14} {}",
             m.id,
             m.image,
             format!("\"{command}\""),
             created,
-            st
+            st,
+            ports
         );
+        out += line.trim_end();
+        out.push('\n');
     }
     Ok(out)
 }

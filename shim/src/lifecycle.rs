@@ -150,6 +150,7 @@ fn spawn_monitor(
         created: state::now_rfc3339(),
         annotations: plan.annotations.clone(),
         network: None,
+        published: Vec::new(),
     };
     if let Err(e) = dir.save(&record) {
         let _ = dir.remove();

@@ -189,6 +189,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, hide = true)]
         ps_args: Vec<String>,
     },
+    /// List a container's published ports as docker's `port` does
+    /// (`80/tcp -> 0.0.0.0:32768`), host ports the kernel chose included.
+    Port {
+        /// Container ID.
+        id: String,
+    },
     /// Print a container's resource use as runc's events (JSON lines).
     Events {
         /// Print one stats record and exit.
@@ -356,6 +362,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Exec { id, opts } => return exec::exec(&g, &id, &opts),
         Cmd::ExecWait => return exec::waiter(),
         Cmd::Pause { id } => lifecycle::pause(&g, &id)?,
+        Cmd::Port { id } => {
+            let r = state::Root::new(&g.root).open(&id)?.load_live()?;
+            // A stopped container's ports went with its monitor.
+            if r.status != state::Status::Stopped {
+                stdout::print(&publish::port_lines(&r.published)?)?;
+            }
+        }
         Cmd::Ps {
             format: _,
             all,

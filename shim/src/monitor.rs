@@ -171,10 +171,12 @@ impl Monitor {
                 })
                 .and_then(|a| a.split('/').next()?.parse().ok())
                 .context("publishing ports needs an IPv4 address in the network namespace")?;
-            crate::publish::start(&plan.publish, guest)?;
-            for p in &plan.publish {
+            let bound = crate::publish::start(&plan.publish, guest)?;
+            for p in &bound {
                 logger::debug(&format!("published {p} (to {guest})"));
             }
+            record.published = bound.iter().map(ToString::to_string).collect();
+            dir.save(&record)?;
         }
         let (tx, inputs) = mpsc::channel();
         let vm = VmControl::new();

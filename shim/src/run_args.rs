@@ -82,8 +82,9 @@ pub struct RunArgs {
     /// ns:PATH).
     #[arg(long, default_value = "none")]
     pub network: String,
-    /// Publish a container's port on the host: HOST:CONTAINER or
-    /// IP:HOST:CONTAINER, then /tcp (the default) or /udp (repeatable;
+    /// Publish a container's port on the host: CONTAINER, HOST:CONTAINER,
+    /// IP:HOST:CONTAINER or IP::CONTAINER (no HOST: one the kernel chooses,
+    /// shown by `runvm port` and `ps`), then /tcp (the default) or /udp (repeatable;
     /// needs --network bridge or ns:PATH).
     #[arg(short = 'p', long)]
     pub publish: Vec<String>,

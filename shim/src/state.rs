@@ -70,6 +70,10 @@ pub struct Record {
     /// monitor undid it (`delete` undoes it for a monitor that was killed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkRecord>,
+    /// The ports the monitor published, as bound (the annotation's form,
+    /// host ports the kernel chose filled in).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<String>,
 }
 
 /// Where the monitor changed a network namespace.
@@ -317,6 +321,7 @@ mod tests {
             created: now_rfc3339(),
             annotations: BTreeMap::new(),
             network: None,
+            published: Vec::new(),
         }
     }
 

@@ -365,6 +365,9 @@ kvm_test!(
                 &publish,
                 "-p",
                 &publish_udp,
+                // The same port once more, on a host port the kernel chooses.
+                "-p",
+                "127.0.0.1::7000",
                 "-v",
                 &tools,
             ],
@@ -430,6 +433,37 @@ kvm_test!(
             std::thread::sleep(Duration::from_millis(500));
         };
         assert_eq!(line, "from-container\n");
+        // The chosen port: as docker's `port` and `ps` show it, and served.
+        let ports = im.ok(&["port", "b1"]);
+        let mut lines = ports.lines();
+        assert_eq!(
+            lines.next(),
+            Some(format!("7000/tcp -> 127.0.0.1:{published}").as_str()),
+            "{ports}"
+        );
+        assert_eq!(
+            lines.next(),
+            Some(format!("7001/udp -> 127.0.0.1:{published_udp}").as_str()),
+            "{ports}"
+        );
+        let chosen: u16 = lines
+            .next()
+            .and_then(|l| l.strip_prefix("7000/tcp -> 127.0.0.1:"))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no chosen port: {ports}"));
+        assert!(chosen != 0 && chosen != published, "{ports}");
+        let ps = im.ok(&["ps"]);
+        assert!(
+            ps.contains(&format!(
+                "127.0.0.1:{published}->7000/tcp, 127.0.0.1:{published_udp}->7001/udp, 127.0.0.1:{chosen}->7000/tcp"
+            )),
+            "{ps}"
+        );
+        let mut line = String::new();
+        let c = std::net::TcpStream::connect(("127.0.0.1", chosen)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(c), &mut line).unwrap();
+        assert_eq!(line, "from-container\n");
         // The UDP port: each datagram answered, to each client.
         let clients: Vec<std::net::UdpSocket> = (0..2)
             .map(|_| {
@@ -456,6 +490,8 @@ kvm_test!(
         // The ports are free again with the container gone.
         std::net::TcpListener::bind(("127.0.0.1", published)).unwrap();
         std::net::UdpSocket::bind(("127.0.0.1", published_udp)).unwrap();
+        std::net::TcpListener::bind(("127.0.0.1", chosen)).unwrap();
+        im.fails(&["port", "b1"], "does not exist");
         // Nothing of either container is left: namespaces, veths, leases.
         assert!(!ip(&["netns", "list"]).contains("runvm-"));
         assert!(!ip(&["-o", "link"]).contains("rvb"));

@@ -28,7 +28,8 @@ pub enum Proto {
 pub struct Publish {
     /// The host address to listen on (0.0.0.0: all).
     pub host_ip: IpAddr,
-    /// The host port.
+    /// The host port; 0 until bound, for one the kernel chooses (docker's
+    /// `-p CONTAINER` and `-p IP::CONTAINER`).
     pub host_port: u16,
     /// The container's port.
     pub container_port: u16,
@@ -36,17 +37,52 @@ pub struct Publish {
     pub proto: Proto,
 }
 
+impl Proto {
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// The annotation's form, `IP:HOST:CONTAINER[/udp]` (`IP::CONTAINER` for
+/// a host port still to be chosen), which [`parse_one`] reads back.
 impl std::fmt::Display for Publish {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}",
-            self.host_ip, self.host_port, self.container_port
-        )?;
+        write!(f, "{}:", self.host_ip)?;
+        if self.host_port != 0 {
+            write!(f, "{}", self.host_port)?;
+        }
+        write!(f, ":{}", self.container_port)?;
         match self.proto {
             Proto::Tcp => Ok(()),
             Proto::Udp => f.write_str("/udp"),
         }
+    }
+}
+
+impl Publish {
+    /// docker's `ps` form: `127.0.0.1:32768->80/tcp`.
+    pub fn docker_ps(&self) -> String {
+        format!(
+            "{}:{}->{}/{}",
+            self.host_ip,
+            self.host_port,
+            self.container_port,
+            self.proto.name()
+        )
+    }
+
+    /// docker's `port` form: `80/tcp -> 127.0.0.1:32768`.
+    pub fn docker_port(&self) -> String {
+        format!(
+            "{}/{} -> {}:{}",
+            self.container_port,
+            self.proto.name(),
+            self.host_ip,
+            self.host_port
+        )
     }
 }
 
@@ -60,8 +96,9 @@ fn port(s: &str, what: &str, spec: &str) -> anyhow::Result<u16> {
     }
 }
 
-/// docker's `-p` forms: `HOST:CONTAINER`, `IP:HOST:CONTAINER`, each with
-/// an optional `/tcp` or `/udp`.
+/// docker's `-p` forms: `CONTAINER`, `HOST:CONTAINER`, `IP:HOST:CONTAINER`
+/// and `IP::CONTAINER`, each with an optional `/tcp` or `/udp`; without a
+/// host port, the kernel chooses one when the monitor binds it.
 pub fn parse_one(spec: &str) -> anyhow::Result<Publish> {
     let (body, proto) = match spec.split_once('/') {
         Some((b, p)) => (b, p),
@@ -74,19 +111,20 @@ pub fn parse_one(spec: &str) -> anyhow::Result<Publish> {
     };
     let parts: Vec<&str> = body.split(':').collect();
     let (ip, host, container) = match parts[..] {
+        [container] => ("0.0.0.0", "", container),
         [host, container] => ("0.0.0.0", host, container),
         [ip, host, container] => (ip, host, container),
-        [_] => bail!(
-            "publish {spec:?}: give the host port too (HOST:CONTAINER); runvm does not pick one"
-        ),
-        _ => bail!("publish {spec:?}: expected [IP:]HOST:CONTAINER[/tcp|/udp]"),
+        _ => bail!("publish {spec:?}: expected [[IP:]HOST:]CONTAINER[/tcp|/udp]"),
     };
     let host_ip: IpAddr = ip
         .parse()
         .with_context(|| format!("publish {spec:?}: {ip:?} is not an IP address"))?;
     Ok(Publish {
         host_ip,
-        host_port: port(host, "host port", spec)?,
+        host_port: match host {
+            "" => 0,
+            _ => port(host, "host port", spec)?,
+        },
         container_port: port(container, "container port", spec)?,
         proto,
     })
@@ -97,9 +135,10 @@ pub fn parse(annotation: &str, value: &str) -> anyhow::Result<Vec<Publish>> {
     let mut out: Vec<Publish> = Vec::new();
     for spec in value.split(',').filter(|s| !s.trim().is_empty()) {
         let p = parse_one(spec.trim()).with_context(|| format!("annotation {annotation}"))?;
-        if out
-            .iter()
-            .any(|o| o.host_port == p.host_port && o.host_ip == p.host_ip && o.proto == p.proto)
+        if p.host_port != 0
+            && out
+                .iter()
+                .any(|o| o.host_port == p.host_port && o.host_ip == p.host_ip && o.proto == p.proto)
         {
             bail!(
                 "annotation {annotation}: host port {} is published twice",
@@ -145,9 +184,10 @@ enum Listener {
 /// Listens on every published host port (all bound before any is served,
 /// so a port in use fails the container's `create`) and carries each
 /// connection, or each UDP client's datagrams, to `guest` for as long as
-/// this process lives.
-pub fn start(rules: &[Publish], guest: Ipv4Addr) -> anyhow::Result<()> {
+/// this process lives. Returns the rules as bound, chosen host ports in.
+pub fn start(rules: &[Publish], guest: Ipv4Addr) -> anyhow::Result<Vec<Publish>> {
     let mut listeners = Vec::with_capacity(rules.len());
+    let mut bound_rules = Vec::with_capacity(rules.len());
     for r in rules {
         let at = SocketAddr::new(r.host_ip, r.host_port);
         let bound = match r.proto {
@@ -155,6 +195,15 @@ pub fn start(rules: &[Publish], guest: Ipv4Addr) -> anyhow::Result<()> {
             Proto::Udp => UdpSocket::bind(at).map(Listener::Udp),
         };
         let l = bound.with_context(|| format!("cannot publish port {} on {at}", r))?;
+        let local = match &l {
+            Listener::Tcp(t) => t.local_addr(),
+            Listener::Udp(u) => u.local_addr(),
+        }
+        .context("the published port's address")?;
+        bound_rules.push(Publish {
+            host_port: local.port(),
+            ..*r
+        });
         listeners.push((l, SocketAddr::new(guest.into(), r.container_port)));
     }
     for (l, target) in listeners {
@@ -172,7 +221,18 @@ pub fn start(rules: &[Publish], guest: Ipv4Addr) -> anyhow::Result<()> {
         }
         .context("starting a published port's thread")?;
     }
-    Ok(())
+    Ok(bound_rules)
+}
+
+/// `runvm port`: docker's lines for the ports a container's monitor bound
+/// (kept in its state in the annotation's form).
+pub fn port_lines(bound: &[String]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for b in bound {
+        out += &parse_one(b)?.docker_port();
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -196,12 +256,12 @@ mod tests {
             "127.0.0.1:8443:443"
         );
         for (bad, why) in [
-            ("80", "give the host port"),
             ("53:53/sctp", "cannot be published (tcp or udp)"),
             ("0:80", "not a port"),
             ("8080:99999", "not a port"),
             ("host:1:2", "not an IP address"),
             ("1:2:3:4", "expected"),
+            ("::81", "not an IP address"),
         ] {
             let e = format!("{:#}", parse_one(bad).unwrap_err());
             assert!(e.contains(why), "{bad}: {e}");
@@ -216,6 +276,26 @@ mod tests {
         assert_eq!(udp.to_string(), "127.0.0.1:53:5353/udp");
         assert_eq!(parse_one(&udp.to_string()).unwrap(), udp);
         assert_eq!(parse("a", "53:53,53:53/udp").unwrap().len(), 2);
+        // No host port: one to be chosen, which may appear more than once.
+        let chosen = parse_one("80").unwrap();
+        assert_eq!((chosen.host_port, chosen.container_port), (0, 80));
+        assert_eq!(chosen.to_string(), "0.0.0.0::80");
+        assert_eq!(parse_one(&chosen.to_string()).unwrap(), chosen);
+        assert_eq!(
+            parse_one("127.0.0.1::53/udp").unwrap().to_string(),
+            "127.0.0.1::53/udp"
+        );
+        assert_eq!(parse("a", "80,127.0.0.1::80,0.0.0.0::80").unwrap().len(), 3);
+        let bound = Publish {
+            host_port: 32768,
+            ..parse_one("127.0.0.1::53/udp").unwrap()
+        };
+        assert_eq!(bound.docker_ps(), "127.0.0.1:32768->53/udp");
+        assert_eq!(bound.docker_port(), "53/udp -> 127.0.0.1:32768");
+        assert_eq!(
+            port_lines(&["0.0.0.0:8080:80".into(), bound.to_string()]).unwrap(),
+            "80/tcp -> 0.0.0.0:8080\n53/udp -> 127.0.0.1:32768\n"
+        );
         let e = format!("{:#}", parse("a", "53:53/udp,53:54/udp").unwrap_err());
         assert!(e.contains("published twice"), "{e}");
     }
@@ -244,7 +324,7 @@ mod tests {
             container_port: guest_port,
             proto: Proto::Tcp,
         };
-        start(&[rule], Ipv4Addr::LOCALHOST).unwrap();
+        assert_eq!(start(&[rule], Ipv4Addr::LOCALHOST).unwrap(), [rule]);
         // The same port again: in use.
         let e = format!("{:#}", start(&[rule], Ipv4Addr::LOCALHOST).unwrap_err());
         assert!(e.contains("cannot publish port"), "{e}");
@@ -255,5 +335,14 @@ mod tests {
         c.read_to_string(&mut answer).unwrap();
         assert_eq!(answer, "pong");
         assert_eq!(&server.join().unwrap(), b"ping!");
+        // A host port the kernel chooses, reported as bound.
+        let chosen = Publish {
+            host_port: 0,
+            ..rule
+        };
+        let bound = start(&[chosen], Ipv4Addr::LOCALHOST).unwrap();
+        assert_ne!(bound[0].host_port, 0);
+        assert_eq!(bound[0].container_port, guest_port);
+        TcpStream::connect(("127.0.0.1", bound[0].host_port)).unwrap();
     }
 }
