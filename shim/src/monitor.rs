@@ -179,9 +179,7 @@ impl Monitor {
             dir.save(&record)?;
         }
         let (tx, inputs) = mpsc::channel();
-        let vm = VmControl::new();
-        let setup = start_vm(dir, &record.id, &plan, nics, tx.clone(), vm.clone())?;
-        let conn = connect_agent(dir, &plan, &inputs)?;
+        let (vm, setup, conn) = boot_vm(dir, &record.id, &plan, nics, &tx, &inputs)?;
         logger::debug(&format!("{TIMING} agent connected"));
         let reader = conn
             .try_clone()
@@ -698,6 +696,76 @@ impl Drop for PendingProfile {
     }
 }
 
+/// Starts the container's VM and connects to its agent; returns the VM's
+/// control, the setup a guest restored from a template still needs, and
+/// the connection. A VM restored from a template that ends before its
+/// agent answers (a template this host's KVM no longer takes, a damaged
+/// one) costs the template, not the container: the template is removed, to
+/// be built again by a later `create`, and this VM boots instead.
+fn boot_vm(
+    dir: &ContainerDir,
+    id: &str,
+    plan: &Plan,
+    nics: Vec<network::GuestNic>,
+    tx: &Sender<Input>,
+    inputs: &Receiver<Input>,
+) -> anyhow::Result<(VmControl, Option<runvm_protocol::GuestSetup>, UnixStream)> {
+    // The TAPs again for a second VM, as the first one's VMM closes its own.
+    let spare = if plan.template {
+        nics.iter()
+            .map(|n| {
+                Ok(network::GuestNic {
+                    tap: n.tap.try_clone()?,
+                    mac: n.mac.clone(),
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("duplicating the TAPs")?
+    } else {
+        Vec::new()
+    };
+    let vm = VmControl::new();
+    let started = start_vm(dir, id, plan, nics, tx.clone(), vm.clone(), true)?;
+    let ended = match (connect_agent(dir, plan, inputs), started.template) {
+        (Ok(conn), _) => return Ok((vm, started.setup, conn)),
+        (Err(e), Some(template)) if e.is::<VmEndedEarly>() => (e, template),
+        (Err(e), _) => return Err(e),
+    };
+    let (why, template) = ended;
+    logger::warn(&format!(
+        "the VM restored from template {} ended before its agent answered ({why:#}); \
+         removing the template and booting",
+        template.display()
+    ));
+    let _ = std::fs::remove_dir_all(&template);
+    let vm = VmControl::new();
+    start_vm(dir, id, plan, spare, tx.clone(), vm.clone(), false)?;
+    let conn = connect_agent(dir, plan, inputs)?;
+    Ok((vm, None, conn))
+}
+
+/// [`connect_agent`]'s error when the VM ended first.
+#[derive(Debug)]
+struct VmEndedEarly(String);
+
+impl std::fmt::Display for VmEndedEarly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for VmEndedEarly {}
+
+/// What [`start_vm`] started.
+struct Started {
+    /// What a guest restored from a template still needs.
+    setup: Option<runvm_protocol::GuestSetup>,
+    /// The template it was restored from.
+    template: Option<std::path::PathBuf>,
+}
+
+/// Starts the VM's thread: restored from its template where the plan asks
+/// for one and `use_template` allows it, else booted.
 fn start_vm(
     dir: &ContainerDir,
     id: &str,
@@ -705,7 +773,8 @@ fn start_vm(
     nics: Vec<network::GuestNic>,
     tx: Sender<Input>,
     control: VmControl,
-) -> anyhow::Result<Option<runvm_protocol::GuestSetup>> {
+    use_template: bool,
+) -> anyhow::Result<Started> {
     let profile = PendingProfile::create(id)?;
     let kernel = assets::kernel(plan.kernel.as_deref())?;
     // Mapped rather than copied into guest memory when a cache copy (never
@@ -731,7 +800,7 @@ fn start_vm(
     .collect();
     let macs: Vec<String> = nics.iter().map(|n| n.mac.clone()).collect();
     // A profile samples a boot, which a restored VM does not have.
-    let template = (plan.template && profile.is_none())
+    let template = (use_template && plan.template && profile.is_none())
         .then(|| {
             template::get(&template::Shape {
                 kernel: &kernel,
@@ -787,7 +856,7 @@ fn start_vm(
                 })
             })
             .collect::<anyhow::Result<_>>()?,
-        restore: template,
+        restore: template.clone(),
     };
     let kvm = vm::open_kvm()?;
     let resources = VmResources::validate(&config, vm::host_limits(&kvm))?;
@@ -836,7 +905,7 @@ fn start_vm(
             let _ = tx.send(Input::VmEnded(why));
         })
         .context("starting the VMM thread")?;
-    Ok(setup)
+    Ok(Started { setup, template })
 }
 
 /// The guest console, marking in the log when the agent's ready line
@@ -885,7 +954,11 @@ fn connect_agent(
     let start = Instant::now();
     loop {
         if let Ok(Input::VmEnded(why)) = inputs.try_recv() {
-            bail!("the VM ended while booting ({why}){}", console_tail(dir));
+            return Err(VmEndedEarly(format!(
+                "the VM ended while booting ({why}){}",
+                console_tail(dir)
+            ))
+            .into());
         }
         match connect_vsock(sock.as_path(), AGENT_VSOCK_PORT, Duration::from_millis(500)) {
             Ok(c) => return Ok(c),

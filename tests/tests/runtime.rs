@@ -1336,7 +1336,43 @@ kvm_test!(
         let b = b.to_str().unwrap();
         std::fs::write(rt.path("hosts-file"), "127.0.0.1 fromhost\n").unwrap();
         let mut seen_random = Vec::new();
-        for (id, who) in [("tpl1", "one"), ("tpl2", "two"), ("tpl3", "three")] {
+        let templates = || -> Vec<std::path::PathBuf> {
+            std::fs::read_dir(cache.join("templates"))
+                .unwrap()
+                .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .map(|e| e.path())
+                .collect()
+        };
+        // The fourth finds its template damaged (its memory zeroed: the
+        // restored guest triple-faults at once) and boots instead.
+        for (id, who, damaged) in [
+            ("tpl1", "one", false),
+            ("tpl2", "two", false),
+            ("tpl3", "three", false),
+            ("tpl4", "four", true),
+        ] {
+            if damaged {
+                let found = templates();
+                assert_eq!(found.len(), 1, "{found:?}");
+                let memory = found[0].join("memory");
+                let (blocks, len) = {
+                    use std::os::unix::fs::MetadataExt;
+                    let m = std::fs::metadata(&memory).unwrap();
+                    (m.blocks(), m.len())
+                };
+                eprintln!(
+                    "template memory file: {} KiB written of {} MiB",
+                    blocks / 2,
+                    len >> 20
+                );
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&memory)
+                    .unwrap();
+                f.set_len(0).unwrap();
+                f.set_len(len).unwrap();
+            }
             std::fs::write(rt.path("bundle/rootfs/who"), who).unwrap();
             let (port, server) = ns.serve_once();
             rt.configure(&format!(
@@ -1392,31 +1428,22 @@ kvm_test!(
             assert_eq!(server.join().unwrap(), format!("from-{who}\n"));
             assert_eq!(ns.fingerprint(), before);
         }
-        // Three copies of one template: each drew other random bytes.
+        // Three copies of one template and a booted VM: each drew other
+        // random bytes.
         seen_random.sort();
         seen_random.dedup();
-        assert_eq!(seen_random.len(), 3, "{seen_random:?}");
-        // The first built the template; all three were restored from it.
+        assert_eq!(seen_random.len(), 4, "{seen_random:?}");
+        // The first built the template; all four were restored from it,
+        // and the damaged one cost the template.
         let log = std::fs::read_to_string(rt.path("log.json")).unwrap();
         assert_eq!(log.matches(" built in ").count(), 1, "{log}");
-        assert_eq!(log.matches("restoring template").count(), 3, "{log}");
-        let templates: Vec<_> = std::fs::read_dir(cache.join("templates"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with('.'))
-            .collect();
-        assert_eq!(templates.len(), 1, "{templates:?}");
-        let memory = cache.join("templates").join(&templates[0]).join("memory");
-        let blocks = {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(&memory).unwrap().blocks()
-        };
-        eprintln!(
-            "template memory file: {} KiB written of {} MiB",
-            blocks / 2,
-            std::fs::metadata(&memory).unwrap().len() >> 20
+        assert_eq!(log.matches("restoring template").count(), 4, "{log}");
+        assert_eq!(
+            log.matches("removing the template and booting").count(),
+            1,
+            "{log}"
         );
+        assert_eq!(templates(), Vec::<std::path::PathBuf>::new());
         // No TAP of the template's build is left on the host.
         let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
         assert!(
