@@ -699,9 +699,11 @@ impl Drop for PendingProfile {
 /// Starts the container's VM and connects to its agent; returns the VM's
 /// control, the setup a guest restored from a template still needs, and
 /// the connection. A VM restored from a template that ends before its
-/// agent answers (a template this host's KVM no longer takes, a damaged
-/// one) costs the template, not the container: the template is removed, to
-/// be built again by a later `create`, and this VM boots instead.
+/// agent answers, or whose agent does not answer within
+/// [`RESTORED_ANSWER`] (a template this host's KVM no longer takes, a
+/// damaged one), costs the template, not the container: that VM is ended,
+/// the template removed, to be built again by a later `create`, and the
+/// container's VM boots instead.
 fn boot_vm(
     dir: &ContainerDir,
     id: &str,
@@ -726,21 +728,33 @@ fn boot_vm(
     };
     let vm = VmControl::new();
     let started = start_vm(dir, id, plan, nics, tx.clone(), vm.clone(), true)?;
-    let ended = match (connect_agent(dir, plan, inputs), started.template) {
+    let limit = match started.template {
+        Some(_) => RESTORED_ANSWER.min(plan.boot_timeout),
+        None => plan.boot_timeout,
+    };
+    let (why, template) = match (connect_agent(dir, limit, inputs), started.template) {
         (Ok(conn), _) => return Ok((vm, started.setup, conn)),
         (Err(e), Some(template)) if e.is::<VmEndedEarly>() => (e, template),
+        (Err(e), Some(template)) if e.is::<AgentSilent>() => {
+            vm.end(END_WAIT);
+            match inputs.recv_timeout(END_WAIT) {
+                Ok(Input::VmEnded(_)) => (e, template),
+                _ => bail!(
+                    "{e:#}; the VM restored from template {} did not end when asked",
+                    template.display()
+                ),
+            }
+        }
         (Err(e), _) => return Err(e),
     };
-    let (why, template) = ended;
     logger::warn(&format!(
-        "the VM restored from template {} ended before its agent answered ({why:#}); \
-         removing the template and booting",
+        "the VM restored from template {} failed ({why:#}); removing the template and booting",
         template.display()
     ));
     let _ = std::fs::remove_dir_all(&template);
     let vm = VmControl::new();
     start_vm(dir, id, plan, spare, tx.clone(), vm.clone(), false)?;
-    let conn = connect_agent(dir, plan, inputs)?;
+    let conn = connect_agent(dir, plan.boot_timeout, inputs)?;
     Ok((vm, None, conn))
 }
 
@@ -748,13 +762,32 @@ fn boot_vm(
 #[derive(Debug)]
 struct VmEndedEarly(String);
 
+/// [`connect_agent`]'s error when its time ran out.
+#[derive(Debug)]
+struct AgentSilent(String);
+
 impl std::fmt::Display for VmEndedEarly {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
 }
 
+impl std::fmt::Display for AgentSilent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl std::error::Error for VmEndedEarly {}
+impl std::error::Error for AgentSilent {}
+
+/// How long a VM restored from a template gets for its agent to answer:
+/// it is already listening when the template is taken, so this is the
+/// restore and one vsock connection (well under a second on hardware, a
+/// few seconds under nested TCG), not a boot.
+const RESTORED_ANSWER: Duration = Duration::from_secs(30);
+/// How long a VM that was asked to end may take to.
+const END_WAIT: Duration = Duration::from_secs(10);
 
 /// What [`start_vm`] started.
 struct Started {
@@ -945,7 +978,7 @@ impl Write for ReadyMark {
 /// Until it returns, the VM thread is the only sender on `inputs`.
 fn connect_agent(
     dir: &ContainerDir,
-    plan: &Plan,
+    limit: Duration,
     inputs: &Receiver<Input>,
 ) -> anyhow::Result<UnixStream> {
     let path = dir.file(state::VSOCK_SOCKET);
@@ -962,12 +995,12 @@ fn connect_agent(
         }
         match connect_vsock(sock.as_path(), AGENT_VSOCK_PORT, Duration::from_millis(500)) {
             Ok(c) => return Ok(c),
-            Err(e) if start.elapsed() >= plan.boot_timeout => {
-                bail!(
-                    "the guest agent did not answer within {:?} ({e}){}",
-                    plan.boot_timeout,
+            Err(e) if start.elapsed() >= limit => {
+                return Err(AgentSilent(format!(
+                    "the guest agent did not answer within {limit:?} ({e}){}",
                     console_tail(dir)
-                )
+                ))
+                .into())
             }
             Err(_) => {}
         }

@@ -532,8 +532,8 @@ fn bad_runs_fail_clearly_and_leave_nothing() {
     im.fails(&["run", "--network", "overlay", "testbox"], "not supported");
     im.fails(&["run", "-p", "8080:80", "testbox"], "-p needs a network");
     im.fails(
-        &["run", "-p", "53:53/udp", "--network", "bridge", "testbox"],
-        "only tcp",
+        &["run", "-p", "53:53/sctp", "--network", "bridge", "testbox"],
+        "tcp or udp",
     );
     im.fails(
         &["run", "--network", "ns:/no/such", "testbox"],

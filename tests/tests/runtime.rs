@@ -1326,6 +1326,59 @@ kvm_test!(
     }
 );
 
+/// Rewrites the snapshot in `dir` so that its vCPU spins for ever: `jmp $`
+/// written at its instruction pointer (found through its page tables in
+/// the memory file), interrupts off and the vCPU runnable.
+fn spin_where_the_vcpu_stands(dir: &std::path::Path) {
+    use std::os::unix::fs::FileExt;
+    let state = dir.join("vm.json");
+    let mut snap: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let vcpu = &mut snap["vcpus"][0];
+    let bytes = |v: &serde_json::Value, at: usize| -> u64 {
+        let mut b = [0u8; 8];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = v[at + i].as_u64().unwrap() as u8;
+        }
+        u64::from_le_bytes(b)
+    };
+    // kvm_regs: rip at byte 128, rflags at 136; kvm_sregs: cr3 at 240 and
+    // cr4 at 256 (after 8 segments of 24 bytes and 2 tables of 16, cr0, cr2).
+    let rip = bytes(&vcpu["regs"], 128);
+    let cr3 = bytes(&vcpu["sregs"], 240);
+    let cr4 = bytes(&vcpu["sregs"], 256);
+    assert_eq!(cr4 & (1 << 12), 0, "5-level paging");
+    let memory = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("memory"))
+        .unwrap();
+    // Guest RAM starts at offset 0 of the file (one range below the gap).
+    let frame = 0x000f_ffff_ffff_f000u64;
+    let mut table = cr3 & frame;
+    let mut phys = None;
+    for shift in [39u32, 30, 21, 12] {
+        let mut entry = [0u8; 8];
+        memory
+            .read_exact_at(&mut entry, table + ((rip >> shift) & 0x1ff) * 8)
+            .unwrap();
+        let entry = u64::from_le_bytes(entry);
+        assert_eq!(entry & 1, 1, "rip {rip:#x} not mapped at level {shift}");
+        let mask = (1u64 << shift) - 1;
+        if shift == 12 || entry & 0x80 != 0 {
+            phys = Some((entry & frame & !mask) | (rip & mask));
+            break;
+        }
+        table = entry & frame;
+    }
+    memory.write_all_at(&[0xeb, 0xfe], phys.unwrap()).unwrap();
+    // Runnable (KVM_MP_STATE_RUNNABLE), RFLAGS.IF (bit 9) clear.
+    vcpu["mp_state"] = serde_json::json!([0, 0, 0, 0]);
+    let flags = vcpu["regs"][137].as_u64().unwrap();
+    vcpu["regs"][137] = (flags & !2).into();
+    std::fs::write(&state, serde_json::to_vec(&snap).unwrap()).unwrap();
+}
+
 kvm_test!(
     fn templates_give_each_container_its_own_rootfs_network_randomness_and_clock() {
         let ns = Netns::new("t", "10.213.10");
@@ -1344,15 +1397,23 @@ kvm_test!(
                 .map(|e| e.path())
                 .collect()
         };
-        // The fourth finds its template damaged (its memory zeroed: the
-        // restored guest triple-faults at once) and boots instead.
-        for (id, who, damaged) in [
-            ("tpl1", "one", false),
-            ("tpl2", "two", false),
-            ("tpl3", "three", false),
-            ("tpl4", "four", true),
+        // The third finds its template's vCPU spinning on `jmp $` with
+        // interrupts off (its agent never answers), the fifth finds the
+        // rebuilt template's memory zeroed (the restored guest
+        // triple-faults at once); both boot instead.
+        for (id, who, damage) in [
+            ("tpl1", "one", None),
+            ("tpl2", "two", None),
+            ("tpl3", "three", Some("spin")),
+            ("tpl4", "four", None),
+            ("tpl5", "five", Some("zero")),
         ] {
-            if damaged {
+            if damage == Some("spin") {
+                let found = templates();
+                assert_eq!(found.len(), 1, "{found:?}");
+                spin_where_the_vcpu_stands(&found[0]);
+            }
+            if damage == Some("zero") {
                 let found = templates();
                 assert_eq!(found.len(), 1, "{found:?}");
                 let memory = found[0].join("memory");
@@ -1428,21 +1489,21 @@ kvm_test!(
             assert_eq!(server.join().unwrap(), format!("from-{who}\n"));
             assert_eq!(ns.fingerprint(), before);
         }
-        // Three copies of one template and a booted VM: each drew other
-        // random bytes.
+        // Restored and booted VMs: each drew other random bytes.
         seen_random.sort();
         seen_random.dedup();
-        assert_eq!(seen_random.len(), 4, "{seen_random:?}");
-        // The first built the template; all four were restored from it,
-        // and the damaged one cost the template.
+        assert_eq!(seen_random.len(), 5, "{seen_random:?}");
+        // The first and the fourth built the template; all five were
+        // restored from one, and each damaged one cost its template.
         let log = std::fs::read_to_string(rt.path("log.json")).unwrap();
-        assert_eq!(log.matches(" built in ").count(), 1, "{log}");
-        assert_eq!(log.matches("restoring template").count(), 4, "{log}");
+        assert_eq!(log.matches(" built in ").count(), 2, "{log}");
+        assert_eq!(log.matches("restoring template").count(), 5, "{log}");
         assert_eq!(
             log.matches("removing the template and booting").count(),
-            1,
+            2,
             "{log}"
         );
+        assert_eq!(log.matches("did not answer within").count(), 1, "{log}");
         assert_eq!(templates(), Vec::<std::path::PathBuf>::new());
         // No TAP of the template's build is left on the host.
         let links = Command::new("ip").args(["-o", "link"]).output().unwrap();

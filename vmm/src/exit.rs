@@ -23,13 +23,15 @@ pub enum ExitReason {
     SnapshotRequested,
     /// The VM was written to a snapshot and ended.
     Snapshotted,
+    /// Its owner ended the VM ([`crate::pause::VmControl::end`]).
+    Stopped,
 }
 
 impl ExitReason {
     /// Process exit status for the VMM binary.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ExitReason::Reset | ExitReason::Snapshotted => 0,
+            ExitReason::Reset | ExitReason::Snapshotted | ExitReason::Stopped => 0,
             ExitReason::SnapshotRequested => 1,
             ExitReason::VcpuFailed(_) => 1,
             ExitReason::TripleFault => 3,
@@ -49,6 +51,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::VcpuFailed(why) => write!(f, "vCPU failed: {why}"),
             ExitReason::SnapshotRequested => write!(f, "stopped for a snapshot"),
             ExitReason::Snapshotted => write!(f, "stopped and written to a snapshot"),
+            ExitReason::Stopped => write!(f, "ended by its owner"),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Pausing a running VM (`runvm pause`): every vCPU thread parks between two
 //! KVM_RUN calls until it is resumed. Devices keep their state; the guest
-//! simply stops executing, and its clock jumps on resume (kvmclock).
+//! simply stops executing, and its clock jumps on resume (kvmclock). The
+//! same gate lets the VM's owner end it ([`VmControl::end`]).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ struct Gate {
     /// pthread IDs of the vCPU threads, to kick them out of KVM_RUN.
     threads: Vec<libc::pthread_t>,
     running: bool,
+    /// [`VmControl::end`] was called.
+    ending: bool,
 }
 
 impl Gate {
@@ -40,7 +43,8 @@ impl Gate {
     }
 }
 
-/// Pauses and resumes a VM's vCPUs; clones share the VM.
+/// Pauses, resumes and ends a VM's vCPUs; clones share the VM. One control
+/// serves one VM: once ended, it ends any VM it is given.
 #[derive(Debug, Clone, Default)]
 pub struct VmControl(Arc<(Mutex<Gate>, Condvar)>);
 
@@ -89,6 +93,31 @@ impl VmControl {
         self.0 .1.notify_all();
     }
 
+    /// Ends the VM: its vCPUs leave KVM_RUN and it ends with
+    /// [`crate::exit::ExitReason::Stopped`] (at once if it has not started
+    /// yet). For a guest that stopped answering, which no request of its
+    /// own would end. Kicks until the VM has stopped (a kick that lands
+    /// just before a vCPU enters KVM_RUN is lost), at most `limit`; false
+    /// if it still runs then.
+    pub fn end(&self, limit: Duration) -> bool {
+        self.gate().ending = true;
+        self.0 .1.notify_all();
+        let deadline = Instant::now() + limit;
+        loop {
+            {
+                let g = self.gate();
+                if !g.running {
+                    return true;
+                }
+                g.kick();
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Whether a pause was asked for and not undone.
     pub fn is_paused(&self) -> bool {
         self.gate().paused
@@ -117,17 +146,22 @@ impl VmControl {
         self.0 .1.notify_all();
     }
 
-    /// Called by a vCPU thread between KVM_RUN calls: waits while paused.
-    pub(crate) fn park_if_paused(&self) {
+    /// Called by a vCPU thread between KVM_RUN calls: waits while paused;
+    /// true when the VM is to end instead of running on.
+    pub(crate) fn park_if_paused(&self) -> bool {
         let mut g = self.gate();
+        if g.ending {
+            return true;
+        }
         if !g.paused || !g.running {
-            return;
+            return false;
         }
         g.parked += 1;
-        while g.paused && g.running {
+        while g.paused && g.running && !g.ending {
             g = self.0 .1.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         g.parked -= 1;
+        g.ending
     }
 }
 
@@ -151,7 +185,9 @@ mod tests {
                 let (ctl, stop, work) = (ctl.clone(), stop.clone(), work.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Acquire) {
-                        ctl.park_if_paused();
+                        if ctl.park_if_paused() {
+                            break;
+                        }
                         work.fetch_add(1, Ordering::Relaxed);
                         std::thread::sleep(Duration::from_micros(100));
                     }
@@ -209,6 +245,29 @@ mod tests {
             ctl.pause(Duration::from_secs(1)),
             Err(PauseError::NotRunning)
         );
+    }
+
+    #[test]
+    fn ending_a_vm_ends_its_vcpus_paused_or_not_and_one_not_yet_started() {
+        for pause_first in [false, true] {
+            let ctl = VmControl::new();
+            let stop = Arc::new(AtomicBool::new(false));
+            let (threads, _work) = fake_vcpus(2, &ctl, &stop);
+            if pause_first {
+                ctl.pause(Duration::from_secs(10)).unwrap();
+            }
+            // The fake VM never stops itself: `end` gives up after its limit.
+            assert!(!ctl.end(Duration::from_millis(100)));
+            // The threads left on their own, without `stop`.
+            for t in threads {
+                t.join().unwrap();
+            }
+            ctl.stopped();
+            assert!(ctl.end(Duration::ZERO), "stopped: nothing to wait for");
+        }
+        let ctl = VmControl::new();
+        assert!(ctl.end(Duration::ZERO));
+        assert!(ctl.park_if_paused(), "ended before it started");
     }
 
     #[test]

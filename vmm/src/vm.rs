@@ -593,7 +593,10 @@ impl VcpuLoop<'_> {
             let _ = exit.signal(ExitReason::VcpuFailed(why));
         };
         while !self.stop.load(Ordering::Acquire) {
-            self.control.park_if_paused();
+            if self.control.park_if_paused() {
+                let _ = exit.signal(ExitReason::Stopped);
+                break;
+            }
             match vcpu.run() {
                 Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
                 Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
