@@ -394,31 +394,18 @@ fn spawn_reaper(g: &Globals, store: &Path, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The container's live status, `None` when its state is gone.
-fn status(g: &Globals, id: &str) -> Option<(Status, Option<i32>)> {
+/// The container's live state record, `None` when its state is gone.
+fn record(g: &Globals, id: &str) -> Option<state::Record> {
     let root = Root::new(&g.root);
     if !root.dir(id).exists() {
         return None;
     }
-    let r = root.open(id).ok()?.load_live().ok()?;
-    Some((r.status, r.exit_status))
+    root.open(id).ok()?.load_live().ok()
 }
 
-/// docker's PORTS column: the ports a live container's monitor bound.
-fn ports(g: &Globals, id: &str) -> String {
-    let Some(r) = Root::new(&g.root)
-        .open(id)
-        .ok()
-        .and_then(|d| d.load_live().ok())
-    else {
-        return String::new();
-    };
-    r.published
-        .iter()
-        .filter_map(|p| crate::publish::parse_one(p).ok())
-        .map(|p| p.docker_ps())
-        .collect::<Vec<_>>()
-        .join(", ")
+/// The container's live status, `None` when its state is gone.
+fn status(g: &Globals, id: &str) -> Option<(Status, Option<i32>)> {
+    record(g, id).map(|r| (r.status, r.exit_status))
 }
 
 /// Internal `reap ID`: waits for the container to stop, then removes it.
@@ -455,7 +442,8 @@ pub fn list(g: &Globals, store: &Path, all: bool, quiet: bool) -> anyhow::Result
         let Ok(meta) = load_meta(store, &id) else {
             continue;
         };
-        let st = status(g, &id);
+        let rec = record(g, &id);
+        let st = rec.as_ref().map(|r| (r.status, r.exit_status));
         if !all && matches!(st, None | Some((Status::Stopped, _))) {
             continue;
         }
@@ -464,9 +452,15 @@ pub fn list(g: &Globals, store: &Path, all: bool, quiet: bool) -> anyhow::Result
             Some((Status::Stopped, None)) | None => "exited".to_owned(),
             Some((s, _)) => s.to_string(),
         };
-        let ports = match st {
-            Some((Status::Stopped, _)) | None => String::new(),
-            Some(_) => ports(g, &id),
+        // docker's PORTS column: what a live container's monitor bound.
+        let ports = match rec {
+            Some(r) if r.status != Status::Stopped => r
+                .published
+                .iter()
+                .map(|p| p.docker_ps())
+                .collect::<Vec<_>>()
+                .join(", "),
+            _ => String::new(),
         };
         rows.push((meta, text, ports));
     }

@@ -366,7 +366,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let r = state::Root::new(&g.root).open(&id)?.load_live()?;
             // A stopped container's ports went with its monitor.
             if r.status != state::Status::Stopped {
-                stdout::print(&publish::port_lines(&r.published)?)?;
+                stdout::print(&publish::port_lines(&r.published))?;
             }
         }
         Cmd::Ps {

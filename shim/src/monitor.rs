@@ -175,7 +175,7 @@ impl Monitor {
             for p in &bound {
                 logger::debug(&format!("published {p} (to {guest})"));
             }
-            record.published = bound.iter().map(ToString::to_string).collect();
+            record.published = bound;
             dir.save(&record)?;
         }
         let (tx, inputs) = mpsc::channel();
@@ -734,8 +734,10 @@ fn boot_vm(
     };
     let (why, template) = match (connect_agent(dir, limit, inputs), started.template) {
         (Ok(conn), _) => return Ok((vm, started.setup, conn)),
-        (Err(e), Some(template)) if e.is::<VmEndedEarly>() => (e, template),
-        (Err(e), Some(template)) if e.is::<AgentSilent>() => {
+        (Err(e), Some(template)) if matches!(e.downcast_ref(), Some(NoAgent::VmEnded(_))) => {
+            (e, template)
+        }
+        (Err(e), Some(template)) if matches!(e.downcast_ref(), Some(NoAgent::Silent(_))) => {
             vm.end(END_WAIT);
             match inputs.recv_timeout(END_WAIT) {
                 Ok(Input::VmEnded(_)) => (e, template),
@@ -758,28 +760,24 @@ fn boot_vm(
     Ok((vm, None, conn))
 }
 
-/// [`connect_agent`]'s error when the VM ended first.
+/// Why [`connect_agent`] reached no agent, with the console's last lines.
 #[derive(Debug)]
-struct VmEndedEarly(String);
+enum NoAgent {
+    /// The VM ended first.
+    VmEnded(String),
+    /// The time ran out; the VM still runs.
+    Silent(String),
+}
 
-/// [`connect_agent`]'s error when its time ran out.
-#[derive(Debug)]
-struct AgentSilent(String);
-
-impl std::fmt::Display for VmEndedEarly {
+impl std::fmt::Display for NoAgent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            NoAgent::VmEnded(why) | NoAgent::Silent(why) => f.write_str(why),
+        }
     }
 }
 
-impl std::fmt::Display for AgentSilent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for VmEndedEarly {}
-impl std::error::Error for AgentSilent {}
+impl std::error::Error for NoAgent {}
 
 /// How long a VM restored from a template gets for its agent to answer:
 /// it is already listening when the template is taken, so this is the
@@ -987,7 +985,7 @@ fn connect_agent(
     let start = Instant::now();
     loop {
         if let Ok(Input::VmEnded(why)) = inputs.try_recv() {
-            return Err(VmEndedEarly(format!(
+            return Err(NoAgent::VmEnded(format!(
                 "the VM ended while booting ({why}){}",
                 console_tail(dir)
             ))
@@ -996,7 +994,7 @@ fn connect_agent(
         match connect_vsock(sock.as_path(), AGENT_VSOCK_PORT, Duration::from_millis(500)) {
             Ok(c) => return Ok(c),
             Err(e) if start.elapsed() >= limit => {
-                return Err(AgentSilent(format!(
+                return Err(NoAgent::Silent(format!(
                     "the guest agent did not answer within {limit:?} ({e}){}",
                     console_tail(dir)
                 ))

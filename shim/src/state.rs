@@ -70,10 +70,10 @@ pub struct Record {
     /// monitor undid it (`delete` undoes it for a monitor that was killed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkRecord>,
-    /// The ports the monitor published, as bound (the annotation's form,
-    /// host ports the kernel chose filled in).
+    /// The ports the monitor published, as bound (host ports the kernel
+    /// chose filled in).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub published: Vec<String>,
+    pub published: Vec<crate::publish::Publish>,
 }
 
 /// Where the monitor changed a network namespace.

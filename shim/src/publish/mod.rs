@@ -23,8 +23,9 @@ pub enum Proto {
     Udp,
 }
 
-/// One published port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One published port; serialized in the annotation's form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Publish {
     /// The host address to listen on (0.0.0.0: all).
     pub host_ip: IpAddr,
@@ -59,6 +60,20 @@ impl std::fmt::Display for Publish {
             Proto::Tcp => Ok(()),
             Proto::Udp => f.write_str("/udp"),
         }
+    }
+}
+
+impl TryFrom<String> for Publish {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_one(&s).map_err(|e| format!("{e:#}"))
+    }
+}
+
+impl From<Publish> for String {
+    fn from(p: Publish) -> String {
+        p.to_string()
     }
 }
 
@@ -224,15 +239,9 @@ pub fn start(rules: &[Publish], guest: Ipv4Addr) -> anyhow::Result<Vec<Publish>>
     Ok(bound_rules)
 }
 
-/// `runvm port`: docker's lines for the ports a container's monitor bound
-/// (kept in its state in the annotation's form).
-pub fn port_lines(bound: &[String]) -> anyhow::Result<String> {
-    let mut out = String::new();
-    for b in bound {
-        out += &parse_one(b)?.docker_port();
-        out.push('\n');
-    }
-    Ok(out)
+/// `runvm port`: docker's lines for the ports a container's monitor bound.
+pub fn port_lines(bound: &[Publish]) -> String {
+    bound.iter().map(|p| p.docker_port() + "\n").collect()
 }
 
 #[cfg(test)]
@@ -293,7 +302,7 @@ mod tests {
         assert_eq!(bound.docker_ps(), "127.0.0.1:32768->53/udp");
         assert_eq!(bound.docker_port(), "53/udp -> 127.0.0.1:32768");
         assert_eq!(
-            port_lines(&["0.0.0.0:8080:80".into(), bound.to_string()]).unwrap(),
+            port_lines(&[parse_one("0.0.0.0:8080:80").unwrap(), bound]),
             "80/tcp -> 0.0.0.0:8080\n53/udp -> 127.0.0.1:32768\n"
         );
         let e = format!("{:#}", parse("a", "53:53/udp,53:54/udp").unwrap_err());
