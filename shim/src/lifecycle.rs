@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -12,6 +12,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::control::{self, Request};
+use crate::monitor_process::{self, MonitorProcess};
 use crate::state::{self, ContainerDir, Record, Root, Status};
 use crate::{assets, bundle, console, logger, ready, signals};
 
@@ -78,6 +79,57 @@ impl Globals {
     }
 }
 
+impl Globals {
+    /// Starts the monitor of `dir`: forked from this process where that is
+    /// safe (see `monitor_process`), else spawned as `runvm monitor ID`.
+    /// In terminal mode the container's stdio is the pty, and the monitor
+    /// must not hold `create`'s own: containerd's shim reads those to EOF
+    /// before it goes on (runc's init does not keep them).
+    fn start_monitor(
+        &self,
+        id: &str,
+        dir: &ContainerDir,
+        console: Option<&ConsoleTo<'_>>,
+        ready: &OwnedFd,
+        terminal: bool,
+    ) -> anyhow::Result<MonitorProcess> {
+        let mut keep = vec![ready.as_raw_fd()];
+        keep.extend(logger::file_fd());
+        let target = match console {
+            Some(ConsoleTo::Socket(s)) => Some(console::Target::Socket(s.to_path_buf())),
+            Some(ConsoleTo::Caller(conn)) => {
+                keep.push(conn.as_raw_fd());
+                Some(console::Target::Fd(conn.as_raw_fd()))
+            }
+            None => None,
+        };
+        let ready_fd = ready.as_raw_fd();
+        let forked = monitor_process::fork_running(&keep, terminal, || {
+            // The child adopts the write end: the parent's owner of it is
+            // never dropped here, as the child leaves through `exit`.
+            match ready::monitor_end(ready_fd) {
+                Ok(end) => crate::monitor::run(dir, target, Some(end)),
+                Err(e) => {
+                    logger::error(&format!("{e:#}"));
+                    1
+                }
+            }
+        })
+        .context("cannot fork the container monitor")?;
+        if let Some(pid) = forked {
+            return Ok(MonitorProcess::Forked(pid, None));
+        }
+        logger::debug("runvm has more than one thread here: the monitor is spawned, not forked");
+        let mut c = self.monitor_command(id, console, ready)?;
+        if terminal {
+            c.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+        }
+        Ok(MonitorProcess::Spawned(c.spawn()?))
+    }
+}
+
 /// Where the terminal's master goes in terminal mode.
 enum ConsoleTo<'a> {
     /// `--console-socket`.
@@ -114,7 +166,7 @@ fn spawn_monitor(
     bundle_dir: &Path,
     pid_file: Option<&Path>,
     console: Option<ConsoleTo<'_>>,
-) -> anyhow::Result<(ContainerDir, Child)> {
+) -> anyhow::Result<(ContainerDir, MonitorProcess)> {
     state::validate_id(id)?;
     let plan = bundle::load(bundle_dir)?;
     match (plan.process.terminal, &console) {
@@ -165,19 +217,7 @@ fn spawn_monitor(
             return Err(e);
         }
     };
-    let spawned = g
-        .monitor_command(id, console.as_ref(), &ready_end)
-        .and_then(|mut c| {
-            // In terminal mode the container's stdio is the pty. The monitor
-            // must not hold `create`'s own: containerd's shim reads those
-            // to EOF before it goes on (runc's init does not keep them).
-            if terminal {
-                c.stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
-            }
-            Ok(c.spawn()?)
-        });
+    let spawned = g.start_monitor(id, &dir, console.as_ref(), &ready_end, terminal);
     // Only the monitor may hold the write end, or its closing is never seen.
     drop(ready_end);
     let mut child = match spawned {
@@ -218,9 +258,9 @@ fn spawn_monitor(
 }
 
 /// Ends a monitor we started and removes the state.
-fn destroy(dir: ContainerDir, child: Option<Child>) {
+fn destroy(dir: ContainerDir, child: Option<MonitorProcess>) {
     if let Some(mut c) = child {
-        let _ = c.kill();
+        c.kill();
         let _ = c.wait();
     }
     let _ = dir.remove();

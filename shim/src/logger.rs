@@ -35,6 +35,14 @@ pub fn init(path: Option<&Path>, json: bool, debug: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The log file's descriptor, which a forked monitor keeps writing to.
+pub fn file_fd() -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    let file = LOGGER.get()?.file.as_ref()?;
+    let fd = file.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd();
+    Some(fd)
+}
+
 fn write(level: &str, msg: &str) {
     let Some(l) = LOGGER.get() else { return };
     if level == "debug" && !l.debug {

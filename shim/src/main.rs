@@ -18,6 +18,7 @@ mod lifecycle;
 mod limits;
 mod logger;
 mod monitor;
+mod monitor_process;
 mod mounts;
 mod network;
 mod publish;
