@@ -91,6 +91,9 @@ pub struct Plan {
     pub limits: runvm_protocol::Resources,
     /// `linux.resources` settings with no meaning in a VM (for a log line).
     pub ignored_limits: Vec<&'static str>,
+    /// `linux.cgroupsPath`: the VM's cgroup on the host (see
+    /// [`crate::host_cgroup`]).
+    pub cgroups_path: Option<String>,
 }
 
 impl Plan {
@@ -150,6 +153,16 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         check_hostname(h)?;
     }
     let (vcpus, mem_mib) = vm_size(spec, &annotations)?;
+    let cgroups_path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| !p.is_empty());
+    if let Some(p) = &cgroups_path {
+        // Where it lies is decided in the monitor; what it names, here.
+        crate::host_cgroup::resolve(p, "/")?;
+    }
     let boot_timeout = match annotations.get(ANN_BOOT_TIMEOUT) {
         Some(v) => Duration::from_secs(number(ANN_BOOT_TIMEOUT, v)?),
         None => DEFAULT_BOOT_TIMEOUT,
@@ -204,6 +217,7 @@ fn plan(bundle: &Path, spec: &Spec) -> anyhow::Result<Plan> {
         publish,
         limits,
         ignored_limits,
+        cgroups_path,
     })
 }
 

@@ -203,6 +203,7 @@ fn spawn_monitor(
         annotations: plan.annotations.clone(),
         network: None,
         published: Vec::new(),
+        host_cgroup: None,
     };
     if let Err(e) = dir.save(&record) {
         let _ = dir.remove();

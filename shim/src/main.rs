@@ -10,6 +10,7 @@ mod containers;
 mod control;
 mod exec;
 mod fdpass;
+mod host_cgroup;
 mod image_cmd;
 mod info;
 mod isolation;

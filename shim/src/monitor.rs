@@ -28,7 +28,7 @@ use crate::console_log::BoundedLog;
 use crate::control::{self, Reply, Request};
 use crate::relay::{self, Routes, Sink};
 use crate::state::{self, ContainerDir, Record, Status};
-use crate::{assets, console, logger, network, ready, signals, template};
+use crate::{assets, console, host_cgroup, logger, network, ready, signals, template};
 
 /// The agent's handle for the container's init process.
 const INIT: u32 = 1;
@@ -81,6 +81,41 @@ pub fn run(
         // `ready` closes unsaid after the error is written for `create`.
         Err(e) => fail(dir, &e),
     }
+}
+
+/// Moves this process, and with it the VM to be, into the spec's cgroup
+/// on the host (see `host_cgroup`). The path is saved in the state before
+/// the cgroup is made, so whoever removes the state removes it too.
+fn enter_host_cgroup(dir: &ContainerDir, record: &mut Record, plan: &Plan) -> anyhow::Result<()> {
+    let Some(spec_path) = plan.cgroups_path.as_deref() else {
+        return Ok(());
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(root) = host_cgroup::unified_root(&mountinfo) else {
+        logger::debug(
+            "linux.cgroupsPath: this host has no unified cgroup v2 hierarchy; \
+             the VM stays in runvm's cgroup",
+        );
+        return Ok(());
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| host_cgroup::own_cgroup(&s))
+        .unwrap_or_else(|| "/".to_owned());
+    let rel = host_cgroup::resolve(spec_path, &own)?;
+    let path = root.join(&rel);
+    record.host_cgroup = Some(path.clone());
+    dir.save(record)?;
+    let limits = host_cgroup::HostLimits::for_vm(plan.mem_mib, &plan.limits);
+    let joined = host_cgroup::join(&root, &rel, &limits)?;
+    for unset in joined.unset {
+        logger::warn(&format!("host cgroup {}: not set: {unset}", path.display()));
+    }
+    logger::debug(&format!(
+        "the VM's host cgroup: {} ({limits:?})",
+        path.display()
+    ));
+    Ok(())
 }
 
 /// Before `create` returns, failures go to `monitor.err` for it to report.
@@ -143,6 +178,7 @@ impl Monitor {
         vmm::fd_limit::raise();
 
         let plan = bundle::load(&record.bundle)?;
+        enter_host_cgroup(dir, &mut record, &plan)?;
         for m in &plan.mounts.unsupported {
             logger::warn(&format!("mount {m} is not set up in the guest"));
         }
@@ -402,6 +438,12 @@ impl Monitor {
                 let (vcpus, mem_mib) = self.vm_shape;
                 crate::limits::check_fits(resources, vcpus, mem_mib)?;
                 set_limits(&self.agent, *resources, self.answer_limit)?;
+                // New shares weigh the whole VM on the host too.
+                if let (Some(w), Some(cg)) = (resources.cpu_weight, &self.record.host_cgroup) {
+                    if let Err(e) = host_cgroup::set_cpu_weight(cg, w) {
+                        logger::warn(&format!("host cgroup: {e:#}"));
+                    }
+                }
                 Ok(None)
             }
             Request::Exec { .. } => bail!("exec requests come with their stdio"),

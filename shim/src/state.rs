@@ -74,6 +74,10 @@ pub struct Record {
     /// chose filled in).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub published: Vec<crate::publish::Publish>,
+    /// The VM's cgroup on the host, removed with the state (recorded
+    /// before the monitor makes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cgroup: Option<PathBuf>,
 }
 
 /// Where the monitor changed a network namespace.
@@ -218,6 +222,11 @@ impl ContainerDir {
 
     /// Removes the directory and everything in it.
     pub fn remove(self) -> anyhow::Result<()> {
+        if let Some(cgroup) = self.load().ok().and_then(|r| r.host_cgroup) {
+            if let Err(e) = crate::host_cgroup::remove(&cgroup) {
+                crate::logger::warn(&format!("{e:#}"));
+            }
+        }
         match fs::remove_dir_all(&self.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -322,6 +331,7 @@ mod tests {
             annotations: BTreeMap::new(),
             network: None,
             published: Vec::new(),
+            host_cgroup: None,
         }
     }
 

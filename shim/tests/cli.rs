@@ -208,6 +208,13 @@ fn bad_create_requests_fail_cleanly_and_leave_nothing() {
         &[],
         "annotation io.runvm.kernel_params: init is set by runvm and cannot be changed",
     );
+    let root_cgroup = CONFIG.replace(r#""root""#, r#""linux": {"cgroupsPath": "/a/.."}, "root""#);
+    std::fs::write(s.dir.path().join("bundle/config.json"), root_cgroup).unwrap();
+    s.fail(
+        &["create", "c", "--bundle", &b],
+        &[],
+        "linux.cgroupsPath \"/a/..\" names no cgroup of its own",
+    );
     std::fs::write(s.dir.path().join("bundle/config.json"), CONFIG).unwrap();
     std::fs::remove_dir(s.dir.path().join("bundle/rootfs")).unwrap();
     s.fail(&["create", "c", "--bundle", &b], &[], "rootfs");

@@ -264,6 +264,43 @@ fn runvm_processes() -> Vec<String> {
         .collect()
 }
 
+/// Checks that the VM of the live container whose `create` command line
+/// holds `id` is in the host cgroup its spec asks for, as runc would put
+/// the container's init; returns that cgroup. The monitor is forked from
+/// `create`, so its command line names the bundle.
+fn assert_vm_in_spec_cgroup(id: &str) -> String {
+    let exe = runvm_binary();
+    let found: Vec<(String, String)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = text(&cmd).split('\0').map(str::to_owned).collect();
+            if args.first()? != exe.to_str()? || !args.iter().any(|a| a == "create") {
+                return None;
+            }
+            if !args.iter().any(|a| a == id) {
+                return None;
+            }
+            let bundle = &args[args.iter().position(|a| a == "--bundle")? + 1];
+            let spec: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(Path::new(bundle).join("config.json")).ok()?,
+            )
+            .ok()?;
+            let want = spec["linux"]["cgroupsPath"].as_str()?.to_owned();
+            let have = std::fs::read_to_string(e.path().join("cgroup")).ok()?;
+            let have = have.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+            Some((want, have))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "the monitor of {id}: {found:?}");
+    let (want, have) = &found[0];
+    assert!(want.starts_with('/'), "cgroupsPath {want}");
+    assert_eq!(have, want, "the VM of {id}");
+    have.clone()
+}
+
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -412,6 +449,8 @@ kvm_test!(
         // A long-running task: exec (plain and on a terminal), ps, and
         // stopping it with SIGTERM.
         ok(&c.ctr_run(&["-d"], "c4", &["sleep", "1000"]));
+        // containerd's cgroup for the task, as for runc's init.
+        assert_eq!(assert_vm_in_spec_cgroup("c4"), "/default/c4");
         let out = run(&c.ctr(&[
             "task",
             "exec",
@@ -649,6 +688,12 @@ kvm_test!(
             ))
         };
         assert_eq!(limits(), "100663296\n50\nmax 100000\n");
+        let cgroup =
+            assert_vm_in_spec_cgroup(ok(&podman(dir, &["inspect", "-f", "{{.Id}}", "s1"])).trim());
+        // The guest's 96 MiB and 64 MiB more for it, and 64 MiB for the VMM.
+        let host_max =
+            std::fs::read_to_string(format!("/sys/fs/cgroup{cgroup}/memory.max")).unwrap();
+        assert_eq!(host_max, format!("{}\n", (96 + 64 + 64) << 20));
         ok(&podman(
             dir,
             &["update", "--memory", "80m", "--cpus", "0.5", "s1"],
@@ -896,6 +941,11 @@ kvm_test!(
         // (`update --resources -`).
         let limits = || ok(&d.docker(&["exec", "d1", "cat", CGROUP_MEMORY, CGROUP_PIDS]));
         assert_eq!(limits(), "100663296\n50\n");
+        let id = ok(&d.docker(&["inspect", "-f", "{{.Id}}", "d1"]));
+        assert_eq!(
+            assert_vm_in_spec_cgroup(id.trim()),
+            format!("/docker/{}", id.trim())
+        );
         ok(&d.docker(&["update", "--memory", "80m", "--pids-limit", "40", "d1"]));
         assert_eq!(limits(), "83886080\n40\n");
         let out = run(&d.docker(&[

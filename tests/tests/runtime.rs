@@ -1217,9 +1217,9 @@ kvm_test!(
         rt.edit_config(|c| {
             c["linux"] = serde_json::json!({"resources": {
                 "memory": {"limit": 64 << 20},
-                "cpu": {"quota": 50000, "period": 100000},
+                "cpu": {"quota": 50000, "period": 100000, "shares": 512},
                 "pids": {"limit": 12}
-            }});
+            }, "cgroupsPath": "/runvm-tests/lim"});
             // As `runc spec` and Docker write it.
             c["mounts"] = serde_json::json!([{
                 "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
@@ -1246,6 +1246,22 @@ kvm_test!(
             out,
             "0::/\n67108864\n50000 100000\n12\njoined\ncgroup2 /sys/fs/cgroup cgroup2 ro\n1\n"
         );
+
+        // On the host, the VM is in the spec's cgroup: the monitor (the
+        // pid file's process), the guest's RAM charged there, a memory
+        // limit for the whole VM (its 64 + 64 MiB of RAM and the VMM's
+        // 64 MiB) and the shares as a weight.
+        let host = Path::new("/sys/fs/cgroup/runvm-tests/lim");
+        let read = |f: &str| std::fs::read_to_string(host.join(f)).unwrap();
+        assert!(
+            read("cgroup.procs").lines().any(|p| p == init.to_string()),
+            "{init} not in {}",
+            read("cgroup.procs")
+        );
+        assert_eq!(read("memory.max"), format!("{}\n", 192u64 << 20));
+        assert_eq!(read("cpu.weight"), "20\n");
+        let charged: u64 = read("memory.current").trim().parse().unwrap();
+        assert!(charged > 16 << 20, "memory.current {charged}");
 
         // Forks stop at the pids limit: the inner shell starts sleeps until
         // a fork fails (which ends it); the outer one reads the count with
@@ -1310,6 +1326,10 @@ kvm_test!(
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert_eq!(cg("cpu.max"), "80000 200000\n");
         assert_eq!(cg("pids.max"), "max\n");
+        // New shares weigh the container in the guest and the VM on the host.
+        rt.ok(&["update", "--cpu-share", "1024", "lim"]);
+        assert_eq!(cg("cpu.weight"), "39\n");
+        assert_eq!(read("cpu.weight"), "39\n");
         rt.fails(&["update", "--memory", "1g", "lim"], "more than the 64 MiB");
         rt.fails(&["update", "--cpu-quota", "300000", "lim"], "1 vCPUs");
         rt.fails(&["update", "--cpu-quota", "10", "lim"], "below 1000");
@@ -1323,6 +1343,9 @@ kvm_test!(
         rt.fails(&["update", "--pids-limit", "5", "lim"], "not running");
         rt.ok(&["delete", "lim"]);
         rt.assert_clean();
+        // The container's cgroup went with it; its parent stays, as with runc.
+        assert!(!host.exists());
+        std::fs::remove_dir(host.parent().unwrap()).unwrap();
     }
 );
 
