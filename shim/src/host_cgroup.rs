@@ -137,22 +137,15 @@ fn clean(path: &str) -> Vec<&str> {
     out
 }
 
-/// What [`join`] did.
-#[derive(Debug, Default)]
-pub struct Joined {
-    /// Limits that could not be set, with why.
-    pub unset: Vec<String>,
-}
-
 /// Makes `root/rel` (and its parents), enables the controllers the limits
 /// need on the way down where the parent has them, writes the limits and
 /// moves this process in. A limit whose controller cannot be had is left
-/// unset and reported; failing to move in is an error.
-pub fn join(root: &Path, rel: &Path, limits: &HostLimits) -> anyhow::Result<Joined> {
+/// unset and returned, with why; failing to move in is an error.
+pub fn join(root: &Path, rel: &Path, limits: &HostLimits) -> anyhow::Result<Vec<String>> {
     let leaf = root.join(rel);
     std::fs::create_dir_all(&leaf)
         .with_context(|| format!("cannot create the cgroup {}", leaf.display()))?;
-    let mut joined = Joined::default();
+    let mut unset = Vec::new();
     let wanted = [
         ("memory", "memory.max", limits.memory_max),
         ("cpu", "cpu.weight", limits.cpu_weight),
@@ -163,12 +156,12 @@ pub fn join(root: &Path, rel: &Path, limits: &HostLimits) -> anyhow::Result<Join
             .and_then(|()| write(&leaf.join(file), &value.to_string()))
         {
             Ok(()) => {}
-            Err(e) => joined.unset.push(format!("{file} {value}: {e:#}")),
+            Err(e) => unset.push(format!("{file} {value}: {e:#}")),
         }
     }
     write(&leaf.join("cgroup.procs"), "0")
         .with_context(|| format!("cannot move the container's VM into {}", leaf.display()))?;
-    Ok(joined)
+    Ok(unset)
 }
 
 /// Enables `controller` in `subtree_control` from the root down to the
@@ -289,8 +282,8 @@ mod tests {
             memory_max: Some(192 << 20),
             cpu_weight: Some(39),
         };
-        let joined = join(r, Path::new("default/c1"), &limits).unwrap();
-        assert!(joined.unset.is_empty(), "{:?}", joined.unset);
+        let unset = join(r, Path::new("default/c1"), &limits).unwrap();
+        assert!(unset.is_empty(), "{unset:?}");
         let read = |p: &str| std::fs::read_to_string(r.join(p)).unwrap();
         // Enabled where it was not, left alone where it was.
         assert_eq!(read("cgroup.subtree_control"), "+cpu");
@@ -302,9 +295,9 @@ mod tests {
         // A controller a parent does not offer: that limit is reported
         // unset, and the process still moves in.
         std::fs::write(r.join("default/cgroup.controllers"), "cpu\n").unwrap();
-        let joined = join(r, Path::new("default/c2"), &limits).unwrap();
-        assert_eq!(joined.unset.len(), 1, "{:?}", joined.unset);
-        assert!(joined.unset[0].contains("memory"), "{:?}", joined.unset);
+        let unset = join(r, Path::new("default/c2"), &limits).unwrap();
+        assert_eq!(unset.len(), 1, "{unset:?}");
+        assert!(unset[0].contains("memory"), "{unset:?}");
         assert_eq!(read("default/c2/cgroup.procs"), "0");
     }
 

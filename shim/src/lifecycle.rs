@@ -77,9 +77,7 @@ impl Globals {
         cmd.arg("--ready-fd").arg(ready::MONITOR_FD.to_string());
         Ok(cmd)
     }
-}
 
-impl Globals {
     /// Starts the monitor of `dir`: forked from this process where that is
     /// safe (see `monitor_process`), else spawned as `runvm monitor ID`.
     /// In terminal mode the container's stdio is the pty, and the monitor

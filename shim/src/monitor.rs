@@ -107,8 +107,7 @@ fn enter_host_cgroup(dir: &ContainerDir, record: &mut Record, plan: &Plan) -> an
     record.host_cgroup = Some(path.clone());
     dir.save(record)?;
     let limits = host_cgroup::HostLimits::for_vm(plan.mem_mib, &plan.limits);
-    let joined = host_cgroup::join(&root, &rel, &limits)?;
-    for unset in joined.unset {
+    for unset in host_cgroup::join(&root, &rel, &limits)? {
         logger::warn(&format!("host cgroup {}: not set: {unset}", path.display()));
     }
     logger::debug(&format!(

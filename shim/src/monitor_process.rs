@@ -99,7 +99,7 @@ fn reap(pid: Pid, flags: libc::c_int) -> std::io::Result<Option<ExitStatus>> {
 }
 
 /// Whether this process runs one thread, from `/proc/self/status`.
-pub fn single_threaded() -> bool {
+fn single_threaded() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
